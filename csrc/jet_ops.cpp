@@ -1,0 +1,69 @@
+// Op schemas (namespace torchhessdiag), the value op, and the CPU kernels of the activation ops.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "jet_ops_impl.h"
+
+namespace thd {
+
+// CPU executor: at::parallel_for over contiguous chunks; the body is branch-light scalar code
+// over contiguous arrays, so the compiler vectorises the arithmetic around the libm calls.
+struct CpuExec {
+  template <class F>
+  static void run(index_t n, const F& f) {
+    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
+};
+
+// The activation's value, from ATen's own kernel for that function, so that a model converted to
+// torchhessdiag.nn gives bit-for-bit the outputs it gave before. Every derivative comes from the
+// table (act_grad and friends). One kernel for all devices (CompositeExplicitAutograd).
+at::Tensor act_forward(const at::Tensor& z, c10::string_view act_name, double a, double b) {
+  check_input(z, "z", "act_forward");
+  const Act act = parse_act(act_name);
+  check_params(act, a, b);
+  switch (act) {
+    case Act::Identity: return z.clone(at::MemoryFormat::Contiguous);
+    case Act::Tanh: return at::tanh(z);
+    case Act::Sigmoid: return at::sigmoid(z);
+    case Act::Softplus: return at::softplus(z, a, b);
+    case Act::SiLU: return at::silu(z);
+    case Act::GELU: return at::gelu(z, "none");
+    case Act::GELUTanh: return at::gelu(z, "tanh");
+    case Act::Sin: return a == 1.0 ? at::sin(z) : at::sin(z * a);
+    case Act::Cos: return a == 1.0 ? at::cos(z) : at::cos(z * a);
+    case Act::Exp: return at::exp(z);
+    case Act::ELU: return at::elu(z, a);
+    case Act::CELU: return at::celu(z, a);
+    case Act::ReLU: return at::relu(z);
+    case Act::LeakyReLU: return at::leaky_relu(z, a);
+    default: break;
+  }
+  TORCH_CHECK(false, "torchhessdiag: internal error, unhandled activation");
+}
+
+}  // namespace thd
+
+// The op schemas. torchhessdiag/_schemas.py holds the same strings for the pure-PyTorch
+// fallback (used only when this extension cannot be loaded); tests/test_backend.py checks they
+// agree.
+TORCH_LIBRARY(torchhessdiag, m) {
+  m.def("act_forward(Tensor z, str act, float a, float b) -> Tensor");
+  m.def("act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor");
+  m.def("act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor");
+  m.def(
+      "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
+      " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
+  m.impl("act_forward", &thd::act_forward);
+}
+
+TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
+  m.impl("act_derivatives", &thd::act_derivatives_impl<thd::CpuExec>);
+  m.impl("act_grad", &thd::act_grad_impl<thd::CpuExec>);
+  m.impl("act_grad_backward", &thd::act_grad_backward_impl<thd::CpuExec>);
+}

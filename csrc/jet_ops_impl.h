@@ -1,0 +1,221 @@
+// The activation ops, written once over an executor: `Exec::run(n, f)` calls f(i) for
+// i in [0, n). csrc/jet_ops.cpp instantiates them with a parallel CPU loop, csrc/cuda/jet_ops.cu
+// with a grid-stride CUDA kernel; argument checking, dtype/activation/order dispatch and the
+// per-element bodies are shared, and every body evaluates the derivative table in
+// csrc/activations.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <string>
+
+#include "activations.h"
+
+namespace thd {
+
+// Index type of every kernel: 64-bit, so tensors with more than 2^31 elements are safe.
+using index_t = int64_t;
+
+inline Act parse_act(c10::string_view name) {
+  for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
+    if (name == kActNames[i]) return static_cast<Act>(i);
+  std::string known;
+  for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
+    known += std::string(i ? ", " : "") + kActNames[i];
+  TORCH_CHECK_VALUE(false, "torchhessdiag: unknown activation '", std::string(name),
+                    "'; supported: ", known);
+  return Act::Identity;
+}
+
+inline void check_params(Act act, double a, double b) {
+  (void)b;
+  if (act == Act::Softplus)
+    TORCH_CHECK_VALUE(a != 0.0, "torchhessdiag: softplus needs beta != 0 (got 0)");
+  if (act == Act::CELU)
+    TORCH_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
+}
+
+inline void check_input(const at::Tensor& t, const char* what, const char* op) {
+  TORCH_CHECK_VALUE(t.defined(), "torchhessdiag.", op, ": ", what, " is undefined");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                   "torchhessdiag.", op, ": ", what, " must be float32 or float64, got ",
+                   t.scalar_type(), "; cast it with .float() or .double()");
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& z, const char* what,
+                       const char* op) {
+  check_input(t, what, op);
+  TORCH_CHECK_VALUE(t.device() == z.device(), "torchhessdiag.", op, ": ", what, " is on ",
+                    t.device(), " but z is on ", z.device(), "; move both to one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == z.scalar_type(), "torchhessdiag.", op, ": ", what,
+                   " has dtype ", t.scalar_type(), " but z has ", z.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == z.sizes(), "torchhessdiag.", op, ": ", what, " has shape ",
+                    t.sizes(), " but z has shape ", z.sizes());
+}
+
+inline void check_order(int64_t k, int64_t max_k, const char* op) {
+  TORCH_CHECK_VALUE(k >= 0 && k <= max_k, "torchhessdiag.", op, ": derivative order ", k,
+                    " is outside the table (0..", max_k,
+                    "); higher orders go through torchhessdiag.activation_derivatives");
+}
+
+// ---- per-element bodies ----------------------------------------------------------------------
+
+constexpr int kMaxOrdersPerCall = 16;
+
+template <typename A, int N, typename T>
+struct DerivsBody {
+  const T* z;
+  T* out;  // (n_orders, numel)
+  index_t numel;
+  T a, b;
+  int n_orders;
+  int orders[kMaxOrdersPerCall];
+  THD_HD void operator()(index_t i) const {
+    T d[N + 1];
+    A::template eval<N>(z[i], a, b, d);
+    for (int j = 0; j < n_orders; ++j) out[j * numel + i] = d[orders[j]];
+  }
+};
+
+// out = g * sigma^(N)(z)
+template <typename A, int N, typename T>
+struct GradBody {
+  const T* g;
+  const T* z;
+  T* out;
+  T a, b;
+  THD_HD void operator()(index_t i) const {
+    T d[N + 1];
+    A::template eval<N>(z[i], a, b, d);
+    out[i] = g[i] * d[N];
+  }
+};
+
+// (o1, o2) = (gg * sigma^(N-1)(z), gg * g * sigma^(N)(z))
+template <typename A, int N, typename T>
+struct GradBackwardBody {
+  const T* gg;
+  const T* g;
+  const T* z;
+  T* o1;
+  T* o2;
+  T a, b;
+  THD_HD void operator()(index_t i) const {
+    T d[N + 1];
+    A::template eval<N>(z[i], a, b, d);
+    const T w = gg[i];
+    o1[i] = w * d[N - 1];
+    o2[i] = w * g[i] * d[N];
+  }
+};
+
+// ---- the ops ---------------------------------------------------------------------------------
+
+template <class Exec>
+at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name, double a,
+                                double b, at::IntArrayRef orders) {
+  const char* op = "act_derivatives";
+  check_input(z_, "z", op);
+  const Act act = parse_act(act_name);
+  check_params(act, a, b);
+  TORCH_CHECK_VALUE(orders.size() >= 1 && orders.size() <= kMaxOrdersPerCall, "torchhessdiag.",
+                    op, ": orders must list 1..", kMaxOrdersPerCall, " orders, got ",
+                    orders.size());
+  int64_t max_k = 0;
+  for (auto k : orders) {
+    check_order(k, kMaxOrder, op);
+    max_k = k > max_k ? k : max_k;
+  }
+  const at::OptionalDeviceGuard guard(at::device_of(z_));
+  const at::Tensor z = z_.contiguous();
+  std::vector<int64_t> shape{static_cast<int64_t>(orders.size())};
+  shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
+  at::Tensor out = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
+  const index_t numel = z.numel();
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_derivatives", [&] {
+    dispatch_act(act, [&](auto tag) {
+      using A = std::decay_t<decltype(tag)>;
+      dispatch_order(static_cast<int>(max_k), [&](auto n) {
+        constexpr int N = std::decay_t<decltype(n)>::value;
+        DerivsBody<A, N, scalar_t> body{z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel,
+                                        static_cast<scalar_t>(a), static_cast<scalar_t>(b),
+                                        static_cast<int>(orders.size()), {}};
+        for (size_t j = 0; j < orders.size(); ++j) body.orders[j] = static_cast<int>(orders[j]);
+        Exec::run(numel, body);
+      });
+    });
+  });
+  return out;
+}
+
+template <class Exec>
+at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string_view act_name,
+                         double a, double b, int64_t k) {
+  const char* op = "act_grad";
+  check_input(z_, "z", op);
+  check_like(g_, z_, "g", op);
+  const Act act = parse_act(act_name);
+  check_params(act, a, b);
+  check_order(k, kMaxOrder, op);
+  const at::OptionalDeviceGuard guard(at::device_of(z_));
+  const at::Tensor z = z_.contiguous(), g = g_.contiguous();
+  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const index_t numel = z.numel();
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_grad", [&] {
+    dispatch_act(act, [&](auto tag) {
+      using A = std::decay_t<decltype(tag)>;
+      dispatch_order(static_cast<int>(k), [&](auto n) {
+        constexpr int N = std::decay_t<decltype(n)>::value;
+        Exec::run(numel, GradBody<A, N, scalar_t>{g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                                  out.data_ptr<scalar_t>(),
+                                                  static_cast<scalar_t>(a),
+                                                  static_cast<scalar_t>(b)});
+      });
+    });
+  });
+  return out;
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> act_grad_backward_impl(const at::Tensor& gg_,
+                                                          const at::Tensor& g_,
+                                                          const at::Tensor& z_,
+                                                          c10::string_view act_name, double a,
+                                                          double b, int64_t k) {
+  const char* op = "act_grad_backward";
+  check_input(z_, "z", op);
+  check_like(gg_, z_, "gg", op);
+  check_like(g_, z_, "g", op);
+  const Act act = parse_act(act_name);
+  check_params(act, a, b);
+  check_order(k, kMaxOrder - 1, op);
+  const at::OptionalDeviceGuard guard(at::device_of(z_));
+  const at::Tensor z = z_.contiguous(), g = g_.contiguous(), gg = gg_.contiguous();
+  at::Tensor o1 = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor o2 = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const index_t numel = z.numel();
+  if (numel == 0) return {o1, o2};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_grad_backward", [&] {
+    dispatch_act(act, [&](auto tag) {
+      using A = std::decay_t<decltype(tag)>;
+      dispatch_order(static_cast<int>(k + 1), [&](auto n) {
+        constexpr int N = std::decay_t<decltype(n)>::value;
+        if constexpr (N >= 1) {
+          Exec::run(numel, GradBackwardBody<A, N, scalar_t>{
+                               gg.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                               z.data_ptr<scalar_t>(), o1.data_ptr<scalar_t>(),
+                               o2.data_ptr<scalar_t>(), static_cast<scalar_t>(a),
+                               static_cast<scalar_t>(b)});
+        }
+      });
+    });
+  });
+  return {o1, o2};
+}
+
+}  // namespace thd

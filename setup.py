@@ -1,0 +1,114 @@
+"""Build torchhessdiag and its compiled extension torchhessdiag._C.
+
+The extension is compiled against the torch that is already installed (its C++ ABI must match
+exactly), so build without pip's build isolation:
+
+    pip install --no-build-isolation -e .
+
+With build isolation pip would install a fresh, possibly different torch into a throw-away
+environment, compile against it, and the resulting _C would fail to load (or crash) next to the
+torch you actually use.
+
+What gets built:
+  * the CPU kernels, always;
+  * the CUDA kernels too, whenever the installed torch is a CUDA build and nvcc is found
+    (CUDA_HOME / PATH). No GPU has to be visible. Architectures follow TORCH_CUDA_ARCH_LIST,
+    default "8.0;9.0+PTX" to keep the build short.
+
+Environment switches:
+  TORCHHESSDIAG_FORCE_CPU=1   build the CPU kernels only, even where CUDA could be built;
+  TORCHHESSDIAG_FORCE_CUDA=1  fail unless the CUDA kernels can be built (used by CI to prove
+                              that the CUDA sources compile and link).
+"""
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - exercised only on a machine without torch
+    sys.exit(
+        "torchhessdiag compiles against the torch you have installed, and none was found.\n"
+        "Install torch first (e.g. `pip install torch`), then build without build isolation:\n"
+        "    pip install --no-build-isolation -e ."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_buildable():
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "nvcc / CUDA_HOME not found"
+    return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+
+
+def _pip_cuda_include_dirs():
+    """Header folders of the nvidia-* wheels that a pip CUDA torch brings (cusparse.h, cublas_v2.h,
+    ...). A minimal CUDA toolkit (just nvcc and the runtime) lacks some headers that torch's CUDA
+    headers include; these fill the gap. They are searched after the toolkit's own (-isystem)."""
+    if cpp_extension.CUDA_HOME and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")
+    ):
+        return []
+    import glob
+    import site
+
+    roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
+    found = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def _extensions():
+    sources = [os.path.join("csrc", "jet_ops.cpp"), os.path.join("csrc", "module.cpp")]
+    cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+    can_cuda, why = _cuda_buildable()
+    with_cuda = can_cuda and not _flag("TORCHHESSDIAG_FORCE_CPU")
+    if _flag("TORCHHESSDIAG_FORCE_CUDA") and not with_cuda:
+        sys.exit(f"TORCHHESSDIAG_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    print(f"torchhessdiag: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        sources.append(os.path.join("csrc", "cuda", "jet_ops.cu"))
+        extra_inc = []
+        for inc in _pip_cuda_include_dirs():
+            extra_inc += ["-isystem", inc]
+        return [
+            cpp_extension.CUDAExtension(
+                "torchhessdiag._C",
+                sources,
+                define_macros=[("THD_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags + extra_inc, "nvcc": ["-O3", "-lineinfo"] + extra_inc},
+            )
+        ]
+    return [cpp_extension.CppExtension("torchhessdiag._C", sources, extra_compile_args={"cxx": cxx_flags})]
+
+
+setup(
+    name="torchhessdiag",
+    version="0.1.0",
+    description="Exact Hessian diagonals, Laplacians and higher input derivatives of neural networks",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torchhessdiag", "torchhessdiag.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={"test": ["pytest>=7", "numpy", "mpmath"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    zip_safe=False,
+)

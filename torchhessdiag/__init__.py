@@ -1,0 +1,31 @@
+"""torchhessdiag: exact Hessian diagonals, Laplacians and higher input derivatives of neural
+networks, with fused C++/CUDA kernels.
+
+Foundation layer (this release):
+
+* ``torchhessdiag.nn`` -- drop-in activations (Tanh, SiLU, GELU, Softplus, ...) whose backward,
+  double backward and higher derivatives run fused kernels; ``torchhessdiag.nn.convert(model)``.
+* ``activation(x, act, **params)`` / ``activation_derivatives(x, act, order)`` -- the derivative
+  table as functions.
+* ``backend_info()`` -- which implementation (compiled CPU/CUDA kernels or the pure-PyTorch
+  reference) serves the ops.
+"""
+
+__version__ = "0.1.0"
+
+from . import activations, reference  # noqa: E402
+from . import ops  # noqa: E402  (loads the compiled extension and registers the ops)
+from . import nn  # noqa: E402
+from .activations import ActivationSpec, make_spec  # noqa: E402
+from .ops import activation, activation_derivatives, backend_info  # noqa: E402
+
+__all__ = [
+    "ActivationSpec",
+    "activation",
+    "activation_derivatives",
+    "activations",
+    "backend_info",
+    "make_spec",
+    "nn",
+    "reference",
+]

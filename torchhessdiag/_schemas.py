@@ -1,0 +1,17 @@
+"""Schemas of the torchhessdiag ops.
+
+They are defined in C++ (csrc/jet_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the
+compiled extension cannot be loaded, so that the same ops -- with the same autograd formulas and
+fake kernels -- exist on top of the pure-PyTorch reference kernels. tests/test_backend.py checks
+that the two spellings agree.
+"""
+
+SCHEMAS = {
+    "act_forward": "act_forward(Tensor z, str act, float a, float b) -> Tensor",
+    "act_derivatives": "act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor",
+    "act_grad": "act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor",
+    "act_grad_backward": (
+        "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
+        " -> (Tensor, Tensor)"
+    ),
+}

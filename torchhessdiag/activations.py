@@ -1,0 +1,178 @@
+"""The activation registry: names, parameters, and how torch.nn modules map onto the table.
+
+An activation is identified by an :class:`ActivationSpec` -- the table name (as in
+``csrc/activations.h``) plus up to two float parameters ``a`` and ``b``:
+
+============  ==========================  =====================================
+name          parameters (a, b)           torch equivalent
+============  ==========================  =====================================
+identity      --                          ``x``
+tanh          --                          ``torch.tanh``
+sigmoid       --                          ``torch.sigmoid``
+softplus      beta, threshold             ``F.softplus(x, beta, threshold)``
+silu          --                          ``F.silu``
+gelu          --                          ``F.gelu(x)``
+gelu_tanh     --                          ``F.gelu(x, approximate="tanh")``
+sin           w (frequency)               ``torch.sin(w * x)``
+cos           w (frequency)               ``torch.cos(w * x)``
+exp           --                          ``torch.exp``
+elu           alpha                       ``F.elu(x, alpha)``
+celu          alpha                       ``F.celu(x, alpha)``
+relu          --                          ``F.relu``
+leaky_relu    negative_slope              ``F.leaky_relu(x, negative_slope)``
+============  ==========================  =====================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> (parameter names, defaults). The order of names is the order of the table's enum.
+_PARAMS: Dict[str, Tuple[Tuple[str, ...], Tuple[float, ...]]] = {
+    "identity": ((), ()),
+    "tanh": ((), ()),
+    "sigmoid": ((), ()),
+    "softplus": (("beta", "threshold"), (1.0, 20.0)),
+    "silu": ((), ()),
+    "gelu": ((), ()),
+    "gelu_tanh": ((), ()),
+    "sin": (("w",), (1.0,)),
+    "cos": (("w",), (1.0,)),
+    "exp": ((), ()),
+    "elu": (("alpha",), (1.0,)),
+    "celu": (("alpha",), (1.0,)),
+    "relu": ((), ()),
+    "leaky_relu": (("negative_slope",), (0.01,)),
+}
+
+NAMES: Tuple[str, ...] = tuple(_PARAMS)
+
+#: Activations whose derivatives of order >= 2 vanish identically (piecewise linear or linear).
+PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu"})
+LINEAR = frozenset({"identity"})
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An activation of the derivative table with its parameters."""
+
+    name: str
+    a: float = 0.0
+    b: float = 0.0
+
+    @property
+    def params(self) -> Dict[str, float]:
+        names, _ = _PARAMS[self.name]
+        return dict(zip(names, (self.a, self.b)))
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.name in PIECEWISE_LINEAR
+
+    @property
+    def linear(self) -> bool:
+        return self.name in LINEAR
+
+    def __str__(self) -> str:
+        p = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        return f"{self.name}({p})" if p else self.name
+
+
+def make_spec(act, **params) -> ActivationSpec:
+    """Build an :class:`ActivationSpec` from a name (or a spec, or a supported module).
+
+    Raises ``ValueError`` for unknown names or invalid parameter values and ``TypeError`` for
+    parameters the activation does not take.
+    """
+    if isinstance(act, ActivationSpec):
+        if params:
+            raise TypeError("make_spec: pass parameters either in the spec or as keywords, not both")
+        return act
+    if isinstance(act, nn.Module):
+        spec = spec_from_module(act)
+        if spec is None:
+            raise NotImplementedError(
+                f"{type(act).__name__} is not in torchhessdiag's derivative table; supported: "
+                + ", ".join(NAMES)
+            )
+        return spec
+    if not isinstance(act, str):
+        raise TypeError(f"act must be an activation name (str), got {type(act).__name__}")
+    name = act.lower()
+    if name not in _PARAMS:
+        raise ValueError(f"unknown activation {act!r}; supported: {', '.join(NAMES)}")
+    names, defaults = _PARAMS[name]
+    unknown = set(params) - set(names)
+    if unknown:
+        takes = ", ".join(names) if names else "no parameters"
+        raise TypeError(f"activation {name!r} takes {takes}; got unexpected {sorted(unknown)}")
+    values = [float(params.get(n, d)) for n, d in zip(names, defaults)]
+    for n, v in zip(names, values):
+        if not math.isfinite(v):
+            raise ValueError(f"activation {name!r}: {n} must be finite, got {v}")
+    if name == "softplus" and values[0] == 0.0:
+        raise ValueError("softplus: beta must be non-zero")
+    if name == "celu" and values[0] == 0.0:
+        raise ValueError("celu: alpha must be non-zero")
+    values += [0.0] * (2 - len(values))
+    return ActivationSpec(name, values[0], values[1])
+
+
+def torch_function(spec: ActivationSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch's own implementation of the activation (the oracle of the tests, and the function
+    the slow path differentiates past the table's last order)."""
+    n, a, b = spec.name, spec.a, spec.b
+    table: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "identity": lambda z: z,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "softplus": lambda z: F.softplus(z, beta=a, threshold=b),
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+        "sin": (lambda z: torch.sin(z)) if a == 1.0 else (lambda z: torch.sin(z * a)),
+        "cos": (lambda z: torch.cos(z)) if a == 1.0 else (lambda z: torch.cos(z * a)),
+        "exp": torch.exp,
+        "elu": lambda z: F.elu(z, alpha=a),
+        "celu": lambda z: F.celu(z, alpha=a),
+        "relu": F.relu,
+        "leaky_relu": lambda z: F.leaky_relu(z, negative_slope=a),
+    }
+    return table[n]
+
+
+def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
+    """The table entry a module computes, or None if it is not a supported activation.
+
+    Recognises torch.nn's Tanh, Sigmoid, Softplus, SiLU, GELU, ELU, CELU, ReLU, LeakyReLU and
+    every torchhessdiag.nn drop-in. ``nn.Identity`` is not treated as an activation here.
+    """
+    spec = getattr(m, "_thd_spec", None)
+    if isinstance(spec, ActivationSpec):
+        return spec
+    t = type(m)
+    if t is nn.Tanh:
+        return make_spec("tanh")
+    if t is nn.Sigmoid:
+        return make_spec("sigmoid")
+    if t is nn.Softplus:
+        return make_spec("softplus", beta=m.beta, threshold=m.threshold)
+    if t is nn.SiLU:
+        return make_spec("silu")
+    if t is nn.GELU:
+        return make_spec("gelu_tanh" if m.approximate == "tanh" else "gelu")
+    if t is nn.ELU:
+        return make_spec("elu", alpha=m.alpha)
+    if t is nn.CELU:
+        return make_spec("celu", alpha=m.alpha)
+    if t is nn.ReLU:
+        return make_spec("relu")
+    if t is nn.LeakyReLU:
+        return make_spec("leaky_relu", negative_slope=m.negative_slope)
+    return None

@@ -1,0 +1,245 @@
+"""Drop-in activation modules with fused, exact higher derivatives.
+
+Each module computes the same values as its torch.nn namesake (torch's own kernel does the
+forward, so outputs are bit-for-bit identical), but its backward, double backward and every higher
+derivative run the fused kernels of the derivative table. For code that computes PDE residuals,
+Hessian diagonals or Laplacians with nested ``torch.autograd.grad(create_graph=True)`` this makes
+double backward through an MLP cheaper (one fused kernel per activation instead of a chain of
+elementwise ops), and it never returns ``None``: the derivative ops keep their dependency on the
+input, so a vanishing second derivative comes back as zeros.
+
+``convert(model)`` swaps the torch.nn activations of an existing model for these.
+
+``inplace=True`` is accepted for signature compatibility and ignored: the derivatives need the
+activation's input, so it is never overwritten (the values are the same).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .activations import ActivationSpec, make_spec, spec_from_module
+
+__all__ = [
+    "Tanh",
+    "Sigmoid",
+    "Softplus",
+    "SiLU",
+    "GELU",
+    "Sine",
+    "Cosine",
+    "Exp",
+    "ELU",
+    "CELU",
+    "ReLU",
+    "LeakyReLU",
+    "Identity",
+    "convert",
+]
+
+
+class _DropIn(nn.Module):
+    """Base: a table activation applied through the torchhessdiag ops."""
+
+    def __init__(self, spec: ActivationSpec):
+        super().__init__()
+        self._thd_spec = spec
+
+    @property
+    def spec(self) -> ActivationSpec:
+        return self._thd_spec
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        ops.check_float_tensor(input, "input", f"torchhessdiag.nn.{type(self).__name__}")
+        s = self._thd_spec
+        return ops._ops.act_forward(input, s.name, s.a, s.b)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in self._thd_spec.params.items())
+
+
+class Tanh(_DropIn):
+    """tanh, as ``torch.nn.Tanh``."""
+
+    def __init__(self):
+        super().__init__(make_spec("tanh"))
+
+
+class Sigmoid(_DropIn):
+    """logistic sigmoid, as ``torch.nn.Sigmoid``."""
+
+    def __init__(self):
+        super().__init__(make_spec("sigmoid"))
+
+
+class Softplus(_DropIn):
+    """softplus, as ``torch.nn.Softplus(beta, threshold)``: linear where ``beta * x > threshold``."""
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        super().__init__(make_spec("softplus", beta=beta, threshold=threshold))
+        self.beta, self.threshold = self._thd_spec.a, self._thd_spec.b
+
+
+class SiLU(_DropIn):
+    """x * sigmoid(x), as ``torch.nn.SiLU``."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(make_spec("silu"))
+        self.inplace = inplace
+
+
+class GELU(_DropIn):
+    """GELU, as ``torch.nn.GELU(approximate='none' | 'tanh')``."""
+
+    def __init__(self, approximate: str = "none"):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        super().__init__(make_spec("gelu" if approximate == "none" else "gelu_tanh"))
+        self.approximate = approximate
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Sine(_DropIn):
+    """sin(w0 * x) (SIREN-style; w0 = 1 gives plain sin)."""
+
+    def __init__(self, w0: float = 1.0):
+        super().__init__(make_spec("sin", w=w0))
+        self.w0 = self._thd_spec.a
+
+
+class Cosine(_DropIn):
+    """cos(w0 * x)."""
+
+    def __init__(self, w0: float = 1.0):
+        super().__init__(make_spec("cos", w=w0))
+        self.w0 = self._thd_spec.a
+
+
+class Exp(_DropIn):
+    """exp(x)."""
+
+    def __init__(self):
+        super().__init__(make_spec("exp"))
+
+
+class ELU(_DropIn):
+    """ELU, as ``torch.nn.ELU(alpha)``."""
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False):
+        super().__init__(make_spec("elu", alpha=alpha))
+        self.alpha, self.inplace = self._thd_spec.a, inplace
+
+
+class CELU(_DropIn):
+    """CELU, as ``torch.nn.CELU(alpha)``."""
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False):
+        super().__init__(make_spec("celu", alpha=alpha))
+        self.alpha, self.inplace = self._thd_spec.a, inplace
+
+
+class ReLU(_DropIn):
+    """ReLU, as ``torch.nn.ReLU``. Its second and higher derivatives are exactly zero; taking one
+    warns once, since a purely piecewise-linear network has a zero Hessian almost everywhere."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(make_spec("relu"))
+        self.inplace = inplace
+
+
+class LeakyReLU(_DropIn):
+    """LeakyReLU, as ``torch.nn.LeakyReLU(negative_slope)``; second derivatives as for ReLU."""
+
+    def __init__(self, negative_slope: float = 1e-2, inplace: bool = False):
+        super().__init__(make_spec("leaky_relu", negative_slope=negative_slope))
+        self.negative_slope, self.inplace = self._thd_spec.a, inplace
+
+
+class Identity(_DropIn):
+    """The identity, as ``torch.nn.Identity`` (arguments are ignored), but with derivatives that
+    stay attached to the input: the second derivative is a tensor of zeros, never ``None``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(make_spec("identity"))
+
+
+_DROPIN_OF = {
+    "tanh": lambda s: Tanh(),
+    "sigmoid": lambda s: Sigmoid(),
+    "softplus": lambda s: Softplus(beta=s.a, threshold=s.b),
+    "silu": lambda s: SiLU(),
+    "gelu": lambda s: GELU("none"),
+    "gelu_tanh": lambda s: GELU("tanh"),
+    "sin": lambda s: Sine(s.a),
+    "cos": lambda s: Cosine(s.a),
+    "exp": lambda s: Exp(),
+    "elu": lambda s: ELU(alpha=s.a),
+    "celu": lambda s: CELU(alpha=s.a),
+    "relu": lambda s: ReLU(),
+    "leaky_relu": lambda s: LeakyReLU(negative_slope=s.a),
+    "identity": lambda s: Identity(),
+}
+
+
+def _dropin_for(m: nn.Module) -> Optional[nn.Module]:
+    if isinstance(m, _DropIn):
+        return None  # already one
+    spec = spec_from_module(m)
+    return None if spec is None else _DROPIN_OF[spec.name](spec)
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every torch.nn activation in ``model`` by its torchhessdiag.nn drop-in.
+
+    Recognised: Tanh, Sigmoid, Softplus, SiLU, GELU, ELU, CELU, ReLU, LeakyReLU (with their
+    parameters), at any depth of nesting. Outputs do not change (the drop-ins' forward is torch's
+    own kernel). Other activations from ``torch.nn`` stay as they are (their derivatives remain
+    torch's) and are named in one warning.
+
+    Args:
+        model: the module to convert; may itself be an activation.
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted module (``model`` itself when ``inplace=True``, unless ``model`` is a bare
+        activation, which cannot be replaced in place and is returned as a new drop-in).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    root = _dropin_for(model)
+    if root is not None:
+        return root
+    if not inplace:
+        model = copy.deepcopy(model)
+    left = []
+
+    def walk(m: nn.Module) -> None:
+        for name, child in list(m._modules.items()):
+            if child is None:
+                continue
+            r = _dropin_for(child)
+            if r is not None:
+                r.train(child.training)
+                m._modules[name] = r
+                continue
+            if type(child).__module__ == "torch.nn.modules.activation":
+                left.append(type(child).__name__)
+            walk(child)
+
+    walk(model)
+    if left:
+        warnings.warn(
+            "torchhessdiag.nn.convert: no drop-in for " + ", ".join(sorted(set(left)))
+            + "; these keep torch's own derivatives (still exact where torch's are).",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model

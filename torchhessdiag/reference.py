@@ -1,0 +1,217 @@
+"""Pure-PyTorch reference of the derivative table, mirrored 1:1 from ``csrc/activations.h``.
+
+Same building blocks, same names, same branches, same algebra as the C++ header, written with
+torch ops so that it runs on any device and is itself differentiable. It is
+
+* the oracle the tests hold the compiled kernels against (tests/test_table.py), and
+* the kernel of the torchhessdiag ops wherever no compiled kernel exists (torchhessdiag/ops.py).
+
+Keep it in step with the header: a change to one formula is a change to both, and
+tests/test_table.py compares the two on a dense grid in float32 and float64.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+Tensor = torch.Tensor
+
+MAX_ORDER = 4  # kMaxOrder
+
+
+# ---- shared building blocks ------------------------------------------------------------------
+
+
+def tanh_parts(z: Tensor):
+    """tanh(z) and sech^2(z) = 4e/(1+e)^2 with e = exp(-2|z|) (TanhParts)."""
+    e = torch.exp(-2.0 * z.abs())
+    r = 1.0 + e
+    t = torch.tanh(z)
+    s = 4.0 * e / (r * r)
+    return t, s
+
+
+def sigmoid_parts(z: Tensor):
+    """p = sigmoid(z), q = 1 - p, pq = p q, w = q - p = -tanh(z/2) (SigmoidParts)."""
+    e = torch.exp(-z.abs())
+    r = 1.0 / (1.0 + e)
+    pos = z >= 0
+    p = torch.where(pos, r, e * r)
+    q = torch.where(pos, e * r, r)
+    pq = e * r * r
+    w = -torch.tanh(0.5 * z)
+    return p, q, pq, w
+
+
+def sigmoid_derivs(P, n: int) -> List[Tensor]:
+    p, _q, pq, w = P
+    d = [p]
+    if n >= 1:
+        d.append(pq)
+    if n >= 2:
+        d.append(pq * w)
+    if n >= 3:
+        d.append(pq * (1.0 - 6.0 * pq))
+    if n >= 4:
+        d.append(pq * w * (1.0 - 12.0 * pq))
+    return d
+
+
+def times_z(z: Tensor, h: List[Tensor]) -> List[Tensor]:
+    """(z h)^(n) = z h^(n) + n h^(n-1)."""
+    out = list(h)
+    for n in range(len(h) - 1, 0, -1):
+        out[n] = z * h[n] + n * h[n - 1]
+    out[0] = z * h[0]
+    return out
+
+
+def _pad(d: List[Tensor], z: Tensor, n: int) -> List[Tensor]:
+    """zero_from: orders past those given are exactly zero."""
+    return (d + [torch.zeros_like(z)] * (n + 1 - len(d)))[: n + 1]
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def identity(z, a, b, n):
+    return _pad([z.clone(), torch.ones_like(z)], z, n)
+
+
+def tanh(z, a, b, n):
+    t, s = tanh_parts(z)
+    d = [t, s, -2.0 * t * s, s * (4.0 - 6.0 * s), 8.0 * t * s * (3.0 * s - 1.0)]
+    return d[: n + 1]
+
+
+def sigmoid(z, a, b, n):
+    return sigmoid_derivs(sigmoid_parts(z), n)
+
+
+def softplus(z, beta, threshold, n):
+    u = beta * z
+    above = u > threshold
+    P = sigmoid_parts(u)
+    sg = sigmoid_derivs(P, max(n - 1, 0))
+    lin = _pad([z, torch.ones_like(z)], z, n)
+    d = [(torch.clamp_min(u, 0.0) + torch.log1p(torch.exp(-u.abs()))) / beta]
+    bp = 1.0
+    for k in range(1, n + 1):
+        d.append(bp * sg[k - 1])
+        bp *= beta
+    return [torch.where(above, lin[k], d[k]) for k in range(n + 1)]
+
+
+def silu(z, a, b, n):
+    return times_z(z, sigmoid_derivs(sigmoid_parts(z), n))
+
+
+def gelu(z, a, b, n):
+    inv_sqrt2 = 0.70710678118654752440
+    inv_sqrt2pi = 0.39894228040143267794
+    phi = torch.exp(-0.5 * z * z) * inv_sqrt2pi
+    z2 = z * z
+    h = [0.5 * torch.erfc(-z * inv_sqrt2), phi, -z * phi, (z2 - 1.0) * phi, z * (3.0 - z2) * phi]
+    return times_z(z, h[: n + 1])
+
+
+def gelu_tanh(z, a, b, n):
+    k0 = 0.79788456080286535588
+    k1 = 0.044715
+    z2 = z * z
+    u = k0 * (z + k1 * z2 * z)
+    u1 = k0 * (1.0 + 3.0 * k1 * z2)
+    u2 = 6.0 * k0 * k1 * z
+    u3 = 6.0 * k0 * k1
+    S = sigmoid_derivs(sigmoid_parts(2.0 * u), n)
+    h = [S[0]]
+    if n >= 1:
+        h.append(2.0 * S[1] * u1)
+    if n >= 2:
+        h.append(4.0 * S[2] * u1 * u1 + 2.0 * S[1] * u2)
+    if n >= 3:
+        h.append(8.0 * S[3] * u1 * u1 * u1 + 3.0 * 4.0 * S[2] * u1 * u2 + 2.0 * S[1] * u3)
+    if n >= 4:
+        h.append(
+            16.0 * S[4] * u1 * u1 * u1 * u1
+            + 6.0 * 8.0 * S[3] * u1 * u1 * u2
+            + 4.0 * S[2] * (3.0 * u2 * u2 + 4.0 * u1 * u3)
+        )
+    return times_z(z, h)
+
+
+def sin(z, w, b, n):
+    s, c = torch.sin(w * z), torch.cos(w * z)
+    return [s, w * c, -w * w * s, -w * w * w * c, w * w * w * w * s][: n + 1]
+
+
+def cos(z, w, b, n):
+    s, c = torch.sin(w * z), torch.cos(w * z)
+    return [c, -w * s, -w * w * c, w * w * w * s, w * w * w * w * c][: n + 1]
+
+
+def exp(z, a, b, n):
+    e = torch.exp(z)
+    return [e] * (n + 1)
+
+
+def elu(z, alpha, b, n):
+    neg1, neg2 = z <= 0, z < 0
+    e = torch.where(neg1, alpha * torch.exp(z), torch.zeros_like(z))
+    d = [torch.where(neg1, alpha * torch.expm1(z), z)]
+    if n >= 1:
+        d.append(torch.where(neg1, e, torch.ones_like(z)))
+    for _ in range(2, n + 1):
+        d.append(torch.where(neg2, e, torch.zeros_like(z)))
+    return d
+
+
+def celu(z, alpha, b, n):
+    neg1, neg2 = z <= 0, z < 0
+    inv = 1.0 / alpha
+    e = torch.where(neg1, torch.exp(z * inv), torch.zeros_like(z))
+    d = [torch.where(neg1, alpha * torch.expm1(z * inv), z)]
+    if n >= 1:
+        d.append(torch.where(neg1, e, torch.ones_like(z)))
+    for _ in range(2, n + 1):
+        e = e * inv
+        d.append(torch.where(neg2, e, torch.zeros_like(z)))
+    return d
+
+
+def relu(z, a, b, n):
+    neg = z <= 0
+    zero = torch.zeros_like(z)
+    return _pad([torch.where(neg, zero, z), torch.where(neg, zero, torch.ones_like(z))], z, n)
+
+
+def leaky_relu(z, slope, b, n):
+    pos = z > 0
+    return _pad([torch.where(pos, z, z * slope), torch.where(pos, torch.ones_like(z), torch.full_like(z, slope))], z, n)
+
+
+TABLE: Dict[str, Callable] = {
+    "identity": identity,
+    "tanh": tanh,
+    "sigmoid": sigmoid,
+    "softplus": softplus,
+    "silu": silu,
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
+    "sin": sin,
+    "cos": cos,
+    "exp": exp,
+    "elu": elu,
+    "celu": celu,
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+}
+
+
+def derivatives(z: Tensor, act: str, a: float, b: float, n: int) -> List[Tensor]:
+    """[sigma(z), sigma'(z), ..., sigma^(n)(z)] for 0 <= n <= 4, from the reference table."""
+    if not 0 <= n <= MAX_ORDER:
+        raise ValueError(f"reference.derivatives: order {n} is outside the table (0..{MAX_ORDER})")
+    return [t.contiguous() for t in TABLE[act](z, a, b, n)]
