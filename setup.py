@@ -22,6 +22,7 @@ Environment switches:
 """
 
 import os
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -43,9 +44,34 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _resolve_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script (e.g.
+    /usr/local/bin/nvcc exec'ing the real one) the guess has no headers or libraries. Ask nvcc
+    itself where its toolkit is and point torch there."""
+    home = cpp_extension.CUDA_HOME
+    if home is None or os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return
+    nvcc = os.path.join(home, "bin", "nvcc")
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            top = os.path.realpath(line.split("TOP=", 1)[1].strip())
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+                cpp_extension.CUDA_HOME = top
+                os.environ["CUDA_HOME"] = top
+            return
+
+
 def _cuda_buildable():
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is not a CUDA build"
+    _resolve_cuda_home()
     if cpp_extension.CUDA_HOME is None:
         return False, "nvcc / CUDA_HOME not found"
     return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
