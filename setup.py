@@ -98,8 +98,13 @@ def _pip_cuda_include_dirs():
 
 
 def _extensions():
-    sources = [os.path.join("csrc", "jet_ops.cpp"), os.path.join("csrc", "module.cpp")]
-    cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+    sources = [
+        os.path.join("csrc", "jet_ops.cpp"),
+        os.path.join("csrc", "engine_ops.cpp"),
+        os.path.join("csrc", "module.cpp"),
+    ]
+    # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) without linking OpenMP.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp-simd"]
     can_cuda, why = _cuda_buildable()
     with_cuda = can_cuda and not _flag("TORCHHESSDIAG_FORCE_CPU")
     if _flag("TORCHHESSDIAG_FORCE_CUDA") and not with_cuda:
@@ -107,7 +112,7 @@ def _extensions():
     print(f"torchhessdiag: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources.append(os.path.join("csrc", "cuda", "jet_ops.cu"))
+        sources += [os.path.join("csrc", "cuda", "jet_ops.cu"), os.path.join("csrc", "cuda", "engine_ops.cu")]
         extra_inc = []
         for inc in _pip_cuda_include_dirs():
             extra_inc += ["-isystem", inc]

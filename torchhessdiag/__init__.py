@@ -18,8 +18,24 @@ from . import ops  # noqa: E402  (loads the compiled extension and registers the
 from . import nn  # noqa: E402
 from .activations import ActivationSpec, make_spec  # noqa: E402
 from .ops import activation, activation_derivatives, backend_info  # noqa: E402
+from .api import (  # noqa: E402
+    MLPDerivatives,
+    mlp_derivatives,
+    mlp_hessian_diag,
+    mlp_laplacian,
+    mlp_laplacian_hutchinson,
+    mlp_mixed_partials,
+    mlp_weighted_laplacian,
+)
 
 __all__ = [
+    "MLPDerivatives",
+    "mlp_derivatives",
+    "mlp_hessian_diag",
+    "mlp_laplacian",
+    "mlp_laplacian_hutchinson",
+    "mlp_mixed_partials",
+    "mlp_weighted_laplacian",
     "ActivationSpec",
     "activation",
     "activation_derivatives",

@@ -14,4 +14,10 @@ SCHEMAS = {
         "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
         " -> (Tensor, Tensor)"
     ),
+    "jet_layer": "jet_layer(Tensor J, Tensor s1, Tensor c, bool need_ja) -> (Tensor, Tensor)",
+    "jet_layer_": "jet_layer_(Tensor(a!) J, Tensor s1, Tensor c) -> Tensor",
+    "jet_layer_backward": (
+        "jet_layer_backward(Tensor? gJa, Tensor gacc, Tensor J, Tensor s1, Tensor c)"
+        " -> (Tensor, Tensor, Tensor)"
+    ),
 }

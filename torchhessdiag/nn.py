@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .activations import ActivationSpec, make_spec, spec_from_module
+from .activations import ActivationSpec, make_spec, spec_from_module, torch_function
+
+
+def _functorch_active() -> bool:
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
 
 __all__ = [
     "Tanh",
@@ -58,6 +63,10 @@ class _DropIn(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         ops.check_float_tensor(input, "input", f"torchhessdiag.nn.{type(self).__name__}")
         s = self._thd_spec
+        if _functorch_active():
+            # torch.func transforms (vmap, grad, jacrev, hessian) cannot see through custom-op
+            # autograd; under them, use torch's own function (same value, torch's derivatives).
+            return torch_function(s)(input)
         return ops._ops.act_forward(input, s.name, s.a, s.b)
 
     def extra_repr(self) -> str:

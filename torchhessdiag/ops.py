@@ -109,7 +109,27 @@ def _ref_grad_backward(gg, g, z, act, a, b, k):
     return gg * d[k], gg * g * d[k + 1]
 
 
+def _ref_jet_layer(J, s1, c, need_ja):
+    _warn_reference(J.device)
+    return reference.jet_layer(J, s1, c, need_ja)
+
+
+def _ref_jet_layer_(J, s1, c):
+    _warn_reference(J.device)
+    Ja, acc = reference.jet_layer(J, s1, c, True)
+    J.copy_(Ja)
+    return acc
+
+
+def _ref_jet_layer_backward(gJa, gacc, J, s1, c):
+    _warn_reference(J.device)
+    return reference.jet_layer_backward(gJa, gacc, J, s1, c)
+
+
 _REF_KERNELS = {
+    "jet_layer": _ref_jet_layer,
+    "jet_layer_": _ref_jet_layer_,
+    "jet_layer_backward": _ref_jet_layer_backward,
     "act_forward": _ref_forward,
     "act_derivatives": _ref_derivatives,
     "act_grad": _ref_grad,
@@ -155,6 +175,22 @@ def _(gg, g, z, act, a, b, k):
         torch.empty_like(z, memory_format=torch.contiguous_format),
         torch.empty_like(z, memory_format=torch.contiguous_format),
     )
+
+
+@torch.library.register_fake("torchhessdiag::jet_layer")
+def _(J, s1, c, need_ja):
+    Ja = torch.empty_like(J, memory_format=torch.contiguous_format) if need_ja else J.new_empty((0,))
+    return Ja, J.new_empty((c.shape[0], J.shape[0], J.shape[1]))
+
+
+@torch.library.register_fake("torchhessdiag::jet_layer_")
+def _(J, s1, c):
+    return J.new_empty((c.shape[0], J.shape[0], J.shape[1]))
+
+
+@torch.library.register_fake("torchhessdiag::jet_layer_backward")
+def _(gJa, gacc, J, s1, c):
+    return torch.empty_like(J), torch.empty_like(s1), torch.empty_like(c)
 
 
 # ---- derivatives of any order, differentiable ------------------------------------------------
@@ -302,6 +338,27 @@ def _ad_backward(ctx, gd):
     return (gd * up).sum(0), None, None, None, None
 
 
+# jet_layer ------------------------------------------------------------------------------------
+
+
+def _jl_setup(ctx, inputs, output):
+    J, s1, c, need_ja = inputs
+    ctx.need_ja = need_ja
+    ctx.save_for_backward(J, s1, c)
+
+
+def _jl_backward(ctx, gJa, gacc):
+    J, s1, c = ctx.saved_tensors
+    g = gJa if ctx.need_ja else None
+    if torch.is_grad_enabled():
+        # a graph of the backward is wanted (double backward): the same formulas in torch ops
+        dJ, ds1, dc = reference.jet_layer_backward(g, gacc, J, s1, c)
+    else:
+        dJ, ds1, dc = _ops.jet_layer_backward(g, gacc, J, s1, c)
+    return dJ, ds1, dc, None
+
+
+torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
 torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
 torch.library.register_autograd(

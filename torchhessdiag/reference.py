@@ -215,3 +215,26 @@ def derivatives(z: Tensor, act: str, a: float, b: float, n: int) -> List[Tensor]
     if not 0 <= n <= MAX_ORDER:
         raise ValueError(f"reference.derivatives: order {n} is outside the table (0..{MAX_ORDER})")
     return [t.contiguous() for t in TABLE[act](z, a, b, n)]
+
+
+# ---- the engine's per-layer op (csrc/engine_ops.h), in torch ops ------------------------------
+
+
+def jet_layer(J: Tensor, s1: Tensor, c: Tensor, need_ja: bool):
+    """(Ja, acc) = (s1 * J, sum_j c[i,n,j] J[n,k,j]^2); J (N,K,w), s1 (N,w), c (m,N,w)."""
+    acc = torch.einsum("inj,nkj->ink", c, J * J)
+    Ja = s1.unsqueeze(1) * J if need_ja else J.new_empty((0,))
+    return Ja, acc
+
+
+def jet_layer_backward(gJa, gacc: Tensor, J: Tensor, s1: Tensor, c: Tensor):
+    """(dJ, ds1, dc) of jet_layer, in torch ops (differentiable again)."""
+    t = torch.einsum("ink,inj->nkj", gacc, c)
+    dJ = 2.0 * J * t
+    dc = torch.einsum("ink,nkj->inj", gacc, J * J)
+    if gJa is not None:
+        dJ = dJ + gJa * s1.unsqueeze(1)
+        ds1 = (gJa * J).sum(1)
+    else:
+        ds1 = torch.zeros_like(s1)
+    return dJ, ds1, dc

@@ -1,0 +1,154 @@
+// CPU kernels of the engine's per-layer op (see engine_ops.h). Parallel over points n; each
+// point's K rows are contiguous, the inner loops over j are unit-stride and vectorisable.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "engine_ops.h"
+
+namespace thd {
+namespace {
+
+template <typename T>
+void layer_rows_cpu(const T* J, T* Ja, const T* s1, const T* c, T* acc, const LayerDims& d) {
+  const int64_t N = d.N, K = d.K, w = d.w, m = d.m;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * w));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* sr = s1 + n * w;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* Jr = J + (n * K + k) * w;
+        for (int64_t i = 0; i < m; ++i) {
+          const T* cr = c + (i * N + n) * w;
+          T s = T(0);
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < w; ++j) s += cr[j] * Jr[j] * Jr[j];
+          acc[(i * N + n) * K + k] = s;
+        }
+        if (Ja != nullptr) {  // after the reduction: Ja may alias J (in-place variant)
+          T* Jo = Ja + (n * K + k) * w;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) Jo[j] = sr[j] * Jr[j];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void layer_backward_cpu(const T* gJa, const T* gacc, const T* J, const T* s1, const T* c, T* dJ,
+                        T* ds1, T* dc, const LayerDims& d) {
+  const int64_t N = d.N, K = d.K, w = d.w, m = d.m;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * w));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<T> t(w);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* sr = s1 + n * w;
+      T* dsr = ds1 + n * w;
+      for (int64_t j = 0; j < w; ++j) dsr[j] = T(0);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < w; ++j) dc[(i * N + n) * w + j] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* Jr = J + (n * K + k) * w;
+        T* dJr = dJ + (n * K + k) * w;
+        // t = 2 * sum_i gacc[i,n,k] c[i,n,:]
+        for (int64_t j = 0; j < w; ++j) t[j] = T(0);
+        for (int64_t i = 0; i < m; ++i) {
+          const T ga = gacc[(i * N + n) * K + k];
+          const T* cr = c + (i * N + n) * w;
+          T* dcr = dc + (i * N + n) * w;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            t[j] += ga * cr[j];
+            dcr[j] += ga * Jr[j] * Jr[j];
+          }
+        }
+        if (gJa != nullptr) {
+          const T* gr = gJa + (n * K + k) * w;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            dJr[j] = gr[j] * sr[j] + T(2) * Jr[j] * t[j];
+            dsr[j] += gr[j] * Jr[j];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) dJr[j] = T(2) * Jr[j] * t[j];
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> jet_layer_cpu(const at::Tensor& J_, const at::Tensor& s1_,
+                                                 const at::Tensor& c_, bool need_ja) {
+  const LayerDims d = check_jet_layer(J_, s1_, c_, "jet_layer");
+  const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
+  at::Tensor Ja = need_ja ? at::empty_like(J) : at::empty({0}, J.options());
+  at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
+  if (acc.numel() == 0) return {Ja, acc.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer", [&] {
+    layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), need_ja ? Ja.data_ptr<scalar_t>() : nullptr,
+                             s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                             acc.data_ptr<scalar_t>(), d);
+  });
+  return {Ja, acc};
+}
+
+at::Tensor jet_layer_inplace_cpu(at::Tensor& J, const at::Tensor& s1_, const at::Tensor& c_) {
+  const LayerDims d = check_jet_layer(J, s1_, c_, "jet_layer_");
+  TORCH_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
+  const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
+  at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
+  if (acc.numel() == 0) return acc.zero_();
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer_", [&] {
+    layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), J.data_ptr<scalar_t>(),
+                             s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                             acc.data_ptr<scalar_t>(), d);
+  });
+  return acc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_backward_cpu(
+    const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J_,
+    const at::Tensor& s1_, const at::Tensor& c_) {
+  const LayerDims d = check_jet_layer(J_, s1_, c_, "jet_layer_backward");
+  const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
+  const at::Tensor gacc = gacc_.contiguous();
+  TORCH_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
+                    "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
+  at::Tensor gJa;
+  if (gJa_.has_value() && gJa_->defined()) {
+    gJa = gJa_->contiguous();
+    TORCH_CHECK_VALUE(gJa.sizes() == J.sizes(),
+                      "torchhessdiag.jet_layer_backward: gJa must have J's shape");
+  }
+  at::Tensor dJ = at::empty_like(J), ds1 = at::empty_like(s1), dc = at::empty_like(c);
+  if (J.numel() == 0) return {dJ, ds1.zero_(), dc.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer_backward", [&] {
+    layer_backward_cpu<scalar_t>(gJa.defined() ? gJa.data_ptr<scalar_t>() : nullptr,
+                                 gacc.data_ptr<scalar_t>(), J.data_ptr<scalar_t>(),
+                                 s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                                 dJ.data_ptr<scalar_t>(), ds1.data_ptr<scalar_t>(),
+                                 dc.data_ptr<scalar_t>(), d);
+  });
+  return {dJ, ds1, dc};
+}
+
+}  // namespace
+}  // namespace thd
+
+TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
+  m.def("jet_layer(Tensor J, Tensor s1, Tensor c, bool need_ja) -> (Tensor, Tensor)");
+  m.def("jet_layer_(Tensor(a!) J, Tensor s1, Tensor c) -> Tensor");
+  m.def(
+      "jet_layer_backward(Tensor? gJa, Tensor gacc, Tensor J, Tensor s1, Tensor c)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
+  m.impl("jet_layer", &thd::jet_layer_cpu);
+  m.impl("jet_layer_", &thd::jet_layer_inplace_cpu);
+  m.impl("jet_layer_backward", &thd::jet_layer_backward_cpu);
+}

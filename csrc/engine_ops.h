@@ -1,0 +1,53 @@
+// The per-layer op of the second-order engine (torchhessdiag/engine.py), shared by the CPU and the
+// CUDA implementations: argument checks and output allocation.
+//
+//   jet_layer(J, s1, c, need_ja) -> (Ja, acc)
+//     J   (N, K, w)  first-order rows J_l v_k at the pre-activation z_l of one layer
+//     s1  (N, w)     sigma'(z_l)
+//     c   (m, N, w)  c_l = delta_l * sigma''(z_l), one row per output component
+//     Ja  (N, K, w)  s1 * J, the rows after the activation (input of the next GEMM);
+//                    shape (0,) when need_ja is false (last layer)
+//     acc (m, N, K)  sum_j c[i,n,j] * J[n,k,j]^2 -- this layer's share of v_k^T (Hess u_i) v_k
+//
+//   jet_layer_(J, s1, c) -> acc          the same, overwriting J with Ja (inference, no copy)
+//
+//   jet_layer_backward(gJa?, gacc, J, s1, c) -> (dJ, ds1, dc)
+//     dJ  = gJa * s1 + 2 J * sum_i gacc[i] c[i]
+//     ds1 = sum_k gJa * J
+//     dc  = sum_k gacc * J^2
+//
+// The layer needs no transcendental function: sigma' and sigma'' come once per (n, j) from the
+// derivative table (act_derivatives) in the forward row, not once per (n, k, j).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace thd {
+
+struct LayerDims {
+  int64_t N, K, w, m;
+};
+
+inline LayerDims check_jet_layer(const at::Tensor& J, const at::Tensor& s1, const at::Tensor& c,
+                                 const char* op) {
+  for (const at::Tensor* t : {&J, &s1, &c}) {
+    TORCH_CHECK_VALUE(t->defined(), "torchhessdiag.", op, ": undefined tensor argument");
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
+                     "torchhessdiag.", op, ": tensors must be float32 or float64, got ",
+                     t->scalar_type());
+    TORCH_CHECK_TYPE(t->scalar_type() == J.scalar_type(), "torchhessdiag.", op,
+                     ": dtypes differ (", t->scalar_type(), " vs ", J.scalar_type(), ")");
+    TORCH_CHECK_VALUE(t->device() == J.device(), "torchhessdiag.", op, ": devices differ (",
+                      t->device(), " vs ", J.device(), ")");
+  }
+  TORCH_CHECK_VALUE(J.dim() == 3, "torchhessdiag.", op, ": J must be (N, K, w), got shape ",
+                    J.sizes());
+  const int64_t N = J.size(0), K = J.size(1), w = J.size(2);
+  TORCH_CHECK_VALUE(s1.dim() == 2 && s1.size(0) == N && s1.size(1) == w, "torchhessdiag.", op,
+                    ": s1 must be (N, w) = (", N, ", ", w, "), got ", s1.sizes());
+  TORCH_CHECK_VALUE(c.dim() == 3 && c.size(1) == N && c.size(2) == w, "torchhessdiag.", op,
+                    ": c must be (m, N, w) with N=", N, ", w=", w, ", got ", c.sizes());
+  return {N, K, w, c.size(0)};
+}
+
+}  // namespace thd

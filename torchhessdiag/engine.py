@@ -1,0 +1,278 @@
+"""The second-order engine for MLPs: K first-order rows plus one forward and one backward row.
+
+For an MLP (z_l = W_l a_{l-1} + b_l, a_l = sigma_l(z_l), a_0 = x) the input Hessian of output u_i
+is exactly
+
+    Hess u_i = sum_l J_l^T diag(c_{l,i}) J_l,   J_l = dz_l/dx,  c_{l,i} = delta_{l,i} * sigma_l''(z_l)
+
+with delta_{l,i} = du_i/da_l (an ordinary backward row). So for directions v_1..v_K
+
+    v_k^T (Hess u_i) v_k = sum_l sum_j c_{l,i,j} (J_l v_k)_j^2
+
+which needs the K rows J_l v_k, one forward row (z_l, sigma', sigma'') and one backward row
+(delta_l): K+2 rows, where Taylor mode carries 2K+1. Steps:
+
+1. forward row: z_l by the GEMMs, then (sigma, sigma', sigma'')(z_l) in one fused table pass;
+2. backward row: delta_{l-1} = (delta_l * sigma'(z_l)) W_l, and c_l = delta_l * sigma''(z_l); the
+   last delta is the gradient du/dx, for free;
+3. rows: J_1 = W_1 V is the same for every point, so layer 1 contributes one small GEMM
+   c_1 @ (W_1 V)^2 and no per-point Jacobian; for l >= 2, J_l = (sigma'(z_{l-1}) * J_{l-1}) W_l^T is
+   one GEMM over N*K rows, and the fused kernel jet_layer scales the rows by sigma' and
+   accumulates sum_j c_j (J v)_j^2 in one read and one write of the rows.
+
+For a summed quantity (Laplacian, weighted Laplacian, Hutchinson) only J_1^T J_1 = V^T W_1^T W_1 V
+... more precisely only (W_1 V)(W_1 V)^T matters, so when there are more directions than the first
+layer is wide, the K directions are compressed to min(K, width) by a QR factorisation: exact.
+
+Everything is built from differentiable pieces (torch GEMMs, the table ops, jet_layer with a fused
+backward), so the results carry a graph to the parameters -- and to x -- when grad mode is on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .activations import ActivationSpec, spec_from_module
+
+Tensor = torch.Tensor
+_ops = torch.ops.torchhessdiag
+
+
+@dataclass
+class LinearLayer:
+    weight: Tensor  # (out, in)
+    bias: Optional[Tensor]
+
+
+@dataclass
+class ActLayer:
+    spec: ActivationSpec
+
+
+Layer = Union[LinearLayer, ActLayer]
+
+_SUPPORTED = (
+    "nn.Linear (with or without bias), the activations torch.nn.Tanh, Sigmoid, Softplus, SiLU, "
+    "GELU, ELU, CELU, ReLU, LeakyReLU and every torchhessdiag.nn drop-in, nn.Identity, and "
+    "nn.Dropout in eval mode, inside (nested) nn.Sequential"
+)
+
+
+def parse_mlp(model: nn.Module, where: str) -> List[Layer]:
+    """Flatten a (nested) nn.Sequential into linear and activation layers, or raise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    layers: List[Layer] = []
+
+    def visit(m: nn.Module, path: str) -> None:
+        if isinstance(m, nn.Sequential):
+            # _modules, not named_children(): the latter skips a module instance that appears
+            # twice (e.g. one nn.Tanh() reused between layers), which would drop a layer
+            for name, child in m._modules.items():
+                if child is not None:
+                    visit(child, f"{path}.{name}" if path else name)
+            return
+        label = f"{type(m).__name__}" + (f" at '{path}'" if path else "")
+        if type(m) is nn.Linear:
+            layers.append(LinearLayer(m.weight, m.bias))
+            return
+        if isinstance(m, nn.Identity) and not hasattr(m, "_thd_spec"):
+            return
+        if isinstance(m, nn.Dropout) and type(m) is nn.Dropout:
+            if m.training and m.p > 0:
+                raise NotImplementedError(
+                    f"{where}: {label} is in training mode, so the network is random and has no "
+                    "Hessian; call model.eval() (dropout is the identity in eval mode)"
+                )
+            return
+        spec = spec_from_module(m)
+        if spec is not None:
+            if spec.name != "identity":
+                layers.append(ActLayer(spec))
+            return
+        raise NotImplementedError(
+            f"{where}: unsupported module {label}; supported: {_SUPPORTED}. For other models use "
+            "torch.func (e.g. vmap(hessian(f)))."
+        )
+
+    visit(model, "")
+    if not layers:
+        raise NotImplementedError(f"{where}: model has no layers the engine can use; supported: {_SUPPORTED}")
+    return layers
+
+
+def check_input(layers: List[Layer], x, where: str) -> Tuple[Tensor, bool, int]:
+    """Validate x against the model; return (x as (N, d), was_unbatched, d)."""
+    ops.check_float_tensor(x, "x", where)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,), got shape {tuple(x.shape)}")
+    unbatched = x.dim() == 1
+    x2 = x.unsqueeze(0) if unbatched else x
+    d = x2.shape[1]
+    width = d
+    for i, layer in enumerate(layers):
+        if isinstance(layer, LinearLayer):
+            W = layer.weight
+            if W.shape[1] != width:
+                what = "x has" if i == 0 else "the previous layer gives"
+                raise ValueError(
+                    f"{where}: {what} {width} features but the Linear layer #{i} expects {W.shape[1]}"
+                )
+            for name, p in (("weight", W), ("bias", layer.bias)):
+                if p is None:
+                    continue
+                if p.device != x2.device:
+                    raise ValueError(
+                        f"{where}: x is on {x2.device} but a Linear {name} is on {p.device}; "
+                        "move the model or x"
+                    )
+                if p.dtype != x2.dtype:
+                    raise TypeError(
+                        f"{where}: x is {x2.dtype} but a Linear {name} is {p.dtype}; use one dtype "
+                        "(e.g. model.double() with float64 x)"
+                    )
+            width = W.shape[0]
+    return x2, unbatched, d
+
+
+_warned_pwl_model = False
+
+
+def _warn_if_piecewise_linear(layers: List[Layer]) -> None:
+    acts = [l.spec for l in layers if isinstance(l, ActLayer)]
+    if acts and all(s.piecewise_linear or s.linear for s in acts):
+        names = sorted({s.name for s in acts})
+        warnings.warn(
+            f"torchhessdiag: every activation of this model is piecewise linear ({', '.join(names)}), "
+            "so its second derivatives are exactly 0 almost everywhere (the true ones are Dirac "
+            "deltas on the kinks); the result is all zeros. Use a smooth activation (Tanh, SiLU, "
+            "GELU, Softplus) where second derivatives matter, e.g. in a PDE loss.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+@dataclass
+class EngineOut:
+    value: Tensor  # (N, m)
+    gradient: Optional[Tensor]  # (N, m, d)
+    second: Optional[Tensor]  # (N, m, K) per direction, or (N, m) summed, or (N, m, P) pairs
+
+
+def run(
+    layers: List[Layer],
+    x: Tensor,
+    V: Optional[Tensor],
+    mode: str,
+    need_gradient: bool = False,
+    pairs: Optional[Tuple[Tensor, Tensor]] = None,
+) -> EngineOut:
+    """The engine. x (N, d); V (d, K) directions (None: all coordinate axes).
+
+    mode: "diag" -> v_k^T H v_k per direction (N, m, K); "sum" -> sum over k (N, m);
+    "pairs" -> v_a^T H v_b for the index pairs (a_p, b_p) in ``pairs`` (N, m, P).
+    """
+    N, d = x.shape
+    # 1. forward row -----------------------------------------------------------------------
+    h = x
+    derivs: List[Tuple[Tensor, Tensor]] = []
+    for layer in layers:
+        if isinstance(layer, LinearLayer):
+            h = F.linear(h, layer.weight, layer.bias)
+        else:
+            s = layer.spec
+            D = _ops.act_derivatives(h, s.name, s.a, s.b, [0, 1, 2])
+            h = D[0]
+            derivs.append((D[1], D[2]))
+    value = h
+    m = value.shape[1]
+
+    # 2. backward row (m rows: one per output component) -------------------------------------
+    delta = torch.eye(m, dtype=x.dtype, device=x.device).unsqueeze(1).expand(m, N, m)
+    cs: List[Tensor] = [None] * len(derivs)  # type: ignore[list-item]
+    ai = len(derivs)
+    for layer in reversed(layers):
+        if isinstance(layer, LinearLayer):
+            delta = torch.matmul(delta, layer.weight)
+        else:
+            ai -= 1
+            s1, s2 = derivs[ai]
+            cs[ai] = delta * s2
+            delta = delta * s1
+    gradient = delta.permute(1, 0, 2) if need_gradient else None
+
+    # 3. first-order rows -------------------------------------------------------------------------
+    if V is None:
+        J = torch.eye(d, dtype=x.dtype, device=x.device)  # (K, d) rows v_k^T
+    else:
+        J = V.t()
+    K = J.shape[0]
+    n_acts = len(derivs)
+    if mode == "pairs":
+        assert pairs is not None
+        out = x.new_zeros((m, N, pairs[0].numel()))
+    else:
+        out = x.new_zeros((m, N, K)) if mode == "diag" else x.new_zeros((m, N))
+    if n_acts == 0:
+        return EngineOut(value, gradient, _finish(out))
+
+    const = True  # J is the same for every point (before the first activation)
+    compressed = False
+    ai = 0
+    grad_mode = torch.is_grad_enabled()
+    for layer in layers:
+        if ai == n_acts:
+            break  # only linear layers remain: they add nothing to second derivatives
+        if isinstance(layer, LinearLayer):
+            W = layer.weight
+            if const:
+                J = J @ W.t()  # (K, out)
+                if mode == "sum" and not compressed and J.shape[0] > J.shape[1]:
+                    # only J^T J matters for a sum over directions: J = Q R, J^T J = R^T R
+                    J = torch.linalg.qr(J, mode="reduced")[1]
+                    compressed = True
+            else:
+                J = torch.matmul(J, W.t())  # (N, K, out): one GEMM over N*K rows
+            continue
+        s1, _ = derivs[ai]
+        c = cs[ai]
+        last = ai == n_acts - 1
+        ai += 1
+        if const:
+            if mode == "pairs":
+                a_idx, b_idx = pairs
+                out = out + torch.matmul(c, (J[a_idx] * J[b_idx]).t())
+            else:
+                contrib = torch.matmul(c, (J * J).t())  # (m, N, K)
+                out = out + (contrib if mode == "diag" else contrib.sum(-1))
+            if not last:
+                J = s1.unsqueeze(1) * J.unsqueeze(0)  # (N, K, w)
+            const = False
+            continue
+        if mode == "pairs":
+            a_idx, b_idx = pairs
+            out = out + torch.einsum("inj,npj->inp", c, J[:, a_idx] * J[:, b_idx])
+            if not last:
+                J = s1.unsqueeze(1) * J
+            continue
+        if grad_mode:
+            Ja, acc = _ops.jet_layer(J, s1, c, not last)
+        else:
+            J = J.contiguous()
+            acc = _ops.jet_layer_(J, s1, c)  # J becomes Ja in place: no new buffer
+            Ja = J
+        out = out + (acc if mode == "diag" else acc.sum(-1))
+        J = Ja
+    return EngineOut(value, gradient, _finish(out))
+
+
+def _finish(out: Tensor) -> Tensor:
+    # (m, N, ...) -> (N, m, ...)
+    return out.movedim(0, 1)
