@@ -65,8 +65,6 @@ THD_HD float t_expm1(float x) { return ::expm1f(x); }
 THD_HD double t_expm1(double x) { return ::expm1(x); }
 THD_HD float t_log1p(float x) { return ::log1pf(x); }
 THD_HD double t_log1p(double x) { return ::log1p(x); }
-THD_HD float t_tanh(float x) { return ::tanhf(x); }
-THD_HD double t_tanh(double x) { return ::tanh(x); }
 THD_HD float t_erfc(float x) { return ::erfcf(x); }
 THD_HD double t_erfc(double x) { return ::erfc(x); }
 THD_HD float t_sin(float x) { return ::sinf(x); }
@@ -75,34 +73,56 @@ THD_HD float t_cos(float x) { return ::cosf(x); }
 THD_HD double t_cos(double x) { return ::cos(x); }
 THD_HD float t_abs(float x) { return ::fabsf(x); }
 THD_HD double t_abs(double x) { return ::fabs(x); }
+THD_HD float t_copysign(float x, float y) { return ::copysignf(x, y); }
+THD_HD double t_copysign(double x, double y) { return ::copysign(x, y); }
+
+// e = exp(-a) and em = e - 1 = expm1(-a) for a >= 0 (or NaN), both to full relative accuracy, for
+// the price of one transcendental: expm1 where e is near 1 (em would cancel), exp elsewhere (e is
+// at most 1/e there, so e - 1 does not cancel).
+template <typename T>
+struct ExpPair {
+  T e, em;
+  THD_HD explicit ExpPair(T a) {
+    if (a < T(1)) {
+      em = t_expm1(-a);
+      e = T(1) + em;
+    } else {
+      e = t_exp(-a);
+      em = e - T(1);
+    }
+  }
+};
 
 // ---- shared building blocks ------------------------------------------------------------------
 
-// tanh(z) and sech^2(z) = 4e/(1+e)^2 with e = exp(-2|z|) in (0, 1]: no cancellation anywhere.
+// tanh(z) = sign(z) (1 - e)/(1 + e) and sech^2(z) = 4e/(1+e)^2 with e = exp(-2|z|) in (0, 1]:
+// no cancellation anywhere (1 - e is -em, computed directly), one transcendental.
 template <typename T>
 struct TanhParts {
   T t, s;
   THD_HD explicit TanhParts(T z) {
-    const T e = t_exp(T(-2) * t_abs(z));
-    const T r = T(1) + e;
-    t = t_tanh(z);
-    s = T(4) * e / (r * r);
+    const ExpPair<T> E(T(2) * t_abs(z));
+    const T r = T(1) + E.e;
+    t = t_copysign(-E.em / r, z);
+    s = T(4) * E.e / (r * r);
   }
 };
 
 // Logistic sigmoid p = 1/(1+exp(-z)), q = 1 - p, pq = p*q and w = q - p = -tanh(z/2), each
-// computed directly (never as a difference of two O(1) numbers).
+// computed directly (never as a difference of two O(1) numbers), from e = exp(-|z|):
+// tanh(|z|/2) = (1 - e)/(1 + e) = -em r. One transcendental.
 template <typename T>
 struct SigmoidParts {
   T p, q, pq, w;
   THD_HD explicit SigmoidParts(T z) {
-    const T e = t_exp(-t_abs(z));
+    const ExpPair<T> E(t_abs(z));
+    const T e = E.e;
     const T r = T(1) / (T(1) + e);
     const bool pos = z >= T(0);
     p = pos ? r : e * r;
     q = pos ? e * r : r;
     pq = e * r * r;
-    w = -t_tanh(T(0.5) * z);
+    w = t_copysign(-E.em * r, -z);
   }
 };
 
@@ -164,7 +184,9 @@ struct SigmoidD {
 };
 
 // softplus(z) = log(1 + exp(beta z)) / beta where beta z <= threshold, z above it (torch).
-// Below the threshold: d1 = sigmoid(beta z), d(n) = beta^(n-1) sigmoid^(n-1)(beta z).
+// Below the threshold: d1 = sigmoid(beta z), d(n) = beta^(n-1) sigmoid^(n-1)(beta z). torch's
+// branches: value and first derivative are linear for beta z > threshold, the second and higher
+// derivatives are zero unless beta z < threshold (so at beta z == threshold exactly they are 0).
 struct SoftplusD {
   template <int N, typename T>
   static THD_HD void eval(T z, T beta, T threshold, T* d) {
@@ -179,10 +201,11 @@ struct SoftplusD {
     T sg[N + 1];
     sigmoid_derivs<(N >= 1 ? N - 1 : 0)>(P, sg);
     d[0] = ((u > T(0) ? u : T(0)) + t_log1p(t_exp(-t_abs(u)))) / beta;
+    const bool curved = u < threshold;
     T bp = T(1);
 #pragma unroll
     for (int n = 1; n <= N; ++n) {
-      d[n] = bp * sg[n - 1];
+      d[n] = (n == 1 || curved) ? bp * sg[n - 1] : T(0);
       bp *= beta;
     }
   }

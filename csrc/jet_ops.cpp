@@ -12,6 +12,7 @@ struct CpuExec {
   template <class F>
   static void run(index_t n, const F& f) {
     at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+#pragma omp simd
       for (int64_t i = begin; i < end; ++i) f(i);
     });
   }
@@ -25,7 +26,7 @@ at::Tensor act_forward(const at::Tensor& z, c10::string_view act_name, double a,
   const Act act = parse_act(act_name);
   check_params(act, a, b);
   switch (act) {
-    case Act::Identity: return z.clone(at::MemoryFormat::Contiguous);
+    case Act::Identity: return z.clone();
     case Act::Tanh: return at::tanh(z);
     case Act::Sigmoid: return at::sigmoid(z);
     case Act::Softplus: return at::softplus(z, a, b);
@@ -56,6 +57,7 @@ TORCH_LIBRARY(torchhessdiag, m) {
   m.def(
       "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
       " -> (Tensor, Tensor)");
+  m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
@@ -66,4 +68,5 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("act_derivatives", &thd::act_derivatives_impl<thd::CpuExec>);
   m.impl("act_grad", &thd::act_grad_impl<thd::CpuExec>);
   m.impl("act_grad_backward", &thd::act_grad_backward_impl<thd::CpuExec>);
+  m.impl("mul_pair", &thd::mul_pair_impl<thd::CpuExec>);
 }

@@ -112,7 +112,47 @@ struct GradBackwardBody {
   }
 };
 
+// (o1, o2) = (w * d1, w * g * d2): the double backward of an activation once sigma^(k) and
+// sigma^(k+1) are known (pure arithmetic, vectorisable).
+template <typename T>
+struct MulPairBody {
+  const T* w;
+  const T* g;
+  const T* d1;
+  const T* d2;
+  T* o1;
+  T* o2;
+  THD_HD void operator()(index_t i) const {
+    const T v = w[i];
+    o1[i] = v * d1[i];
+    o2[i] = v * g[i] * d2[i];
+  }
+};
+
 // ---- the ops ---------------------------------------------------------------------------------
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at::Tensor& g_,
+                                                 const at::Tensor& d1_, const at::Tensor& d2_) {
+  const char* op = "mul_pair";
+  check_input(w_, "w", op);
+  check_like(g_, w_, "g", op);
+  check_like(d1_, w_, "d1", op);
+  check_like(d2_, w_, "d2", op);
+  const at::OptionalDeviceGuard guard(at::device_of(w_));
+  const at::Tensor w = w_.contiguous(), g = g_.contiguous(), d1 = d1_.contiguous(),
+                   d2 = d2_.contiguous();
+  at::Tensor o1 = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor o2 = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const index_t numel = w.numel();
+  if (numel == 0) return {o1, o2};
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "torchhessdiag::mul_pair", [&] {
+    Exec::run(numel, MulPairBody<scalar_t>{w.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                           d1.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(),
+                                           o1.data_ptr<scalar_t>(), o2.data_ptr<scalar_t>()});
+  });
+  return {o1, o2};
+}
 
 template <class Exec>
 at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name, double a,

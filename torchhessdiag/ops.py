@@ -86,35 +86,107 @@ def _warn_reference(device: torch.device) -> None:
     )
 
 
+# The same argument checks as the C++ ops (csrc/jet_ops_impl.h, csrc/engine_ops.h), with the same
+# exception types, so the reference backend refuses exactly what the compiled one refuses.
+def _check_float(t, what, op):
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"torchhessdiag.{op}: {what} must be float32 or float64, got {t.dtype}; cast it with "
+            ".float() or .double()"
+        )
+
+
+def _check_like(t, z, what, op):
+    _check_float(t, what, op)
+    if t.device != z.device:
+        raise ValueError(f"torchhessdiag.{op}: {what} is on {t.device} but z is on {z.device}; move both to one device")
+    if t.dtype != z.dtype:
+        raise TypeError(f"torchhessdiag.{op}: {what} has dtype {t.dtype} but z has {z.dtype}")
+    if t.shape != z.shape:
+        raise ValueError(f"torchhessdiag.{op}: {what} has shape {tuple(t.shape)} but z has shape {tuple(z.shape)}")
+
+
+def _check_act(act, a, op):
+    if act not in reference.TABLE:
+        raise ValueError(f"torchhessdiag: unknown activation '{act}'; supported: {', '.join(reference.TABLE)}")
+    if act == "softplus" and a == 0.0:
+        raise ValueError("torchhessdiag: softplus needs beta != 0 (got 0)")
+    if act == "celu" and a == 0.0:
+        raise ValueError("torchhessdiag: celu needs alpha != 0 (got 0)")
+
+
+def _check_order(k, max_k, op):
+    if not 0 <= k <= max_k:
+        raise ValueError(
+            f"torchhessdiag.{op}: derivative order {k} is outside the table (0..{max_k}); higher "
+            "orders go through torchhessdiag.activation_derivatives"
+        )
+
+
 def _ref_forward(z, act, a, b):
+    _check_float(z, "z", "act_forward")
+    _check_act(act, a, "act_forward")
     _warn_reference(z.device)
     y = torch_function(ActivationSpec(act, a, b))(z)
     return y.clone() if y is z else y
 
 
 def _ref_derivatives(z, act, a, b, orders):
+    _check_float(z, "z", "act_derivatives")
+    _check_act(act, a, "act_derivatives")
+    if not 1 <= len(orders) <= 16:
+        raise ValueError(f"torchhessdiag.act_derivatives: orders must list 1..16 orders, got {len(orders)}")
+    for k in orders:
+        _check_order(k, MAX_ORDER, "act_derivatives")
     _warn_reference(z.device)
     d = reference.derivatives(z, act, a, b, max(orders))
     return torch.stack([d[k] for k in orders])
 
 
 def _ref_grad(g, z, act, a, b, k):
+    _check_float(z, "z", "act_grad")
+    _check_like(g, z, "g", "act_grad")
+    _check_act(act, a, "act_grad")
+    _check_order(k, MAX_ORDER, "act_grad")
     _warn_reference(z.device)
     return g * reference.derivatives(z, act, a, b, k)[k]
 
 
 def _ref_grad_backward(gg, g, z, act, a, b, k):
+    _check_float(z, "z", "act_grad_backward")
+    _check_like(gg, z, "gg", "act_grad_backward")
+    _check_like(g, z, "g", "act_grad_backward")
+    _check_act(act, a, "act_grad_backward")
+    _check_order(k, MAX_ORDER - 1, "act_grad_backward")
     _warn_reference(z.device)
     d = reference.derivatives(z, act, a, b, k + 1)
     return gg * d[k], gg * g * d[k + 1]
 
 
+def _check_layer(J, s1, c, op):
+    for t in (J, s1, c):
+        _check_float(t, "tensors", op)
+        if t.dtype != J.dtype:
+            raise TypeError(f"torchhessdiag.{op}: dtypes differ ({t.dtype} vs {J.dtype})")
+        if t.device != J.device:
+            raise ValueError(f"torchhessdiag.{op}: devices differ ({t.device} vs {J.device})")
+    if J.dim() != 3:
+        raise ValueError(f"torchhessdiag.{op}: J must be (N, K, w), got shape {tuple(J.shape)}")
+    N, _, w = J.shape
+    if s1.shape != (N, w):
+        raise ValueError(f"torchhessdiag.{op}: s1 must be (N, w) = ({N}, {w}), got {tuple(s1.shape)}")
+    if c.dim() != 3 or c.shape[1:] != (N, w):
+        raise ValueError(f"torchhessdiag.{op}: c must be (m, N, w) with N={N}, w={w}, got {tuple(c.shape)}")
+
+
 def _ref_jet_layer(J, s1, c, need_ja):
+    _check_layer(J, s1, c, "jet_layer")
     _warn_reference(J.device)
     return reference.jet_layer(J, s1, c, need_ja)
 
 
 def _ref_jet_layer_(J, s1, c):
+    _check_layer(J, s1, c, "jet_layer_")
     _warn_reference(J.device)
     Ja, acc = reference.jet_layer(J, s1, c, True)
     J.copy_(Ja)
@@ -122,11 +194,25 @@ def _ref_jet_layer_(J, s1, c):
 
 
 def _ref_jet_layer_backward(gJa, gacc, J, s1, c):
+    _check_layer(J, s1, c, "jet_layer_backward")
+    if gacc.shape != (c.shape[0], J.shape[0], J.shape[1]):
+        raise ValueError("torchhessdiag.jet_layer_backward: gacc must be (m, N, K)")
+    if gJa is not None and gJa.shape != J.shape:
+        raise ValueError("torchhessdiag.jet_layer_backward: gJa must have J's shape")
     _warn_reference(J.device)
     return reference.jet_layer_backward(gJa, gacc, J, s1, c)
 
 
+def _ref_mul_pair(w, g, d1, d2):
+    _check_float(w, "w", "mul_pair")
+    for t, name in ((g, "g"), (d1, "d1"), (d2, "d2")):
+        _check_like(t, w, name, "mul_pair")
+    _warn_reference(w.device)
+    return w * d1, w * g * d2
+
+
 _REF_KERNELS = {
+    "mul_pair": _ref_mul_pair,
     "jet_layer": _ref_jet_layer,
     "jet_layer_": _ref_jet_layer_,
     "jet_layer_backward": _ref_jet_layer_backward,
@@ -156,7 +242,7 @@ for _key in _ref_keys:
 
 @torch.library.register_fake("torchhessdiag::act_forward")
 def _(z, act, a, b):
-    return torch.empty_like(z, memory_format=torch.contiguous_format)
+    return torch.empty_like(z)  # ATen's elementwise kernels keep the input's layout
 
 
 @torch.library.register_fake("torchhessdiag::act_derivatives")
@@ -174,6 +260,14 @@ def _(gg, g, z, act, a, b, k):
     return (
         torch.empty_like(z, memory_format=torch.contiguous_format),
         torch.empty_like(z, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("torchhessdiag::mul_pair")
+def _(w, g, d1, d2):
+    return (
+        torch.empty_like(w, memory_format=torch.contiguous_format),
+        torch.empty_like(w, memory_format=torch.contiguous_format),
     )
 
 
@@ -213,20 +307,49 @@ def _warn_piecewise_linear(spec: ActivationSpec) -> None:
     )
 
 
+def _nested_grad(y: Tensor, z: Tensor, times: int, keep_graph: bool) -> Tensor:
+    """d^times y / dz^times for an elementwise y(z), by repeated autograd."""
+    for i in range(times):
+        if not y.requires_grad:
+            return torch.zeros_like(z)
+        (y,) = torch.autograd.grad(
+            y, z, torch.ones_like(y), create_graph=keep_graph or i < times - 1, allow_unused=True
+        )
+        if y is None:
+            return torch.zeros_like(z)
+    return y
+
+
 def _beyond_table(z: Tensor, spec: ActivationSpec, n: int) -> Tensor:
-    """sigma^(n)(z) for n > 4, exactly: nested autograd of torch's own function (slow path)."""
+    """sigma^(n)(z) for n > 4, exactly, by nested autograd (the slow path).
+
+    Near 0 (|z| <= 1) it differentiates torch's own function n times: smooth and accurate there.
+    Elsewhere it differentiates the table's stable order-4 formula (reference.py) n - 4 times:
+    that one stays accurate and finite in the tails, where torch's formulas cancel or overflow
+    (e.g. NaN for gelu_tanh at |z| = 30), but it is built on |z| and must not be differentiated
+    at 0. Each branch only ever sees points of its own region (the usual double-where), so no
+    NaN leaks into either value or gradient.
+    """
     if spec.linear or spec.piecewise_linear:
         return torch.zeros_like(z)
-    fn = torch_function(spec)
     keep_graph = torch.is_grad_enabled() and z.requires_grad
+    # float32 input: work in float64 (this path is slow anyway), so that intermediate products of
+    # the chain rule cannot overflow float32 where the true value underflows to 0
+    wide = z.dtype == torch.float32 and z.device.type in ("cpu", "cuda")
     with torch.enable_grad():
         zz = z if keep_graph else z.detach().requires_grad_(True)
-        y = fn(zz)
-        for i in range(n):
-            (y,) = torch.autograd.grad(
-                y, zz, torch.ones_like(y), create_graph=keep_graph or i < n - 1
-            )
-    return y if keep_graph else y.detach()
+        if wide:
+            zz = zz.double()
+        small = zz.detach().abs() <= 1.0
+        z_s = torch.where(small, zz, torch.zeros_like(zz))
+        z_l = torch.where(small, torch.full_like(zz, 2.0), zz)
+        d_s = _nested_grad(torch_function(spec)(z_s), zz, n, keep_graph)
+        d4 = reference.derivatives(z_l, spec.name, spec.a, spec.b, MAX_ORDER)[MAX_ORDER]
+        d_l = _nested_grad(d4, zz, n - MAX_ORDER, keep_graph)
+        out = torch.where(small, d_s, d_l)
+        if wide:
+            out = out.to(torch.float32)
+    return out if keep_graph else out.detach()
 
 
 def _derivs(z: Tensor, spec: ActivationSpec, orders: Sequence[int]) -> List[Tensor]:
@@ -268,8 +391,27 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, gy):
+    """g * sigma'(z). The first backward through the node builds a fused act_grad node (whose own
+    backward is the fused double backward); nested-autograd loops come back through this node
+    once per input dimension, and those later passes multiply by a cached sigma'(z) instead of
+    evaluating the table again (with a graph to z when one is being recorded)."""
     (z,) = ctx.saved_tensors
-    return _ops.act_grad(gy, z, ctx.act, ctx.a, ctx.b, 1), None, None, None
+    if torch.is_grad_enabled():
+        if not getattr(ctx, "_thd_seen", False):
+            ctx._thd_seen = True
+            return _ops.act_grad(gy, z, ctx.act, ctx.a, ctx.b, 1), None, None, None
+        D1 = getattr(ctx, "_thd_d1_graph", None)
+        if D1 is None:
+            D1 = _ops.act_derivatives(z, ctx.act, ctx.a, ctx.b, [1])[0]
+            ctx._thd_d1_graph = D1
+        return gy * D1, None, None, None
+    D1 = getattr(ctx, "_thd_d1_graph", None)
+    if D1 is None:
+        D1 = getattr(ctx, "_thd_d1", None)
+    if D1 is None:
+        D1 = _ops.act_derivatives(z, ctx.act, ctx.a, ctx.b, [1])[0]
+        ctx._thd_d1 = D1
+    return gy * D1, None, None, None
 
 
 # act_grad -------------------------------------------------------------------------------------
@@ -282,21 +424,61 @@ def _grad_setup(ctx, inputs, output):
     ctx.save_for_backward(g, z)
 
 
+def _cached_derivs(ctx, z: Tensor, spec: ActivationSpec, k: int) -> Tensor:
+    """(sigma^(k), sigma^(k+1)) at z, stacked, computed once per graph node.
+
+    Nested-autograd second derivatives backpropagate through the same node once per input
+    dimension; the table is evaluated on the first pass and every later pass is pure arithmetic
+    (the fused mul_pair kernel). A cache made without a graph is never used when a graph is being
+    recorded (create_graph=True), so higher derivatives stay exact.
+    """
+    if torch.is_grad_enabled():
+        D = getattr(ctx, "_thd_derivs_graph", None)
+        if D is None:
+            D = _ops.act_derivatives(z, spec.name, spec.a, spec.b, [k, k + 1])
+            ctx._thd_derivs_graph = D
+        return D
+    D = getattr(ctx, "_thd_derivs_graph", None)
+    if D is None:
+        D = getattr(ctx, "_thd_derivs", None)
+    if D is None:
+        D = _ops.act_derivatives(z, spec.name, spec.a, spec.b, [k, k + 1])
+        ctx._thd_derivs = D
+    return D
+
+
 def _grad_backward(ctx, gout):
     g, z = ctx.saved_tensors
     spec, k = _spec_of(ctx), ctx.k
     need_g, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if need_z and spec.piecewise_linear:
         _warn_piecewise_linear(spec)
-    dg = dz = None
-    if need_g and need_z and k + 1 <= MAX_ORDER:
-        dg, dz = _ops.act_grad_backward(gout, g, z, spec.name, spec.a, spec.b, k)
-    else:
-        if need_g:
-            dg = _times_deriv(gout, z, spec, k)
-        if need_z:
-            dz = _times_deriv(gout * g, z, spec, k + 1)
+    if k + 1 <= MAX_ORDER:
+        D = _cached_derivs(ctx, z, spec, k)
+        dg, dz = _ops.mul_pair(gout, g, D[0], D[1])
+        return (dg if need_g else None), (dz if need_z else None), None, None, None, None
+    dg = _times_deriv(gout, z, spec, k) if need_g else None
+    dz = _times_deriv(gout * g, z, spec, k + 1) if need_z else None
     return dg, dz, None, None, None, None
+
+
+# mul_pair ---------------------------------------------------------------------------------------
+
+
+def _mp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mp_backward(ctx, g1, g2):
+    w, g, d1, d2 = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    g2w = g2 * w if (n[1] or n[3]) else None
+    return (
+        g1 * d1 + g2 * g * d2 if n[0] else None,  # d/dw
+        g2w * d2 if n[1] else None,  # d/dg
+        g1 * w if n[2] else None,  # d/dd1
+        g2w * g if n[3] else None,  # d/dd2
+    )
 
 
 # act_grad_backward ----------------------------------------------------------------------------
@@ -358,6 +540,7 @@ def _jl_backward(ctx, gJa, gacc):
     return dJ, ds1, dc, None
 
 
+torch.library.register_autograd("torchhessdiag::mul_pair", _mp_backward, setup_context=_mp_setup)
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
 torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)

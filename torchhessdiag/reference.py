@@ -24,24 +24,34 @@ MAX_ORDER = 4  # kMaxOrder
 # ---- shared building blocks ------------------------------------------------------------------
 
 
+def exp_pair(a: Tensor):
+    """e = exp(-a), em = e - 1, both accurate, for a >= 0 (ExpPair)."""
+    small = a < 1.0
+    em_s = torch.expm1(-a)
+    e_l = torch.exp(-a)
+    e = torch.where(small, 1.0 + em_s, e_l)
+    em = torch.where(small, em_s, e_l - 1.0)
+    return e, em
+
+
 def tanh_parts(z: Tensor):
-    """tanh(z) and sech^2(z) = 4e/(1+e)^2 with e = exp(-2|z|) (TanhParts)."""
-    e = torch.exp(-2.0 * z.abs())
+    """tanh(z) = sign(z)(1-e)/(1+e), sech^2(z) = 4e/(1+e)^2, e = exp(-2|z|) (TanhParts)."""
+    e, em = exp_pair(2.0 * z.abs())
     r = 1.0 + e
-    t = torch.tanh(z)
+    t = torch.copysign(-em / r, z)
     s = 4.0 * e / (r * r)
     return t, s
 
 
 def sigmoid_parts(z: Tensor):
     """p = sigmoid(z), q = 1 - p, pq = p q, w = q - p = -tanh(z/2) (SigmoidParts)."""
-    e = torch.exp(-z.abs())
+    e, em = exp_pair(z.abs())
     r = 1.0 / (1.0 + e)
     pos = z >= 0
     p = torch.where(pos, r, e * r)
     q = torch.where(pos, e * r, r)
     pq = e * r * r
-    w = -torch.tanh(0.5 * z)
+    w = torch.copysign(-em * r, -z)
     return p, q, pq, w
 
 
@@ -97,9 +107,11 @@ def softplus(z, beta, threshold, n):
     sg = sigmoid_derivs(P, max(n - 1, 0))
     lin = _pad([z, torch.ones_like(z)], z, n)
     d = [(torch.clamp_min(u, 0.0) + torch.log1p(torch.exp(-u.abs()))) / beta]
+    curved = u < threshold
     bp = 1.0
     for k in range(1, n + 1):
-        d.append(bp * sg[k - 1])
+        dk = bp * sg[k - 1]
+        d.append(dk if k == 1 else torch.where(curved, dk, torch.zeros_like(dk)))
         bp *= beta
     return [torch.where(above, lin[k], d[k]) for k in range(n + 1)]
 
@@ -159,8 +171,9 @@ def exp(z, a, b, n):
 
 def elu(z, alpha, b, n):
     neg1, neg2 = z <= 0, z < 0
-    e = torch.where(neg1, alpha * torch.exp(z), torch.zeros_like(z))
-    d = [torch.where(neg1, alpha * torch.expm1(z), z)]
+    zn = torch.where(neg1, z, torch.zeros_like(z))  # the header never evaluates exp(z > 0)
+    e = torch.where(neg1, alpha * torch.exp(zn), torch.zeros_like(z))
+    d = [torch.where(neg1, alpha * torch.expm1(zn), z)]
     if n >= 1:
         d.append(torch.where(neg1, e, torch.ones_like(z)))
     for _ in range(2, n + 1):
@@ -171,8 +184,9 @@ def elu(z, alpha, b, n):
 def celu(z, alpha, b, n):
     neg1, neg2 = z <= 0, z < 0
     inv = 1.0 / alpha
-    e = torch.where(neg1, torch.exp(z * inv), torch.zeros_like(z))
-    d = [torch.where(neg1, alpha * torch.expm1(z * inv), z)]
+    zn = torch.where(neg1, z, torch.zeros_like(z))  # the header never evaluates exp(z > 0)
+    e = torch.where(neg1, torch.exp(zn * inv), torch.zeros_like(z))
+    d = [torch.where(neg1, alpha * torch.expm1(zn * inv), z)]
     if n >= 1:
         d.append(torch.where(neg1, e, torch.ones_like(z)))
     for _ in range(2, n + 1):

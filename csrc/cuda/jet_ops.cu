@@ -36,4 +36,5 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   m.impl("act_derivatives", &thd::act_derivatives_impl<thd::CudaExec>);
   m.impl("act_grad", &thd::act_grad_impl<thd::CudaExec>);
   m.impl("act_grad_backward", &thd::act_grad_backward_impl<thd::CudaExec>);
+  m.impl("mul_pair", &thd::mul_pair_impl<thd::CudaExec>);
 }
