@@ -50,7 +50,12 @@ __all__ = [
 
 
 class _DropIn(nn.Module):
-    """Base: a table activation applied through the torchhessdiag ops."""
+    """Base: a table activation applied through the torchhessdiag ops.
+
+    The activation lives in one immutable ActivationSpec; the familiar attributes (``beta``,
+    ``alpha``, ``negative_slope``, ...) read it, and assigning one rebuilds (and validates) it,
+    so a changed attribute always changes what the module computes.
+    """
 
     def __init__(self, spec: ActivationSpec):
         super().__init__()
@@ -69,8 +74,32 @@ class _DropIn(nn.Module):
             return torch_function(s)(input)
         return ops._ops.act_forward(input, s.name, s.a, s.b)
 
+    # the constructor arguments as (attribute, table parameter) pairs, in order
+    _ARGS: tuple = ()
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v:g}" for k, v in self._thd_spec.params.items())
+        return ", ".join(f"{attr}={getattr(self, attr)!r}" for attr, _ in self._ARGS)
+
+
+class _SpecParam:
+    """A module attribute backed by a parameter of the module's ActivationSpec."""
+
+    def __init__(self, param: str):
+        self.param = param
+
+    def __set_name__(self, owner, name):
+        self.attr = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return obj._thd_spec.params[self.param]
+
+    def __set__(self, obj, value):
+        spec = obj._thd_spec
+        params = dict(spec.params)
+        params[self.param] = value
+        obj._thd_spec = make_spec(spec.name, **params)
 
 
 class Tanh(_DropIn):
@@ -90,9 +119,12 @@ class Sigmoid(_DropIn):
 class Softplus(_DropIn):
     """softplus, as ``torch.nn.Softplus(beta, threshold)``: linear where ``beta * x > threshold``."""
 
+    beta = _SpecParam("beta")
+    threshold = _SpecParam("threshold")
+    _ARGS = (("beta", "beta"), ("threshold", "threshold"))
+
     def __init__(self, beta: float = 1.0, threshold: float = 20.0):
         super().__init__(make_spec("softplus", beta=beta, threshold=threshold))
-        self.beta, self.threshold = self._thd_spec.a, self._thd_spec.b
 
 
 class SiLU(_DropIn):
@@ -106,30 +138,44 @@ class SiLU(_DropIn):
 class GELU(_DropIn):
     """GELU, as ``torch.nn.GELU(approximate='none' | 'tanh')``."""
 
+    _ARGS = (("approximate", None),)
+
     def __init__(self, approximate: str = "none"):
+        super().__init__(make_spec(self._name_for(approximate)))
+
+    @staticmethod
+    def _name_for(approximate: str) -> str:
         if approximate not in ("none", "tanh"):
             raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        super().__init__(make_spec("gelu" if approximate == "none" else "gelu_tanh"))
-        self.approximate = approximate
+        return "gelu" if approximate == "none" else "gelu_tanh"
 
-    def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}"
+    @property
+    def approximate(self) -> str:
+        return "tanh" if self._thd_spec.name == "gelu_tanh" else "none"
+
+    @approximate.setter
+    def approximate(self, value: str) -> None:
+        self._thd_spec = make_spec(self._name_for(value))
 
 
 class Sine(_DropIn):
     """sin(w0 * x) (SIREN-style; w0 = 1 gives plain sin)."""
 
+    w0 = _SpecParam("w")
+    _ARGS = (("w0", "w"),)
+
     def __init__(self, w0: float = 1.0):
         super().__init__(make_spec("sin", w=w0))
-        self.w0 = self._thd_spec.a
 
 
 class Cosine(_DropIn):
     """cos(w0 * x)."""
 
+    w0 = _SpecParam("w")
+    _ARGS = (("w0", "w"),)
+
     def __init__(self, w0: float = 1.0):
         super().__init__(make_spec("cos", w=w0))
-        self.w0 = self._thd_spec.a
 
 
 class Exp(_DropIn):
@@ -142,17 +188,23 @@ class Exp(_DropIn):
 class ELU(_DropIn):
     """ELU, as ``torch.nn.ELU(alpha)``."""
 
+    alpha = _SpecParam("alpha")
+    _ARGS = (("alpha", "alpha"),)
+
     def __init__(self, alpha: float = 1.0, inplace: bool = False):
         super().__init__(make_spec("elu", alpha=alpha))
-        self.alpha, self.inplace = self._thd_spec.a, inplace
+        self.inplace = inplace
 
 
 class CELU(_DropIn):
     """CELU, as ``torch.nn.CELU(alpha)``."""
 
+    alpha = _SpecParam("alpha")
+    _ARGS = (("alpha", "alpha"),)
+
     def __init__(self, alpha: float = 1.0, inplace: bool = False):
         super().__init__(make_spec("celu", alpha=alpha))
-        self.alpha, self.inplace = self._thd_spec.a, inplace
+        self.inplace = inplace
 
 
 class ReLU(_DropIn):
@@ -167,9 +219,12 @@ class ReLU(_DropIn):
 class LeakyReLU(_DropIn):
     """LeakyReLU, as ``torch.nn.LeakyReLU(negative_slope)``; second derivatives as for ReLU."""
 
+    negative_slope = _SpecParam("negative_slope")
+    _ARGS = (("negative_slope", "negative_slope"),)
+
     def __init__(self, negative_slope: float = 1e-2, inplace: bool = False):
         super().__init__(make_spec("leaky_relu", negative_slope=negative_slope))
-        self.negative_slope, self.inplace = self._thd_spec.a, inplace
+        self.inplace = inplace
 
 
 class Identity(_DropIn):
@@ -225,7 +280,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     root = _dropin_for(model)
     if root is not None:
-        return root
+        return root.train(model.training)
     if not inplace:
         model = copy.deepcopy(model)
     left = []
@@ -239,7 +294,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
                 r.train(child.training)
                 m._modules[name] = r
                 continue
-            if type(child).__module__ == "torch.nn.modules.activation":
+            if type(child).__module__ == "torch.nn.modules.activation" and not isinstance(
+                child, nn.MultiheadAttention
+            ):
                 left.append(type(child).__name__)
             walk(child)
 

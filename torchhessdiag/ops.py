@@ -123,44 +123,33 @@ def _check_order(k, max_k, op):
         )
 
 
-def _ref_forward(z, act, a, b):
+def _check_forward(z, act, a, b):
     _check_float(z, "z", "act_forward")
     _check_act(act, a, "act_forward")
-    _warn_reference(z.device)
-    y = torch_function(ActivationSpec(act, a, b))(z)
-    return y.clone() if y is z else y
 
 
-def _ref_derivatives(z, act, a, b, orders):
+def _check_derivatives(z, act, a, b, orders):
     _check_float(z, "z", "act_derivatives")
     _check_act(act, a, "act_derivatives")
     if not 1 <= len(orders) <= 16:
         raise ValueError(f"torchhessdiag.act_derivatives: orders must list 1..16 orders, got {len(orders)}")
     for k in orders:
         _check_order(k, MAX_ORDER, "act_derivatives")
-    _warn_reference(z.device)
-    d = reference.derivatives(z, act, a, b, max(orders))
-    return torch.stack([d[k] for k in orders])
 
 
-def _ref_grad(g, z, act, a, b, k):
+def _check_grad(g, z, act, a, b, k):
     _check_float(z, "z", "act_grad")
     _check_like(g, z, "g", "act_grad")
     _check_act(act, a, "act_grad")
     _check_order(k, MAX_ORDER, "act_grad")
-    _warn_reference(z.device)
-    return g * reference.derivatives(z, act, a, b, k)[k]
 
 
-def _ref_grad_backward(gg, g, z, act, a, b, k):
+def _check_grad_backward(gg, g, z, act, a, b, k):
     _check_float(z, "z", "act_grad_backward")
     _check_like(gg, z, "gg", "act_grad_backward")
     _check_like(g, z, "g", "act_grad_backward")
     _check_act(act, a, "act_grad_backward")
     _check_order(k, MAX_ORDER - 1, "act_grad_backward")
-    _warn_reference(z.device)
-    d = reference.derivatives(z, act, a, b, k + 1)
-    return gg * d[k], gg * g * d[k + 1]
 
 
 def _check_layer(J, s1, c, op):
@@ -179,6 +168,47 @@ def _check_layer(J, s1, c, op):
         raise ValueError(f"torchhessdiag.{op}: c must be (m, N, w) with N={N}, w={w}, got {tuple(c.shape)}")
 
 
+def _check_layer_backward(gJa, gacc, J, s1, c):
+    _check_layer(J, s1, c, "jet_layer_backward")
+    if gacc.shape != (c.shape[0], J.shape[0], J.shape[1]):
+        raise ValueError("torchhessdiag.jet_layer_backward: gacc must be (m, N, K)")
+    if gJa is not None and gJa.shape != J.shape:
+        raise ValueError("torchhessdiag.jet_layer_backward: gJa must have J's shape")
+
+
+def _check_mul_pair(w, g, d1, d2):
+    _check_float(w, "w", "mul_pair")
+    for t, name in ((g, "g"), (d1, "d1"), (d2, "d2")):
+        _check_like(t, w, name, "mul_pair")
+
+
+def _ref_forward(z, act, a, b):
+    _check_forward(z, act, a, b)
+    _warn_reference(z.device)
+    y = torch_function(ActivationSpec(act, a, b))(z)
+    return y.clone() if y is z else y
+
+
+def _ref_derivatives(z, act, a, b, orders):
+    _check_derivatives(z, act, a, b, orders)
+    _warn_reference(z.device)
+    d = reference.derivatives(z, act, a, b, max(orders))
+    return torch.stack([d[k] for k in orders])
+
+
+def _ref_grad(g, z, act, a, b, k):
+    _check_grad(g, z, act, a, b, k)
+    _warn_reference(z.device)
+    return g * reference.derivatives(z, act, a, b, k)[k]
+
+
+def _ref_grad_backward(gg, g, z, act, a, b, k):
+    _check_grad_backward(gg, g, z, act, a, b, k)
+    _warn_reference(z.device)
+    d = reference.derivatives(z, act, a, b, k + 1)
+    return gg * d[k], gg * g * d[k + 1]
+
+
 def _ref_jet_layer(J, s1, c, need_ja):
     _check_layer(J, s1, c, "jet_layer")
     _warn_reference(J.device)
@@ -194,19 +224,13 @@ def _ref_jet_layer_(J, s1, c):
 
 
 def _ref_jet_layer_backward(gJa, gacc, J, s1, c):
-    _check_layer(J, s1, c, "jet_layer_backward")
-    if gacc.shape != (c.shape[0], J.shape[0], J.shape[1]):
-        raise ValueError("torchhessdiag.jet_layer_backward: gacc must be (m, N, K)")
-    if gJa is not None and gJa.shape != J.shape:
-        raise ValueError("torchhessdiag.jet_layer_backward: gJa must have J's shape")
+    _check_layer_backward(gJa, gacc, J, s1, c)
     _warn_reference(J.device)
     return reference.jet_layer_backward(gJa, gacc, J, s1, c)
 
 
 def _ref_mul_pair(w, g, d1, d2):
-    _check_float(w, "w", "mul_pair")
-    for t, name in ((g, "g"), (d1, "d1"), (d2, "d2")):
-        _check_like(t, w, name, "mul_pair")
+    _check_mul_pair(w, g, d1, d2)
     _warn_reference(w.device)
     return w * d1, w * g * d2
 
@@ -242,21 +266,25 @@ for _key in _ref_keys:
 
 @torch.library.register_fake("torchhessdiag::act_forward")
 def _(z, act, a, b):
+    _check_forward(z, act, a, b)
     return torch.empty_like(z)  # ATen's elementwise kernels keep the input's layout
 
 
 @torch.library.register_fake("torchhessdiag::act_derivatives")
 def _(z, act, a, b, orders):
+    _check_derivatives(z, act, a, b, orders)
     return z.new_empty((len(orders), *z.shape))
 
 
 @torch.library.register_fake("torchhessdiag::act_grad")
 def _(g, z, act, a, b, k):
+    _check_grad(g, z, act, a, b, k)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("torchhessdiag::act_grad_backward")
 def _(gg, g, z, act, a, b, k):
+    _check_grad_backward(gg, g, z, act, a, b, k)
     return (
         torch.empty_like(z, memory_format=torch.contiguous_format),
         torch.empty_like(z, memory_format=torch.contiguous_format),
@@ -265,6 +293,7 @@ def _(gg, g, z, act, a, b, k):
 
 @torch.library.register_fake("torchhessdiag::mul_pair")
 def _(w, g, d1, d2):
+    _check_mul_pair(w, g, d1, d2)
     return (
         torch.empty_like(w, memory_format=torch.contiguous_format),
         torch.empty_like(w, memory_format=torch.contiguous_format),
@@ -273,17 +302,20 @@ def _(w, g, d1, d2):
 
 @torch.library.register_fake("torchhessdiag::jet_layer")
 def _(J, s1, c, need_ja):
+    _check_layer(J, s1, c, "jet_layer")
     Ja = torch.empty_like(J, memory_format=torch.contiguous_format) if need_ja else J.new_empty((0,))
     return Ja, J.new_empty((c.shape[0], J.shape[0], J.shape[1]))
 
 
 @torch.library.register_fake("torchhessdiag::jet_layer_")
 def _(J, s1, c):
+    _check_layer(J, s1, c, "jet_layer_")
     return J.new_empty((c.shape[0], J.shape[0], J.shape[1]))
 
 
 @torch.library.register_fake("torchhessdiag::jet_layer_backward")
 def _(gJa, gacc, J, s1, c):
+    _check_layer_backward(gJa, gacc, J, s1, c)
     return torch.empty_like(J), torch.empty_like(s1), torch.empty_like(c)
 
 
