@@ -166,6 +166,27 @@ class EngineOut:
     second: Optional[Tensor]  # (N, m, K) per direction, or (N, m) summed, or (N, m, P) pairs
 
 
+class _Workspace:
+    """Two flat row buffers reused across the chunks of one no-grad call (ping-pong between a
+    layer's GEMM output and the next GEMM's input), so that the row memory is touched -- and, on
+    the CPU, page-faulted -- once per call instead of once per layer and chunk."""
+
+    def __init__(self, numel: int, like: Tensor):
+        self.bufs = [like.new_empty(numel), like.new_empty(numel)]
+        self.i = 0
+
+    def next(self, *shape: int) -> Tensor:
+        n = 1
+        for s_ in shape:
+            n *= s_
+        self.i ^= 1
+        return self.bufs[self.i][:n].view(*shape)
+
+
+# Rows per chunk in the no-grad path: about this many elements of J per buffer.
+_CHUNK_ELEMENTS = 1 << 21
+
+
 def run(
     layers: List[Layer],
     x: Tensor,
@@ -178,9 +199,51 @@ def run(
 
     mode: "diag" -> v_k^T H v_k per direction (N, m, K); "sum" -> sum over k (N, m);
     "pairs" -> v_a^T H v_b for the index pairs (a_p, b_p) in ``pairs`` (N, m, P).
+
+    When no graph is needed (grad mode off, or nothing requires grad) the points are processed in
+    chunks with reused row buffers and the fused layer kernel works in place; otherwise one block
+    of differentiable ops carries the graph.
     """
+    needs_graph = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (V is not None and V.requires_grad)
+        or any(p.requires_grad for l in layers if isinstance(l, LinearLayer) for p in (l.weight, l.bias) if p is not None)
+    )
+    if needs_graph or mode == "pairs":
+        return _run_block(layers, x, V, mode, need_gradient, pairs, None)
+    with torch.no_grad():
+        N, d = x.shape
+        K = d if V is None else V.shape[1]
+        widths = [l.weight.shape[0] for l in layers if isinstance(l, LinearLayer)] + [d]
+        per_point = max(1, K * max(widths))
+        chunk = max(1, min(N, _CHUNK_ELEMENTS // per_point))
+        if chunk >= N:
+            return _run_block(layers, x, V, mode, need_gradient, pairs, _Workspace(N * per_point, x))
+        ws = _Workspace(chunk * per_point, x)
+        parts = [
+            _run_block(layers, x[i : i + chunk], V, mode, need_gradient, pairs, ws)
+            for i in range(0, N, chunk)
+        ]
+        return EngineOut(
+            torch.cat([p.value for p in parts]),
+            torch.cat([p.gradient for p in parts]) if need_gradient else None,
+            torch.cat([p.second for p in parts]),
+        )
+
+
+def _run_block(
+    layers: List[Layer],
+    x: Tensor,
+    V: Optional[Tensor],
+    mode: str,
+    need_gradient: bool,
+    pairs: Optional[Tuple[Tensor, Tensor]],
+    ws: Optional[_Workspace],
+) -> EngineOut:
+    """Forward row, backward row and K first-order rows for the points x. With a workspace (no
+    graph) the rows live in its buffers and jet_layer_ updates them in place."""
     N, d = x.shape
-    # 1. forward row -----------------------------------------------------------------------
+    # 1. forward row: z_l by the GEMMs, (sigma, sigma', sigma'')(z_l) in one table pass ----------
     h = x
     derivs: List[Tuple[Tensor, Tensor]] = []
     for layer in layers:
@@ -194,7 +257,7 @@ def run(
     value = h
     m = value.shape[1]
 
-    # 2. backward row (m rows: one per output component) -------------------------------------
+    # 2. backward row (m rows: one per output component); c_l = delta_l * sigma''(z_l) -----------
     delta = torch.eye(m, dtype=x.dtype, device=x.device).unsqueeze(1).expand(m, N, m)
     cs: List[Tensor] = [None] * len(derivs)  # type: ignore[list-item]
     ai = len(derivs)
@@ -208,11 +271,8 @@ def run(
             delta = delta * s1
     gradient = delta.permute(1, 0, 2) if need_gradient else None
 
-    # 3. first-order rows -------------------------------------------------------------------------
-    if V is None:
-        J = torch.eye(d, dtype=x.dtype, device=x.device)  # (K, d) rows v_k^T
-    else:
-        J = V.t()
+    # 3. first-order rows -----------------------------------------------------------------------
+    J = torch.eye(d, dtype=x.dtype, device=x.device) if V is None else V.t()  # (K, d): rows v_k^T
     K = J.shape[0]
     n_acts = len(derivs)
     if mode == "pairs":
@@ -226,7 +286,6 @@ def run(
     const = True  # J is the same for every point (before the first activation)
     compressed = False
     ai = 0
-    grad_mode = torch.is_grad_enabled()
     for layer in layers:
         if ai == n_acts:
             break  # only linear layers remain: they add nothing to second derivatives
@@ -238,6 +297,11 @@ def run(
                     # only J^T J matters for a sum over directions: J = Q R, J^T J = R^T R
                     J = torch.linalg.qr(J, mode="reduced")[1]
                     compressed = True
+            elif ws is not None:
+                n_, k_, w_in = J.shape
+                out_buf = ws.next(n_ * k_, W.shape[0])
+                torch.mm(J.view(n_ * k_, w_in), W.t(), out=out_buf)  # one GEMM over N*K rows
+                J = out_buf.view(n_, k_, W.shape[0])
             else:
                 J = torch.matmul(J, W.t())  # (N, K, out): one GEMM over N*K rows
             continue
@@ -250,10 +314,15 @@ def run(
                 a_idx, b_idx = pairs
                 out = out + torch.matmul(c, (J[a_idx] * J[b_idx]).t())
             else:
-                contrib = torch.matmul(c, (J * J).t())  # (m, N, K)
+                contrib = torch.matmul(c, (J * J).t())  # (m, N, K): layer 1 needs no per-point rows
                 out = out + (contrib if mode == "diag" else contrib.sum(-1))
             if not last:
-                J = s1.unsqueeze(1) * J.unsqueeze(0)  # (N, K, w)
+                if ws is not None:
+                    J_new = ws.next(N, J.shape[0], J.shape[1])
+                    torch.mul(s1.unsqueeze(1), J.unsqueeze(0), out=J_new)
+                    J = J_new
+                else:
+                    J = s1.unsqueeze(1) * J.unsqueeze(0)  # (N, K, w)
             const = False
             continue
         if mode == "pairs":
@@ -262,14 +331,11 @@ def run(
             if not last:
                 J = s1.unsqueeze(1) * J
             continue
-        if grad_mode:
-            Ja, acc = _ops.jet_layer(J, s1, c, not last)
+        if ws is not None:
+            acc = _ops.jet_layer_(J, s1, c)  # J becomes s1 * J in place
         else:
-            J = J.contiguous()
-            acc = _ops.jet_layer_(J, s1, c)  # J becomes Ja in place: no new buffer
-            Ja = J
+            J, acc = _ops.jet_layer(J, s1, c, not last)
         out = out + (acc if mode == "diag" else acc.sum(-1))
-        J = Ja
     return EngineOut(value, gradient, _finish(out))
 
 
