@@ -1,23 +1,30 @@
 """Python face of the torchhessdiag ops: loading, fake kernels, autograd, and the functional API.
 
-The ops (schemas in csrc/jet_ops.cpp)::
+The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
 
-    act_forward(z, act, a, b)                 sigma(z)                      (ATen's own kernel)
-    act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders
+    act_forward(z, act, a, b)                 sigma(z)                       (ATen's own kernel)
+    act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders, one table pass
     act_grad(g, z, act, a, b, k)              g * sigma^(k)(z)
-    act_grad_backward(gg, g, z, act, a, b, k) (gg * sigma^(k)(z), gg * g * sigma^(k+1)(z))
+    act_grad_backward(gg, g, z, act, a, b, k) (gg * sigma^(k)(z), gg * g * sigma^(k+1)(z)), one pass
+    mul_pair(w, g, d1, d2)                    (w * d1, w * g * d2)           (arithmetic only)
+    jet_layer(J, s1, c, need_ja)              the engine's per-layer kernel (engine_ops.h)
+    jet_layer_(J, s1, c)                      the same, in place
+    jet_layer_backward(gJa, gacc, J, s1, c)   its fused backward
 
 Autograd chains them so that differentiating the order-k derivative gives order k+1:
-``act_forward`` backpropagates through ``act_grad(k=1)``, whose backward is the fused
-``act_grad_backward``; the backward of that is composed from ``act_derivatives``, whose backward
-is ``act_derivatives`` one order up. Orders beyond the table (> 4) are computed exactly by
-nested autograd of torch's own function (slower), so nested ``torch.autograd.grad`` works to any
-order and never returns a wrong number.
+``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` evaluates
+(sigma^(k), sigma^(k+1)) once per graph node and applies them with the fused ``mul_pair`` --
+nested-autograd loops revisit every node once per input dimension, and after the first visit
+each pass is pure arithmetic. Higher levels go through ``act_derivatives``, whose backward is
+``act_derivatives`` one order up; orders beyond the table (> 4) come from an exact composite path
+(see ``_beyond_table``). ``act_grad_backward`` is the same double backward in one pass, for direct
+use when a node is visited once.
 
 Backends: the compiled extension ``torchhessdiag._C`` provides CPU kernels and, when built with
 CUDA, CUDA kernels. Where no compiled kernel exists (extension missing, CPU-only build with CUDA
 tensors, other devices) the same ops run the pure-PyTorch reference (torchhessdiag/reference.py)
-and warn once. ``TORCHHESSDIAG_BACKEND=reference`` forces the reference everywhere.
+with the same argument checks, and warn once. ``TORCHHESSDIAG_BACKEND=reference`` forces the
+reference everywhere.
 """
 
 from __future__ import annotations
