@@ -22,6 +22,9 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+#include <utility>
+
 namespace thd {
 
 struct LayerDims {
@@ -48,6 +51,22 @@ inline LayerDims check_jet_layer(const at::Tensor& J, const at::Tensor& s1, cons
   TORCH_CHECK_VALUE(c.dim() == 3 && c.size(1) == N && c.size(2) == w, "torchhessdiag.", op,
                     ": c must be (m, N, w) with N=", N, ", w=", w, ", got ", c.sizes());
   return {N, K, w, c.size(0)};
+}
+
+// Checks of jet_layer_backward's gradient arguments; returns (gJa or undefined, gacc), contiguous.
+inline std::pair<at::Tensor, at::Tensor> check_jet_layer_grads(
+    const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J,
+    const LayerDims& d) {
+  const at::Tensor gacc = gacc_.contiguous();
+  TORCH_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
+                    "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
+  at::Tensor gJa;
+  if (gJa_.has_value() && gJa_->defined()) {
+    gJa = gJa_->contiguous();
+    TORCH_CHECK_VALUE(gJa.sizes() == J.sizes(),
+                      "torchhessdiag.jet_layer_backward: gJa must have J's shape");
+  }
+  return {gJa, gacc};
 }
 
 }  // namespace thd

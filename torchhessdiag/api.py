@@ -53,6 +53,15 @@ def _dims_matrix(dims, d: int, x: Tensor, where: str) -> Optional[Tensor]:
     return V
 
 
+def _setup(model, x, dims, where):
+    """Parse the model, validate x (and dims), warn for piecewise-linear nets."""
+    layers = engine.parse_mlp(model, where)
+    x2, unbatched, d = engine.check_input(layers, x, where)
+    V = _dims_matrix(dims, d, x2, where)
+    engine._warn_if_piecewise_linear(layers)
+    return layers, x2, unbatched, d, V
+
+
 def _shape_out(t: Tensor, unbatched: bool) -> Tensor:
     return t.squeeze(0) if unbatched else t
 
@@ -77,10 +86,7 @@ def mlp_derivatives(model: nn.Module, x: Tensor, second: str = "laplacian", dims
     if second not in ("laplacian", "diag"):
         raise ValueError(f"mlp_derivatives: second must be 'laplacian' or 'diag', got {second!r}")
     where = "torchhessdiag.mlp_derivatives"
-    layers = engine.parse_mlp(model, where)
-    x2, unbatched, d = engine.check_input(layers, x, where)
-    V = _dims_matrix(dims, d, x2, where)
-    engine._warn_if_piecewise_linear(layers)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
     out = engine.run(layers, x2, V, "sum" if second == "laplacian" else "diag", need_gradient=True)
     return MLPDerivatives(
         _shape_out(out.value, unbatched),
@@ -97,10 +103,7 @@ def mlp_laplacian(model: nn.Module, x: Tensor, dims=None) -> Tensor:
     See :func:`mlp_derivatives` for the supported models.
     """
     where = "torchhessdiag.mlp_laplacian"
-    layers = engine.parse_mlp(model, where)
-    x2, unbatched, d = engine.check_input(layers, x, where)
-    V = _dims_matrix(dims, d, x2, where)
-    engine._warn_if_piecewise_linear(layers)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
     return _shape_out(engine.run(layers, x2, V, "sum").second, unbatched)
 
 
@@ -110,10 +113,7 @@ def mlp_hessian_diag(model: nn.Module, x: Tensor, dims=None) -> Tensor:
     Never builds the d x d Hessian. Differentiable w.r.t. the parameters (and x).
     """
     where = "torchhessdiag.mlp_hessian_diag"
-    layers = engine.parse_mlp(model, where)
-    x2, unbatched, d = engine.check_input(layers, x, where)
-    V = _dims_matrix(dims, d, x2, where)
-    engine._warn_if_piecewise_linear(layers)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
     return _shape_out(engine.run(layers, x2, V, "diag").second, unbatched)
 
 

@@ -128,15 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_backward_cuda(
   const LayerDims d = check_jet_layer(J_, s1_, c_, "jet_layer_backward");
   const c10::cuda::CUDAGuard guard(J_.device());
   const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
-  const at::Tensor gacc = gacc_.contiguous();
-  TORCH_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
-                    "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
-  at::Tensor gJa;
-  if (gJa_.has_value() && gJa_->defined()) {
-    gJa = gJa_->contiguous();
-    TORCH_CHECK_VALUE(gJa.sizes() == J.sizes(),
-                      "torchhessdiag.jet_layer_backward: gJa must have J's shape");
-  }
+  at::Tensor gJa, gacc;  // (no structured bindings: they cannot be captured by lambdas in C++17)
+  std::tie(gJa, gacc) = check_jet_layer_grads(gJa_, gacc_, J, d);
   at::Tensor dJ = at::empty_like(J), ds1 = at::empty_like(s1), dc = at::empty_like(c);
   if (J.numel() == 0) return {dJ, ds1.zero_(), dc.zero_()};
   const int64_t threads = 256, total = d.N * d.w;
