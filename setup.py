@@ -103,8 +103,11 @@ def _extensions():
         os.path.join("csrc", "engine_ops.cpp"),
         os.path.join("csrc", "module.cpp"),
     ]
-    # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) without linking OpenMP.
-    cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and runs serially in a TU compiled
+    # without it; the library resolves to the libgomp that torch itself loads. It also honours
+    # `#pragma omp simd` (vectorised reductions).
+    cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     can_cuda, why = _cuda_buildable()
     with_cuda = can_cuda and not _flag("TORCHHESSDIAG_FORCE_CPU")
     if _flag("TORCHHESSDIAG_FORCE_CUDA") and not with_cuda:
@@ -122,9 +125,14 @@ def _extensions():
                 sources,
                 define_macros=[("THD_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags + extra_inc, "nvcc": ["-O3", "-lineinfo"] + extra_inc},
+                extra_link_args=link_flags,
             )
         ]
-    return [cpp_extension.CppExtension("torchhessdiag._C", sources, extra_compile_args={"cxx": cxx_flags})]
+    return [
+        cpp_extension.CppExtension(
+            "torchhessdiag._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
+    ]
 
 
 setup(
