@@ -58,7 +58,7 @@ def _setup(model, x, dims, where):
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     V = _dims_matrix(dims, d, x2, where)
-    engine._warn_if_piecewise_linear(layers)
+    engine._warn_if_piecewise_linear(layers, stacklevel=4)  # points at the caller of mlp_*
     return layers, x2, unbatched, d, V
 
 

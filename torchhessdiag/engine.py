@@ -145,7 +145,7 @@ def check_input(layers: List[Layer], x, where: str) -> Tuple[Tensor, bool, int]:
 _warned_pwl_model = False
 
 
-def _warn_if_piecewise_linear(layers: List[Layer]) -> None:
+def _warn_if_piecewise_linear(layers: List[Layer], stacklevel: int = 3) -> None:
     acts = [l.spec for l in layers if isinstance(l, ActLayer)]
     if acts and all(s.piecewise_linear or s.linear for s in acts):
         names = sorted({s.name for s in acts})
@@ -155,7 +155,7 @@ def _warn_if_piecewise_linear(layers: List[Layer]) -> None:
             "deltas on the kinks); the result is all zeros. Use a smooth activation (Tanh, SiLU, "
             "GELU, Softplus) where second derivatives matter, e.g. in a PDE loss.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -281,6 +281,11 @@ def _run_block(
     else:
         out = x.new_zeros((m, N, K)) if mode == "diag" else x.new_zeros((m, N))
     if n_acts == 0:
+        # a linear model: the second derivatives are exactly 0 -- but still a function of the
+        # inputs, so that a loss built on them backpropagates (zero gradients), never an error
+        if torch.is_grad_enabled():
+            deps = [x] + [p for l in layers if isinstance(l, LinearLayer) for p in (l.weight, l.bias) if p is not None]
+            out = _ZerosOf.apply(out, *[t for t in deps if t.requires_grad])
         return EngineOut(value, gradient, _finish(out))
 
     const = True  # J is the same for every point (before the first activation)
@@ -337,6 +342,19 @@ def _run_block(
             J, acc = _ops.jet_layer(J, s1, c, not last)
         out = out + (acc if mode == "diag" else acc.sum(-1))
     return EngineOut(value, gradient, _finish(out))
+
+
+class _ZerosOf(torch.autograd.Function):
+    """Returns ``zeros`` as a function of ``inputs`` with identically zero derivatives."""
+
+    @staticmethod
+    def forward(ctx, zeros, *inputs):
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in inputs]
+        return zeros.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) + tuple(torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in ctx.meta)
 
 
 def _finish(out: Tensor) -> Tensor:
