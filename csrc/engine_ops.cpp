@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> jet_layer_cpu(const at::Tensor& J_, const at:
   const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor Ja = need_ja ? at::empty_like(J) : at::empty({0}, J.options());
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
-  if (acc.numel() == 0) return {Ja, acc.zero_()};
+  if (J.numel() == 0) return {Ja, acc.zero_()};  // (m = 0 still needs Ja)
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer", [&] {
     layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), need_ja ? Ja.data_ptr<scalar_t>() : nullptr,
                              s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
@@ -101,7 +101,7 @@ at::Tensor jet_layer_inplace_cpu(at::Tensor& J, const at::Tensor& s1_, const at:
   TORCH_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
-  if (acc.numel() == 0) return acc.zero_();
+  if (J.numel() == 0) return acc.zero_();
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer_", [&] {
     layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), J.data_ptr<scalar_t>(),
                              s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),

@@ -57,11 +57,19 @@ inline LayerDims check_jet_layer(const at::Tensor& J, const at::Tensor& s1, cons
 inline std::pair<at::Tensor, at::Tensor> check_jet_layer_grads(
     const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J,
     const LayerDims& d) {
+  auto check_grad = [&](const at::Tensor& t, const char* what) {
+    TORCH_CHECK_TYPE(t.scalar_type() == J.scalar_type(), "torchhessdiag.jet_layer_backward: ",
+                     what, " has dtype ", t.scalar_type(), " but J has ", J.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == J.device(), "torchhessdiag.jet_layer_backward: ", what,
+                      " is on ", t.device(), " but J is on ", J.device());
+  };
+  check_grad(gacc_, "gacc");
   const at::Tensor gacc = gacc_.contiguous();
   TORCH_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
                     "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
   at::Tensor gJa;
   if (gJa_.has_value() && gJa_->defined()) {
+    check_grad(*gJa_, "gJa");
     gJa = gJa_->contiguous();
     TORCH_CHECK_VALUE(gJa.sizes() == J.sizes(),
                       "torchhessdiag.jet_layer_backward: gJa must have J's shape");

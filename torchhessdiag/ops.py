@@ -177,6 +177,13 @@ def _check_layer(J, s1, c, op):
 
 def _check_layer_backward(gJa, gacc, J, s1, c):
     _check_layer(J, s1, c, "jet_layer_backward")
+    for t, what in ((gacc, "gacc"), (gJa, "gJa")):
+        if t is None:
+            continue
+        if t.dtype != J.dtype:
+            raise TypeError(f"torchhessdiag.jet_layer_backward: {what} has dtype {t.dtype} but J has {J.dtype}")
+        if t.device != J.device:
+            raise ValueError(f"torchhessdiag.jet_layer_backward: {what} is on {t.device} but J is on {J.device}")
     if gacc.shape != (c.shape[0], J.shape[0], J.shape[1]):
         raise ValueError("torchhessdiag.jet_layer_backward: gacc must be (m, N, K)")
     if gJa is not None and gJa.shape != J.shape:
@@ -222,8 +229,14 @@ def _ref_jet_layer(J, s1, c, need_ja):
     return reference.jet_layer(J, s1, c, need_ja)
 
 
-def _ref_jet_layer_(J, s1, c):
+def _check_layer_inplace(J, s1, c):
     _check_layer(J, s1, c, "jet_layer_")
+    if not J.is_contiguous():
+        raise ValueError("torchhessdiag.jet_layer_: J must be contiguous")
+
+
+def _ref_jet_layer_(J, s1, c):
+    _check_layer_inplace(J, s1, c)
     _warn_reference(J.device)
     Ja, acc = reference.jet_layer(J, s1, c, True)
     J.copy_(Ja)
@@ -316,14 +329,19 @@ def _(J, s1, c, need_ja):
 
 @torch.library.register_fake("torchhessdiag::jet_layer_")
 def _(J, s1, c):
-    _check_layer(J, s1, c, "jet_layer_")
+    _check_layer_inplace(J, s1, c)
     return J.new_empty((c.shape[0], J.shape[0], J.shape[1]))
 
 
 @torch.library.register_fake("torchhessdiag::jet_layer_backward")
 def _(gJa, gacc, J, s1, c):
     _check_layer_backward(gJa, gacc, J, s1, c)
-    return torch.empty_like(J), torch.empty_like(s1), torch.empty_like(c)
+    cf = torch.contiguous_format
+    return (
+        torch.empty_like(J, memory_format=cf),
+        torch.empty_like(s1, memory_format=cf),
+        torch.empty_like(c, memory_format=cf),
+    )
 
 
 # ---- derivatives of any order, differentiable ------------------------------------------------

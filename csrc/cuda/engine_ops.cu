@@ -105,8 +105,7 @@ std::tuple<at::Tensor, at::Tensor> jet_layer_cuda(const at::Tensor& J_, const at
   const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor Ja = need_ja ? at::empty_like(J) : at::empty({0}, J.options());
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
-  if (acc.numel() == 0) return {Ja, acc.zero_()};
-  if (d.w == 0) return {Ja, acc.zero_()};
+  if (J.numel() == 0) return {Ja, acc.zero_()};  // (m = 0 still needs Ja)
   launch_rows(J, Ja, s1, c, acc, d, need_ja);
   return {Ja, acc};
 }
@@ -117,7 +116,7 @@ at::Tensor jet_layer_inplace_cuda(at::Tensor& J, const at::Tensor& s1_, const at
   const c10::cuda::CUDAGuard guard(J.device());
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
-  if (acc.numel() == 0 || d.w == 0) return acc.zero_();
+  if (J.numel() == 0) return acc.zero_();
   launch_rows(J, J, s1, c, acc, d, true);
   return acc;
 }

@@ -1,0 +1,441 @@
+"""The engine's per-layer ops (csrc/engine_ops.h, csrc/engine_ops.cpp, torchhessdiag/ops.py):
+
+    torch.ops.torchhessdiag.jet_layer(J, s1, c, need_ja) -> (Ja, acc)
+    torch.ops.torchhessdiag.jet_layer_(J, s1, c) -> acc           (J overwritten with s1 * J)
+    torch.ops.torchhessdiag.jet_layer_backward(gJa?, gacc, J, s1, c) -> (dJ, ds1, dc)
+
+against the pure-PyTorch formulas of torchhessdiag.reference, gradcheck / gradgradcheck,
+torch.library.opcheck, the fake kernels, and argument checking.
+
+Tolerances. acc[i, n, k] = sum_j c[i,n,j] J[n,k,j]^2 and the backward's sums over i / k are
+w-term sums evaluated in a different order than einsum. Their rounding error is bounded by
+~(w + 2) eps * S, with S the sum of the magnitudes of the terms (the sum's natural scale, which
+also covers cancellation); with w <= 16 here that is <= 18 eps * S per side.
+* float64: |op - reference| <= 1e-10 * max |reference| (the suite's bound; seen: ~1e-16), and
+  additionally <= 50 eps64 * S.
+* float32 (reference also in float32): |op - reference| <= 50 eps32 * S: both sides' bounds
+  together with ~1.4x margin; any wrong term is O(1) relative.
+* Ja = s1 * J and the gJa * s1 part are single multiplications, correctly rounded on both
+  sides: compared for exact equality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from torchhessdiag import reference
+
+ops = torch.ops.torchhessdiag
+
+# tiny tensors: one intra-op thread (tests/conftest.py); test_large_parallel raises it again
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+F64_REL = 1e-10
+FACTOR = 50.0
+
+
+def _args(device, dtype, N=3, K=4, w=5, m=2, seed=0, layout="contiguous"):
+    """(J (N, K, w), s1 (N, w), c (m, N, w)); layout "strided" gives the same values in
+    permuted / sliced storage (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def mk(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    J, s1, c = mk(N, K, w), mk(N, w), mk(m, N, w)
+    if layout == "strided":
+        J = J.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # w-major storage
+        s1 = s1.t().contiguous().t()
+        c = torch.cat([c, torch.zeros_like(c)], dim=2)[:, :, :w]  # a slice of wider rows
+        assert not (J.is_contiguous() or s1.is_contiguous() or c.is_contiguous())
+    return J, s1, c
+
+
+def _assert_sum_close(actual, expected, terms_scale, dtype, what):
+    """actual vs expected for w-term sums; terms_scale: the sum of |terms| (same shape)."""
+    assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype and actual.device == expected.device, what
+    if actual.numel() == 0:
+        return
+    assert torch.isfinite(actual).all(), what
+    err = (actual - expected).abs()
+    eps = torch.finfo(dtype).eps
+    assert (err <= FACTOR * eps * terms_scale).all(), f"{what}: max err {err.max().item():.3e}"
+    if dtype == torch.float64:
+        assert err.max().item() <= F64_REL * expected.abs().max().item(), what
+
+
+def _acc_scale(J, s1, c):
+    return torch.einsum("inj,nkj->ink", c.abs(), J * J)
+
+
+def _bwd_scales(gJa, gacc, J, s1, c):
+    """Sums of |terms| of dJ, ds1, dc (see reference.jet_layer_backward)."""
+    t = torch.einsum("ink,inj->nkj", gacc.abs(), c.abs())
+    sJ = 2 * J.abs() * t + (0 if gJa is None else (gJa * s1.unsqueeze(1)).abs())
+    ss1 = torch.zeros_like(s1) if gJa is None else (gJa * J).abs().sum(1)
+    sc = torch.einsum("ink,nkj->inj", gacc.abs(), J * J)
+    return sJ, ss1, sc
+
+
+# ---- forward against the reference -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("need_ja", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_jet_layer_matches_reference(device, dtype, m, need_ja, layout):
+    J, s1, c = _args(device, dtype, N=4, K=3, w=7, m=m, layout=layout)
+    Ja, acc = ops.jet_layer(J, s1, c, need_ja)
+    rJa, racc = reference.jet_layer(J, s1, c, need_ja)
+    assert acc.shape == (m, 4, 3) and acc.is_contiguous()
+    _assert_sum_close(acc, racc, _acc_scale(J, s1, c), dtype, "acc")
+    if need_ja:
+        assert Ja.shape == J.shape and Ja.dtype == dtype and Ja.device == J.device
+        assert torch.equal(Ja, rJa), "Ja = s1 * J is one correctly rounded product"
+    else:
+        assert Ja.shape == (0,) and Ja.dtype == dtype and Ja.device == J.device
+    # the inputs are not modified
+    J0, s10, c0 = _args(device, dtype, N=4, K=3, w=7, m=m, layout=layout)
+    assert torch.equal(J, J0) and torch.equal(s1, s10) and torch.equal(c, c0)
+
+
+def test_jet_layer_float32_vs_exact(device):
+    """float32 op vs the float64 reference of the same float32 inputs: within the sum bound."""
+    J, s1, c = _args(device, torch.float32, N=5, K=4, w=16, m=2, seed=3)
+    _, acc = ops.jet_layer(J, s1, c, True)
+    _, racc = reference.jet_layer(J.double(), s1.double(), c.double(), False)
+    err = (acc.double() - racc).abs()
+    assert (err <= 25 * torch.finfo(torch.float32).eps * _acc_scale(J.double(), s1.double(), c.double())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+def test_jet_layer_inplace(device, dtype, m):
+    """jet_layer_ overwrites J with s1 * J (same storage) and returns acc, a new tensor."""
+    J, s1, c = _args(device, dtype, N=4, K=3, w=6, m=m)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    scale = _acc_scale(J, s1, c)
+    ptr = J.data_ptr()
+    acc = ops.jet_layer_(J, s1, c)
+    assert J.data_ptr() == ptr
+    assert torch.equal(J, rJa), "J must now hold s1 * J"
+    assert acc.data_ptr() != ptr and acc.shape == (m, 4, 3)
+    _assert_sum_close(acc, racc, scale, dtype, "acc (in place)")
+    # non-contiguous s1 / c are fine (only J is written)
+    J2, s12, c2 = _args(device, dtype, N=4, K=3, w=6, m=m, layout="strided")
+    J2 = J2.contiguous()
+    rJa2, racc2 = reference.jet_layer(J2, s12, c2, True)
+    scale2 = _acc_scale(J2, s12, c2)
+    acc2 = ops.jet_layer_(J2, s12, c2)
+    assert torch.equal(J2, rJa2)
+    _assert_sum_close(acc2, racc2, scale2, dtype, "acc2")
+
+
+def test_jet_layer_inplace_same_as_out_of_place(device):
+    J, s1, c = _args(device, torch.float64, N=6, K=5, w=8, m=2, seed=4)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    J2 = J.clone()
+    acc2 = ops.jet_layer_(J2, s1, c)
+    assert torch.equal(acc, acc2) and torch.equal(Ja, J2)
+
+
+def test_jet_layer_inplace_non_contiguous_J_refused(device):
+    J, s1, c = _args(device, torch.float64, layout="strided")
+    J0 = J.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.jet_layer_(J, s1, c)
+    assert torch.equal(J, J0)
+
+
+# ---- backward against the reference ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_gJa", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_jet_layer_backward_matches_reference(device, dtype, m, with_gJa, layout):
+    J, s1, c = _args(device, dtype, N=4, K=3, w=7, m=m, layout=layout)
+    g = torch.Generator().manual_seed(11)
+    gacc = torch.randn(m, 4, 3, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    gJa = torch.randn(4, 3, 7, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) if with_gJa else None
+    if layout == "strided":
+        gacc = gacc.transpose(0, 2).contiguous().transpose(0, 2)
+        gJa = None if gJa is None else gJa.transpose(0, 1).contiguous().transpose(0, 1)
+    dJ, ds1, dc = ops.jet_layer_backward(gJa, gacc, J, s1, c)
+    rdJ, rds1, rdc = reference.jet_layer_backward(gJa, gacc, J, s1, c)
+    sJ, ss1, sc = _bwd_scales(gJa, gacc, J, s1, c)
+    _assert_sum_close(dJ, rdJ, sJ, dtype, "dJ")
+    _assert_sum_close(dc, rdc, sc, dtype, "dc")
+    if with_gJa:
+        _assert_sum_close(ds1, rds1, ss1, dtype, "ds1")
+    else:
+        assert torch.equal(ds1, torch.zeros_like(s1)), "no gJa: ds1 is exactly zero"
+    assert ds1.shape == s1.shape and dc.shape == c.shape and dJ.shape == J.shape
+
+
+def test_jet_layer_backward_gacc_zero(device):
+    """gacc = 0: dJ = gJa * s1 exactly (one product), dc = 0 exactly."""
+    J, s1, c = _args(device, torch.float64, N=3, K=2, w=4, m=2)
+    gJa = torch.randn_like(J)
+    dJ, ds1, dc = ops.jet_layer_backward(gJa, torch.zeros(2, 3, 2, dtype=torch.float64, device=device), J, s1, c)
+    assert torch.equal(dJ, gJa * s1.unsqueeze(1))
+    assert torch.equal(dc, torch.zeros_like(c))
+
+
+def test_large_parallel(device):
+    """Enough points that the CPU kernels split the work over threads (grain 16384 / (K w) =
+    512 points here), with the default thread count."""
+    torch.set_num_threads(max(2, min(4, os.cpu_count() or 2)))  # restored by single_thread
+    dtype = torch.float64
+    J, s1, c = _args(device, dtype, N=3000, K=4, w=8, m=2, seed=5)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    _assert_sum_close(acc, racc, _acc_scale(J, s1, c), dtype, "acc")
+    assert torch.equal(Ja, rJa)
+    gacc, gJa = torch.randn_like(acc), torch.randn_like(J)
+    out = ops.jet_layer_backward(gJa, gacc, J, s1, c)
+    ref = reference.jet_layer_backward(gJa, gacc, J, s1, c)
+    for a, b, s, name in zip(out, ref, _bwd_scales(gJa, gacc, J, s1, c), ("dJ", "ds1", "dc")):
+        _assert_sum_close(a, b, s, dtype, name)
+    J2 = J.clone()
+    assert torch.equal(ops.jet_layer_(J2, s1, c), acc) and torch.equal(J2, Ja)
+
+
+@pytest.mark.parametrize("N,K,w,m", [(0, 3, 4, 2), (3, 0, 4, 2), (3, 2, 0, 2), (3, 2, 4, 0), (0, 0, 0, 0)])
+def test_empty_sizes(device, N, K, w, m):
+    """Every size may be 0: results of the right shapes, equal to the reference (zeros where a
+    sum is empty); Ja is s1 * J also when there are no outputs to accumulate (m = 0)."""
+    J, s1, c = _args(device, torch.float64, N=N, K=K, w=w, m=m, seed=6)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    assert acc.shape == racc.shape == (m, N, K)
+    assert torch.equal(acc, racc)  # exact zeros where w = 0; empty otherwise
+    assert Ja.shape == J.shape
+    assert torch.equal(Ja, rJa), "Ja must be s1 * J"
+    J2 = J.clone()
+    acc2 = ops.jet_layer_(J2, s1, c)
+    assert acc2.shape == (m, N, K) and torch.equal(acc2, racc)
+    assert torch.equal(J2, rJa), "jet_layer_ must leave s1 * J in J"
+    gacc = torch.ones(m, N, K, dtype=torch.float64, device=device)
+    gJa = torch.ones_like(J)
+    for gj in (None, gJa):
+        out = ops.jet_layer_backward(gj, gacc, J, s1, c)
+        ref = reference.jet_layer_backward(gj, gacc, J, s1, c)
+        for a, b in zip(out, ref):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+# ---- autograd --------------------------------------------------------------------------------
+
+
+def _grad_inputs(device, N=2, K=3, w=4, m=2, seed=7):
+    J, s1, c = _args(device, torch.float64, N=N, K=K, w=w, m=m, seed=seed)
+    return J.requires_grad_(True), s1.requires_grad_(True), c.requires_grad_(True)
+
+
+@pytest.mark.parametrize("need_ja", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gradcheck(device, need_ja, m):
+    """First derivatives (the backward runs the fused jet_layer_backward op)."""
+    inputs = _grad_inputs(device, m=m)
+    fn = lambda J, s1, c: ops.jet_layer(J, s1, c, need_ja)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("need_ja", [True, False])
+def test_gradgradcheck(device, need_ja):
+    """Second derivatives (the backward with create_graph runs differentiable torch formulas)."""
+    inputs = _grad_inputs(device, m=2)
+    fn = lambda J, s1, c: ops.jet_layer(J, s1, c, need_ja)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_backward_uses_fused_op_and_matches_reference_autograd(device):
+    """torch.autograd.grad through jet_layer == autograd through reference.jet_layer."""
+    J, s1, c = _grad_inputs(device, N=3, K=4, w=5, m=2)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    gJa, gacc = torch.randn_like(Ja), torch.randn_like(acc)
+    got = torch.autograd.grad((Ja, acc), (J, s1, c), (gJa, gacc))
+    want = torch.autograd.grad((rJa, racc), (J, s1, c), (gJa, gacc))
+    for a, b, s in zip(got, want, _bwd_scales(gJa, gacc, J.detach(), s1.detach(), c.detach())):
+        _assert_sum_close(a, b, s, torch.float64, "grad")
+
+
+# ---- opcheck ---------------------------------------------------------------------------------
+
+
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_jet_layer(device, layout, requires_grad):
+    for need_ja in (True, False):
+        J, s1, c = _args(device, torch.float64, N=3, K=2, w=4, m=2, layout=layout)
+        if requires_grad:
+            for t in (J, s1, c):
+                t.requires_grad_(True)
+        _opcheck(ops.jet_layer, (J, s1, c, need_ja))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_opcheck_jet_layer_backward(device, layout):
+    """The fake kernel must describe the real outputs, strides included."""
+    for with_gJa in (True, False):
+        J, s1, c = _args(device, torch.float64, N=3, K=2, w=4, m=2, layout=layout)
+        gacc = torch.randn(2, 3, 2, dtype=torch.float64, device=device)
+        gJa = torch.randn_like(J) if with_gJa else None
+        _opcheck(ops.jet_layer_backward, (gJa, gacc, J, s1, c))
+
+
+@pytest.mark.parametrize("s1_layout", ["contiguous", "strided"])
+def test_opcheck_jet_layer_inplace(device, s1_layout):
+    """opcheck handles mutating ops (schema: J is Tensor(a!) and is the only input mutated)."""
+    J, s1, c = _args(device, torch.float64, N=3, K=2, w=4, m=2, layout=s1_layout)
+    _opcheck(ops.jet_layer_, (J.contiguous(), s1, c))
+
+
+def test_fake_kernels_shapes(device):
+    J, s1, c = _args(device, torch.float64, N=3, K=2, w=4, m=2)
+    gacc = torch.randn(2, 3, 2, dtype=torch.float64, device=device)
+    with FakeTensorMode() as mode:
+        fJ, fs1, fc, fg = (mode.from_tensor(t) for t in (J, s1, c, gacc))
+        Ja, acc = ops.jet_layer(fJ, fs1, fc, True)
+        assert Ja.shape == (3, 2, 4) and acc.shape == (2, 3, 2)
+        Ja0, _ = ops.jet_layer(fJ, fs1, fc, False)
+        assert Ja0.shape == (0,)
+        assert ops.jet_layer_(fJ, fs1, fc).shape == (2, 3, 2)
+        dJ, ds1, dc = ops.jet_layer_backward(None, fg, fJ, fs1, fc)
+        assert (dJ.shape, ds1.shape, dc.shape) == (J.shape, s1.shape, c.shape)
+
+
+def test_fake_kernel_refuses_what_the_kernel_refuses_inplace_non_contiguous(device):
+    """ops.py promises that its checks (used by the fake kernels and the reference backend) are
+    "the same argument checks as the C++ ops": the compiled jet_layer_ refuses a non-contiguous
+    J with ValueError, so tracing (fake tensors) must refuse it too rather than succeed and fail
+    only when the compiled graph runs."""
+    J, s1, c = _args(device, torch.float64, layout="strided")
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.jet_layer_(J, s1, c)
+    with FakeTensorMode() as mode:
+        fJ, fs1, fc = (mode.from_tensor(t) for t in (J, s1, c))
+        with pytest.raises(ValueError, match="contiguous"):
+            ops.jet_layer_(fJ, fs1, fc)
+
+
+# ---- bad arguments ---------------------------------------------------------------------------
+
+
+def _bad_cases(device):
+    """(name, op, args, exception, regex). Shapes N=3, K=2, w=4, m=2."""
+    f64 = dict(dtype=torch.float64, device=device)
+    J, s1, c = torch.randn(3, 2, 4, **f64), torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    gacc, gJa = torch.randn(2, 3, 2, **f64), torch.randn(3, 2, 4, **f64)
+    cases = []
+    for name, op, pre in (
+        ("jet_layer", lambda J, s1, c: ops.jet_layer(J, s1, c, True), ()),
+        ("jet_layer_", lambda J, s1, c: ops.jet_layer_(J, s1, c), ()),
+        ("jet_layer_backward", lambda gJa, gacc, J, s1, c: ops.jet_layer_backward(gJa, gacc, J, s1, c), (gJa, gacc)),
+    ):
+        cases += [
+            (f"{name}: J 2-D", op, pre + (J[0], s1, c), ValueError, r"J must be \(N, K, w\)"),
+            (f"{name}: J 4-D", op, pre + (J[None], s1, c), ValueError, "J must be"),
+            (f"{name}: s1 wrong w", op, pre + (J, torch.randn(3, 5, **f64), c), ValueError, "s1 must be"),
+            (f"{name}: s1 wrong N", op, pre + (J, torch.randn(2, 4, **f64), c), ValueError, "s1 must be"),
+            (f"{name}: s1 3-D", op, pre + (J, s1[None], c), ValueError, "s1 must be"),
+            (f"{name}: c wrong N", op, pre + (J, s1, torch.randn(2, 4, 4, **f64)), ValueError, "c must be"),
+            (f"{name}: c wrong w", op, pre + (J, s1, torch.randn(2, 3, 3, **f64)), ValueError, "c must be"),
+            (f"{name}: c 2-D", op, pre + (J, s1, c[0]), ValueError, "c must be"),
+            (f"{name}: J int64", op, pre + (J.long(), s1.long(), c.long()), TypeError, "float32 or float64"),
+            (f"{name}: J float16", op, pre + (J.half(), s1.half(), c.half()), TypeError, "float32 or float64"),
+            (f"{name}: s1 float32", op, pre + (J, s1.float(), c), TypeError, "dtypes differ"),
+            (f"{name}: c bool", op, pre + (J, s1, c > 0), TypeError, "float32 or float64"),
+            (f"{name}: J complex", op, pre + (J.cdouble(), s1, c), TypeError, "float32 or float64"),
+        ]
+    bwd = cases[-1][1]
+    cases += [
+        ("jet_layer_backward: gacc wrong shape", bwd, (gJa, gacc[:, :, :1], J, s1, c), ValueError, "gacc"),
+        ("jet_layer_backward: gacc 2-D", bwd, (None, gacc[0], J, s1, c), ValueError, "gacc"),
+        ("jet_layer_backward: gJa wrong shape", bwd, (gJa[:, :1], gacc, J, s1, c), ValueError, "gJa"),
+    ]
+    return cases
+
+
+def _bad_dtype_grad_cases(device):
+    """(name, args of jet_layer_backward): a gradient of another dtype than J, s1, c."""
+    f64 = dict(dtype=torch.float64, device=device)
+    J, s1, c = torch.randn(3, 2, 4, **f64), torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    gacc, gJa = torch.randn(2, 3, 2, **f64), torch.randn(3, 2, 4, **f64)
+    return {
+        "gacc float32": (gJa, gacc.float(), J, s1, c),
+        "gacc int64": (None, gacc.long(), J, s1, c),
+        "gJa float32": (gJa.float(), gacc, J, s1, c),
+        "gJa int64": (gJa.long(), gacc, J, s1, c),
+    }
+
+
+def _fake(mode, args):
+    return tuple(None if a is None else mode.from_tensor(a) for a in args)
+
+
+def test_bad_arguments(device):
+    """TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError, with messages naming the
+    argument; the fake kernels (ops.py) refuse the same arguments with the same exception."""
+    for name, op, args, exc, regex in _bad_cases(device):
+        with pytest.raises(exc, match=regex):
+            op(*args)
+        with FakeTensorMode() as mode:
+            fargs = _fake(mode, args)
+            with pytest.raises(exc, match=regex):
+                op(*fargs)
+
+
+@pytest.mark.parametrize("kernel", ["real", "fake"])
+def test_bad_gradient_dtypes(device, kernel):
+    """jet_layer_backward checks the dtype of J, s1 and c with TORCH_CHECK_TYPE (TypeError),
+    but not that of the incoming gradients gacc / gJa: a float32 or int64 gradient with float64
+    J must be refused the same way (TypeError), not reach the kernel's data_ptr<double>() (an
+    internal RuntimeError "expected scalar type Double but found Float"), and the fake kernel
+    must refuse it too instead of tracing it."""
+    wrong = []
+    for case, args in _bad_dtype_grad_cases(device).items():
+        with FakeTensorMode() if kernel == "fake" else contextlib.nullcontext() as mode:
+            if mode is not None:
+                args = _fake(mode, args)
+            try:
+                ops.jet_layer_backward(*args)
+                wrong.append(f"{case}: accepted")
+            except TypeError:
+                pass
+            except Exception as e:  # noqa: BLE001 -- the point is which exception
+                wrong.append(f"{case}: {type(e).__name__}: {e}")
+    assert not wrong, wrong
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_cuda():
+    f64 = dict(dtype=torch.float64)
+    J, s1, c = torch.randn(3, 2, 4, **f64), torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    gacc = torch.randn(2, 3, 2, **f64)
+    with pytest.raises(ValueError, match="devices differ"):
+        ops.jet_layer(J.cuda(), s1, c.cuda(), True)
+    with pytest.raises(ValueError, match="devices differ"):
+        ops.jet_layer_(J.cuda(), s1.cuda(), c)
+    with pytest.raises(ValueError, match="devices differ"):
+        ops.jet_layer_backward(None, gacc.cuda(), J.cuda(), s1, c.cuda())
+    # the incoming gradients on another device than J: must be refused, not read
+    with pytest.raises(ValueError):
+        ops.jet_layer_backward(None, gacc, J.cuda(), s1.cuda(), c.cuda())
+    with pytest.raises(ValueError):
+        ops.jet_layer_backward(torch.randn(3, 2, 4, **f64), gacc.cuda(), J.cuda(), s1.cuda(), c.cuda())
