@@ -14,7 +14,7 @@ written with elementary ops (alpha * expm1(z / alpha)), which torch differentiat
 Tolerances.
 * float64: max |ours - reference| <= 1e-10 * max |reference| (per quantity). Both sides evaluate
   float64 sums of products of the same weights and activation derivatives in different orders;
-  the differences seen are ~1e-15 relative. Any wrong term -- a dropped layer, a wrong sigma'',
+  the differences seen are <= 2e-15 relative. Any wrong term -- a dropped layer, a wrong sigma'',
   a missing bias -- is O(1) relative, so the bound has room for rounding and none for a bug.
 * float32: compared with torch.func run in float32 on the same float32 model (the same
   computation by torch), |ours - torch32| <= 50 * eps32 * scale, scale = max |exact|, exact =
@@ -23,7 +23,7 @@ Tolerances.
   sigma', sigma'') plus the sums of the GEMMs; a first-order bound on each side's error is
   ~(2 * depth + 3 + log2(width * depth)) * eps32 * scale ~ 15 eps32 * scale for the nets below
   (depth <= 3, width <= 16), so 50 eps32 covers both sides with ~1.5x margin; the errors seen
-  are ~2-6 eps32 * scale. A wrong term would again be O(1) relative (>> 6e-6).
+  are ~1-5 eps32 * scale. A wrong term would again be O(1) relative (>> 6e-6).
 """
 
 from __future__ import annotations

@@ -438,6 +438,17 @@ def test_hutchinson_rademacher_exact_for_diagonal_hessian(device, dims):
     assert_rel(thd.mlp_laplacian_hutchinson(model, x[1], num_samples=2, generator=gen, dims=dims), exact[1], what="unbatched")
 
 
+@pytest.mark.parametrize("dim", [0, 3, -1])
+def test_hutchinson_rademacher_exact_along_one_dim(device, dim):
+    """dims=[i]: a Rademacher probe is v = +-e_i, so v^T H v = H_ii exactly, for any model."""
+    model = _hutch_model(device)
+    x = _x(4, 5, device)
+    H = torch_hessian(model, x).detach()
+    gen = torch.Generator(device=device).manual_seed(3)
+    est = thd.mlp_laplacian_hutchinson(model, x, num_samples=5, generator=gen, dims=[dim])
+    assert_rel(est, H[..., dim, dim], what=f"dims=[{dim}]")
+
+
 def test_hutchinson_reproducible(device):
     model = _hutch_model(device)
     x = _x(3, 5, device)
@@ -581,6 +592,31 @@ def test_linear_network_laplacian_loss_is_differentiable(device):
     assert lap.requires_grad, "zero Laplacian of a linear model is detached from the parameters"
     grads = _param_grads(loss, list(model.parameters()))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("fn", list(FUNCS))
+def test_linear_network_results_are_differentiable(device, fn):
+    """In grad mode every function's zeros for a linear model are connected to whatever
+    requires grad (parameters, x), with zero derivatives: a loss on them backpropagates."""
+    call, shape = FUNCS[fn]
+    torch.manual_seed(0)
+    model = LINEAR_MODELS["with nn.Identity / thd.nn.Identity"]().double().to(device)
+    x = _x(4, 3, device).requires_grad_(True)
+    out = call(model, x)
+    assert out.requires_grad
+    loss = (out**2 + out).sum()
+    grads = torch.autograd.grad(loss, [x] + list(model.parameters()), allow_unused=True, materialize_grads=True)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    # x alone requiring grad (frozen parameters)
+    model.requires_grad_(False)
+    out = call(model, x)
+    assert out.requires_grad
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(gx, torch.zeros_like(x))
+    # nothing requires grad / no-grad mode: no graph
+    with torch.no_grad():
+        assert not call(model.requires_grad_(True), x).requires_grad
+    assert not call(model.requires_grad_(False), x.detach()).requires_grad
 
 
 PWL_MODELS = {
