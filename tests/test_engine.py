@@ -514,6 +514,7 @@ def test_no_grad_chunked(device, monkeypatch):
     _, grad, hess = torch_reference(model, x)
     hd = hess.diagonal(dim1=-2, dim2=-1)
     monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 3 * 4 * 6)  # 3 points per chunk
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS_GPU", 3 * 4 * 6)
     with torch.no_grad():
         der = thd.mlp_derivatives(model, x, second="diag")
         lap = thd.mlp_laplacian(model, x)

@@ -34,6 +34,7 @@ def test_chunked_no_grad_matches_graph_path_and_torch_func(device, monkeypatch, 
     graph = thd.mlp_derivatives(model, x, second="diag")  # parameters require grad: graph path
     assert graph.second.requires_grad
     monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", chunk_points * 5 * 16)
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS_GPU", chunk_points * 5 * 16)
     with torch.no_grad():
         hd = thd.mlp_hessian_diag(model, x)
         lap = thd.mlp_laplacian(model, x)
