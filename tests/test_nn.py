@@ -235,8 +235,14 @@ def test_mlp_hessian_diagonal(name, cfg, device):
     h_func = hessian_diag_func(ref, x)
     assert h.shape == (16, d)
     assert h.abs().max() > 0, "degenerate test: Hessian diagonal is identically zero"
-    _assert_close_scaled(h, h_ref, 1e-12, f"{name} vs torch.nn nested autograd")
-    _assert_close_scaled(h, h_func, 1e-12, f"{name} vs torch.func hessian")
+    # The two torch references can disagree by more than 1e-12 themselves: on CUDA, float64
+    # sin/cos are not correctly rounded and SIREN layers (w0 = 30) amplify each ulp by w0 per
+    # layer (seen on an H100: nested autograd vs torch.func 2.6e-11 for Sine_30). Ours must then
+    # be within 4x the references' own spread.
+    scale = h_func.abs().max().item()
+    tol = max(1e-12, 4 * (h_ref - h_func).abs().max().item() / scale)
+    _assert_close_scaled(h, h_ref, tol, f"{name} vs torch.nn nested autograd")
+    _assert_close_scaled(h, h_func, tol, f"{name} vs torch.func hessian")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
