@@ -1,7 +1,9 @@
-// CPU kernels of the engine's per-layer op (see engine_ops.h). Parallel over points n; each
-// point's K rows are contiguous, the inner loops over j are unit-stride and vectorisable.
+// The engine's per-layer op (see engine_ops.h): the op half for both devices (checks,
+// allocation) and the CPU kernels. Parallel over points n; each point's K rows are contiguous,
+// the inner loops over j are unit-stride and vectorisable.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -81,51 +83,68 @@ void layer_backward_cpu(const T* gJa, const T* gacc, const T* J, const T* s1, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> jet_layer_cpu(const at::Tensor& J_, const at::Tensor& s1_,
-                                                 const at::Tensor& c_, bool need_ja) {
+// The CPU compute half (same interface as layer_rows_cuda / layer_backward_cuda).
+void layer_rows_host(const LayerRowsArgs& p) {
+  AT_DISPATCH_FLOATING_TYPES(p.dtype, "torchhessdiag::jet_layer", [&] {
+    layer_rows_cpu<scalar_t>(static_cast<const scalar_t*>(p.J), static_cast<scalar_t*>(p.Ja),
+                             static_cast<const scalar_t*>(p.s1), static_cast<const scalar_t*>(p.c),
+                             static_cast<scalar_t*>(p.acc), p.d);
+  });
+}
+
+void layer_backward_host(const LayerBackwardArgs& p) {
+  AT_DISPATCH_FLOATING_TYPES(p.dtype, "torchhessdiag::jet_layer_backward", [&] {
+    layer_backward_cpu<scalar_t>(
+        static_cast<const scalar_t*>(p.gJa), static_cast<const scalar_t*>(p.gacc),
+        static_cast<const scalar_t*>(p.J), static_cast<const scalar_t*>(p.s1),
+        static_cast<const scalar_t*>(p.c), static_cast<scalar_t*>(p.dJ),
+        static_cast<scalar_t*>(p.ds1), static_cast<scalar_t*>(p.dc), p.d);
+  });
+}
+
+// ---- the ops, for both devices: checks and allocation here, compute in Rows / Backward ----------
+
+template <void (*Rows)(const LayerRowsArgs&)>
+std::tuple<at::Tensor, at::Tensor> jet_layer_op(const at::Tensor& J_, const at::Tensor& s1_,
+                                                const at::Tensor& c_, bool need_ja) {
   const LayerDims d = check_jet_layer(J_, s1_, c_, "jet_layer");
+  const at::OptionalDeviceGuard guard(at::device_of(J_));
   const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor Ja = need_ja ? at::empty_like(J) : at::empty({0}, J.options());
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
   if (J.numel() == 0) return {Ja, acc.zero_()};  // (m = 0 still needs Ja)
-  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer", [&] {
-    layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), need_ja ? Ja.data_ptr<scalar_t>() : nullptr,
-                             s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                             acc.data_ptr<scalar_t>(), d);
-  });
+  Rows({d, J.scalar_type(), J.data_ptr(), need_ja ? Ja.data_ptr() : nullptr, s1.data_ptr(),
+        c.data_ptr(), acc.data_ptr()});
   return {Ja, acc};
 }
 
-at::Tensor jet_layer_inplace_cpu(at::Tensor& J, const at::Tensor& s1_, const at::Tensor& c_) {
+template <void (*Rows)(const LayerRowsArgs&)>
+at::Tensor jet_layer_inplace_op(at::Tensor& J, const at::Tensor& s1_, const at::Tensor& c_) {
   const LayerDims d = check_jet_layer(J, s1_, c_, "jet_layer_");
   TORCH_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
+  const at::OptionalDeviceGuard guard(at::device_of(J));
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
   if (J.numel() == 0) return acc.zero_();
-  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer_", [&] {
-    layer_rows_cpu<scalar_t>(J.data_ptr<scalar_t>(), J.data_ptr<scalar_t>(),
-                             s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                             acc.data_ptr<scalar_t>(), d);
-  });
+  Rows({d, J.scalar_type(), J.data_ptr(), J.data_ptr(), s1.data_ptr(), c.data_ptr(),
+        acc.data_ptr()});
   return acc;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_backward_cpu(
+template <void (*Backward)(const LayerBackwardArgs&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_backward_op(
     const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J_,
     const at::Tensor& s1_, const at::Tensor& c_) {
   const LayerDims d = check_jet_layer(J_, s1_, c_, "jet_layer_backward");
+  const at::OptionalDeviceGuard guard(at::device_of(J_));
   const at::Tensor J = J_.contiguous(), s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor gJa, gacc;  // (no structured bindings: they cannot be captured by lambdas in C++17)
   std::tie(gJa, gacc) = check_jet_layer_grads(gJa_, gacc_, J, d);
   at::Tensor dJ = at::empty_like(J), ds1 = at::empty_like(s1), dc = at::empty_like(c);
   if (J.numel() == 0) return {dJ, ds1.zero_(), dc.zero_()};
-  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "torchhessdiag::jet_layer_backward", [&] {
-    layer_backward_cpu<scalar_t>(gJa.defined() ? gJa.data_ptr<scalar_t>() : nullptr,
-                                 gacc.data_ptr<scalar_t>(), J.data_ptr<scalar_t>(),
-                                 s1.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                 dJ.data_ptr<scalar_t>(), ds1.data_ptr<scalar_t>(),
-                                 dc.data_ptr<scalar_t>(), d);
-  });
+  Backward({d, J.scalar_type(), gJa.defined() ? gJa.data_ptr() : nullptr, gacc.data_ptr(),
+            J.data_ptr(), s1.data_ptr(), c.data_ptr(), dJ.data_ptr(), ds1.data_ptr(),
+            dc.data_ptr()});
   return {dJ, ds1, dc};
 }
 
@@ -141,7 +160,15 @@ TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
-  m.impl("jet_layer", &thd::jet_layer_cpu);
-  m.impl("jet_layer_", &thd::jet_layer_inplace_cpu);
-  m.impl("jet_layer_backward", &thd::jet_layer_backward_cpu);
+  m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_host>);
+  m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_host>);
+  m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_host>);
 }
+
+#ifdef THD_WITH_CUDA
+TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
+  m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_cuda>);
+  m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_cuda>);
+  m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_cuda>);
+}
+#endif

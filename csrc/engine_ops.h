@@ -1,5 +1,7 @@
 // The per-layer op of the second-order engine (torchhessdiag/engine.py), shared by the CPU and the
-// CUDA implementations: argument checks and output allocation.
+// CUDA implementations: argument checks, and the compute-half interface. The ops themselves
+// (checks, allocation) live in csrc/engine_ops.cpp for both devices; csrc/cuda/engine_ops.cu
+// only launches kernels on checked raw pointers (see the note at the top of jet_ops_impl.h).
 //
 //   jet_layer(J, s1, c, need_ja) -> (Ja, acc)
 //     J   (N, K, w)  first-order rows J_l v_k at the pre-activation z_l of one layer
@@ -76,5 +78,28 @@ inline std::pair<at::Tensor, at::Tensor> check_jet_layer_grads(
   }
   return {gJa, gacc};
 }
+
+// Raw pointers of checked, contiguous tensors of dtype `dtype` (float32 or float64).
+struct LayerRowsArgs {
+  LayerDims d;
+  at::ScalarType dtype;
+  const void* J;
+  void* Ja;  // nullptr: do not write Ja; may equal J (in place)
+  const void *s1, *c;
+  void* acc;
+};
+struct LayerBackwardArgs {
+  LayerDims d;
+  at::ScalarType dtype;
+  const void* gJa;  // may be nullptr
+  const void *gacc, *J, *s1, *c;
+  void *dJ, *ds1, *dc;
+};
+
+#ifdef THD_WITH_CUDA
+// csrc/cuda/engine_ops.cu
+void layer_rows_cuda(const LayerRowsArgs& p);
+void layer_backward_cuda(const LayerBackwardArgs& p);
+#endif
 
 }  // namespace thd

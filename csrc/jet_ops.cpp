@@ -1,4 +1,5 @@
-// Op schemas (namespace torchhessdiag), the value op, and the CPU kernels of the activation ops.
+// Op schemas (namespace torchhessdiag), the value op, the CPU kernels of the activation ops, and
+// the op half (argument checks, allocation) of their CUDA implementation (see jet_ops_impl.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -65,8 +66,19 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
-  m.impl("act_derivatives", &thd::act_derivatives_impl<thd::CpuExec>);
-  m.impl("act_grad", &thd::act_grad_impl<thd::CpuExec>);
-  m.impl("act_grad_backward", &thd::act_grad_backward_impl<thd::CpuExec>);
-  m.impl("mul_pair", &thd::mul_pair_impl<thd::CpuExec>);
+  using K = thd::Kernels<thd::CpuExec>;
+  m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
+  m.impl("act_grad", &thd::act_grad_impl<K>);
+  m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
+  m.impl("mul_pair", &thd::mul_pair_impl<K>);
 }
+
+#ifdef THD_WITH_CUDA
+TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
+  using K = thd::CudaKernels;  // compute half in csrc/cuda/jet_ops.cu
+  m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
+  m.impl("act_grad", &thd::act_grad_impl<K>);
+  m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
+  m.impl("mul_pair", &thd::mul_pair_impl<K>);
+}
+#endif

@@ -1,13 +1,25 @@
-// The activation ops, written once over an executor: `Exec::run(n, f)` calls f(i) for
-// i in [0, n). csrc/jet_ops.cpp instantiates them with a parallel CPU loop, csrc/cuda/jet_ops.cu
-// with a grid-stride CUDA kernel; argument checking, dtype/activation/order dispatch and the
-// per-element bodies are shared, and every body evaluates the derivative table in
-// csrc/activations.h.
+// The activation ops, written once, in two halves:
+//
+// * Kernels<Exec>: the compute half -- dtype/activation/order dispatch and the per-element bodies
+//   (every body evaluates the derivative table in csrc/activations.h), run by an executor:
+//   `Exec::run(n, f)` calls f(i) for i in [0, n). csrc/jet_ops.cpp instantiates it with a
+//   parallel CPU loop (Kernels<CpuExec>), csrc/cuda/jet_ops.cu with a grid-stride CUDA kernel
+//   (CudaKernels). It takes raw pointers of already-checked tensors and never builds an error
+//   message.
+// * *_impl<Kernels>: the op half -- argument checks with messages, device guard, contiguity,
+//   allocation -- then one call into the compute half. It is only ever instantiated in .cpp
+//   files (host compiler), for both devices.
+//
+// Why the split: argument checks and messages are written once for both devices, and the
+// CUDA translation units hold nothing but kernels and their launches on checked raw pointers --
+// no error path, no message formatting, in code compiled by nvcc.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
+
+#include <type_traits>
 
 #include <string>
 
@@ -129,9 +141,126 @@ struct MulPairBody {
   }
 };
 
-// ---- the ops ---------------------------------------------------------------------------------
+// ---- the compute half ------------------------------------------------------------------------
+
+// Calls f(T{}) with T = double or float. Callers have checked the dtype (float32 or float64);
+// no error path here, see the note at the top.
+template <typename F>
+inline void dispatch_float(at::ScalarType st, F&& f) {
+  if (st == at::kDouble)
+    f(double{});
+  else
+    f(float{});
+}
+
+struct DerivsArgs {
+  Act act;
+  at::ScalarType dtype;
+  const void* z;
+  void* out;
+  index_t numel;
+  double a, b;
+  int max_k, n_orders;
+  int orders[kMaxOrdersPerCall];
+};
+struct GradArgs {
+  Act act;
+  at::ScalarType dtype;
+  const void *g, *z;
+  void* out;
+  index_t numel;
+  double a, b;
+  int k;
+};
+struct GradBackwardArgs {
+  Act act;
+  at::ScalarType dtype;
+  const void *gg, *g, *z;
+  void *o1, *o2;
+  index_t numel;
+  double a, b;
+  int k;
+};
+struct MulPairArgs {
+  at::ScalarType dtype;
+  const void *w, *g, *d1, *d2;
+  void *o1, *o2;
+  index_t numel;
+};
 
 template <class Exec>
+struct Kernels {
+  static void act_derivatives(const DerivsArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      dispatch_act(p.act, [&](auto tag) {
+        using A = std::decay_t<decltype(tag)>;
+        dispatch_order(p.max_k, [&](auto n) {
+          constexpr int N = std::decay_t<decltype(n)>::value;
+          DerivsBody<A, N, T> body{static_cast<const T*>(p.z), static_cast<T*>(p.out), p.numel,
+                                   static_cast<T>(p.a), static_cast<T>(p.b), p.n_orders, {}};
+          for (int j = 0; j < p.n_orders; ++j) body.orders[j] = p.orders[j];
+          Exec::run(p.numel, body);
+        });
+      });
+    });
+  }
+
+  static void act_grad(const GradArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      dispatch_act(p.act, [&](auto tag) {
+        using A = std::decay_t<decltype(tag)>;
+        dispatch_order(p.k, [&](auto n) {
+          constexpr int N = std::decay_t<decltype(n)>::value;
+          Exec::run(p.numel, GradBody<A, N, T>{static_cast<const T*>(p.g),
+                                               static_cast<const T*>(p.z), static_cast<T*>(p.out),
+                                               static_cast<T>(p.a), static_cast<T>(p.b)});
+        });
+      });
+    });
+  }
+
+  static void act_grad_backward(const GradBackwardArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      dispatch_act(p.act, [&](auto tag) {
+        using A = std::decay_t<decltype(tag)>;
+        dispatch_order(p.k + 1, [&](auto n) {
+          constexpr int N = std::decay_t<decltype(n)>::value;
+          if constexpr (N >= 1) {
+            Exec::run(p.numel, GradBackwardBody<A, N, T>{
+                                   static_cast<const T*>(p.gg), static_cast<const T*>(p.g),
+                                   static_cast<const T*>(p.z), static_cast<T*>(p.o1),
+                                   static_cast<T*>(p.o2), static_cast<T>(p.a),
+                                   static_cast<T>(p.b)});
+          }
+        });
+      });
+    });
+  }
+
+  static void mul_pair(const MulPairArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      Exec::run(p.numel, MulPairBody<T>{static_cast<const T*>(p.w), static_cast<const T*>(p.g),
+                                        static_cast<const T*>(p.d1), static_cast<const T*>(p.d2),
+                                        static_cast<T*>(p.o1), static_cast<T*>(p.o2)});
+    });
+  }
+};
+
+// The CUDA compute half, defined in csrc/cuda/jet_ops.cu as Kernels<CudaExec>.
+struct CudaKernels {
+  static void act_derivatives(const DerivsArgs& p);
+  static void act_grad(const GradArgs& p);
+  static void act_grad_backward(const GradBackwardArgs& p);
+  static void mul_pair(const MulPairArgs& p);
+};
+
+// ---- the op half (host compiler only) --------------------------------------------------------
+
+template <class K>
 std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at::Tensor& g_,
                                                  const at::Tensor& d1_, const at::Tensor& d2_) {
   const char* op = "mul_pair";
@@ -146,15 +275,12 @@ std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at:
   at::Tensor o2 = at::empty_like(w, at::MemoryFormat::Contiguous);
   const index_t numel = w.numel();
   if (numel == 0) return {o1, o2};
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "torchhessdiag::mul_pair", [&] {
-    Exec::run(numel, MulPairBody<scalar_t>{w.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                           d1.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(),
-                                           o1.data_ptr<scalar_t>(), o2.data_ptr<scalar_t>()});
-  });
+  K::mul_pair({w.scalar_type(), w.data_ptr(), g.data_ptr(), d1.data_ptr(), d2.data_ptr(),
+               o1.data_ptr(), o2.data_ptr(), numel});
   return {o1, o2};
 }
 
-template <class Exec>
+template <class K>
 at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name, double a,
                                 double b, at::IntArrayRef orders) {
   const char* op = "act_derivatives";
@@ -176,23 +302,14 @@ at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name,
   at::Tensor out = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
   const index_t numel = z.numel();
   if (numel == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_derivatives", [&] {
-    dispatch_act(act, [&](auto tag) {
-      using A = std::decay_t<decltype(tag)>;
-      dispatch_order(static_cast<int>(max_k), [&](auto n) {
-        constexpr int N = std::decay_t<decltype(n)>::value;
-        DerivsBody<A, N, scalar_t> body{z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel,
-                                        static_cast<scalar_t>(a), static_cast<scalar_t>(b),
-                                        static_cast<int>(orders.size()), {}};
-        for (size_t j = 0; j < orders.size(); ++j) body.orders[j] = static_cast<int>(orders[j]);
-        Exec::run(numel, body);
-      });
-    });
-  });
+  DerivsArgs p{act, z.scalar_type(), z.data_ptr(), out.data_ptr(), numel, a, b,
+               static_cast<int>(max_k), static_cast<int>(orders.size()), {}};
+  for (size_t j = 0; j < orders.size(); ++j) p.orders[j] = static_cast<int>(orders[j]);
+  K::act_derivatives(p);
   return out;
 }
 
-template <class Exec>
+template <class K>
 at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string_view act_name,
                          double a, double b, int64_t k) {
   const char* op = "act_grad";
@@ -206,22 +323,12 @@ at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string
   at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
   const index_t numel = z.numel();
   if (numel == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_grad", [&] {
-    dispatch_act(act, [&](auto tag) {
-      using A = std::decay_t<decltype(tag)>;
-      dispatch_order(static_cast<int>(k), [&](auto n) {
-        constexpr int N = std::decay_t<decltype(n)>::value;
-        Exec::run(numel, GradBody<A, N, scalar_t>{g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                                  out.data_ptr<scalar_t>(),
-                                                  static_cast<scalar_t>(a),
-                                                  static_cast<scalar_t>(b)});
-      });
-    });
-  });
+  K::act_grad({act, z.scalar_type(), g.data_ptr(), z.data_ptr(), out.data_ptr(), numel, a, b,
+               static_cast<int>(k)});
   return out;
 }
 
-template <class Exec>
+template <class K>
 std::tuple<at::Tensor, at::Tensor> act_grad_backward_impl(const at::Tensor& gg_,
                                                           const at::Tensor& g_,
                                                           const at::Tensor& z_,
@@ -240,21 +347,8 @@ std::tuple<at::Tensor, at::Tensor> act_grad_backward_impl(const at::Tensor& gg_,
   at::Tensor o2 = at::empty_like(z, at::MemoryFormat::Contiguous);
   const index_t numel = z.numel();
   if (numel == 0) return {o1, o2};
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "torchhessdiag::act_grad_backward", [&] {
-    dispatch_act(act, [&](auto tag) {
-      using A = std::decay_t<decltype(tag)>;
-      dispatch_order(static_cast<int>(k + 1), [&](auto n) {
-        constexpr int N = std::decay_t<decltype(n)>::value;
-        if constexpr (N >= 1) {
-          Exec::run(numel, GradBackwardBody<A, N, scalar_t>{
-                               gg.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                               z.data_ptr<scalar_t>(), o1.data_ptr<scalar_t>(),
-                               o2.data_ptr<scalar_t>(), static_cast<scalar_t>(a),
-                               static_cast<scalar_t>(b)});
-        }
-      });
-    });
-  });
+  K::act_grad_backward({act, z.scalar_type(), gg.data_ptr(), g.data_ptr(), z.data_ptr(),
+                        o1.data_ptr(), o2.data_ptr(), numel, a, b, static_cast<int>(k)});
   return {o1, o2};
 }
 

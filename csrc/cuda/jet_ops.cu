@@ -1,8 +1,9 @@
-// CUDA kernels of the activation ops: the shared op bodies of csrc/jet_ops_impl.h run by a
-// grid-stride kernel on the current stream. Same derivative table as the CPU (csrc/activations.h).
+// The compute half of the activation ops on CUDA (see ../jet_ops_impl.h): the shared per-element
+// bodies run by a grid-stride kernel on the current stream. Same derivative table as the CPU
+// (csrc/activations.h). Argument checks and allocation happen in csrc/jet_ops.cpp, compiled by
+// the host compiler; nothing here builds an error message.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include "../jet_ops_impl.h"
 
@@ -30,11 +31,11 @@ struct CudaExec {
   }
 };
 
-}  // namespace thd
-
-TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
-  m.impl("act_derivatives", &thd::act_derivatives_impl<thd::CudaExec>);
-  m.impl("act_grad", &thd::act_grad_impl<thd::CudaExec>);
-  m.impl("act_grad_backward", &thd::act_grad_backward_impl<thd::CudaExec>);
-  m.impl("mul_pair", &thd::mul_pair_impl<thd::CudaExec>);
+void CudaKernels::act_derivatives(const DerivsArgs& p) { Kernels<CudaExec>::act_derivatives(p); }
+void CudaKernels::act_grad(const GradArgs& p) { Kernels<CudaExec>::act_grad(p); }
+void CudaKernels::act_grad_backward(const GradBackwardArgs& p) {
+  Kernels<CudaExec>::act_grad_backward(p);
 }
+void CudaKernels::mul_pair(const MulPairArgs& p) { Kernels<CudaExec>::mul_pair(p); }
+
+}  // namespace thd
