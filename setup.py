@@ -146,7 +146,11 @@ setup(
     packages=find_packages(include=["torchhessdiag", "torchhessdiag.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7", "numpy", "mpmath"]},
+    extras_require={
+        "test": ["pytest>=7", "numpy", "mpmath", "hypothesis", "matplotlib"],
+        "examples": ["matplotlib"],
+        "bench": ["matplotlib", "jet-for-pytorch"],
+    },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,

@@ -24,7 +24,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 echo "== installing build and test tools"
-"$PY" -m pip install -q "setuptools>=64" wheel ninja pytest numpy mpmath
+"$PY" -m pip install -q "setuptools>=64" wheel ninja pytest numpy mpmath matplotlib hypothesis
 echo "== building torchhessdiag against torch $("$PY" -c 'import torch; print(torch.__version__)')"
 # --no-build-isolation: the extension must be compiled against the torch installed above.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

@@ -27,7 +27,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/de
   echo "== installing $CUDA_TORCH_SPEC (CUDA build) into $CUDA_VENV"
   "$PY" -m pip install -q "$CUDA_TORCH_SPEC"
 fi
-"$PY" -m pip install -q "setuptools>=64" wheel ninja pytest numpy mpmath
+"$PY" -m pip install -q "setuptools>=64" wheel ninja pytest numpy mpmath matplotlib hypothesis
 
 STAGE="$ROOT/.build-cuda"
 rm -rf "$STAGE"
