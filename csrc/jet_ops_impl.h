@@ -16,7 +16,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <type_traits>
@@ -24,6 +23,7 @@
 #include <string>
 
 #include "activations.h"
+#include "messages.h"
 
 namespace thd {
 
@@ -36,7 +36,7 @@ inline Act parse_act(c10::string_view name) {
   std::string known;
   for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
     known += std::string(i ? ", " : "") + kActNames[i];
-  TORCH_CHECK_VALUE(false, "torchhessdiag: unknown activation '", std::string(name),
+  THD_CHECK_VALUE(false, "torchhessdiag: unknown activation '", std::string(name),
                     "'; supported: ", known);
   return Act::Identity;
 }
@@ -44,14 +44,14 @@ inline Act parse_act(c10::string_view name) {
 inline void check_params(Act act, double a, double b) {
   (void)b;
   if (act == Act::Softplus)
-    TORCH_CHECK_VALUE(a != 0.0, "torchhessdiag: softplus needs beta != 0 (got 0)");
+    THD_CHECK_VALUE(a != 0.0, "torchhessdiag: softplus needs beta != 0 (got 0)");
   if (act == Act::CELU)
-    TORCH_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
+    THD_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
 }
 
 inline void check_input(const at::Tensor& t, const char* what, const char* op) {
-  TORCH_CHECK_VALUE(t.defined(), "torchhessdiag.", op, ": ", what, " is undefined");
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+  THD_CHECK_VALUE(t.defined(), "torchhessdiag.", op, ": ", what, " is undefined");
+  THD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
                    "torchhessdiag.", op, ": ", what, " must be float32 or float64, got ",
                    t.scalar_type(), "; cast it with .float() or .double()");
 }
@@ -59,16 +59,16 @@ inline void check_input(const at::Tensor& t, const char* what, const char* op) {
 inline void check_like(const at::Tensor& t, const at::Tensor& z, const char* what,
                        const char* op) {
   check_input(t, what, op);
-  TORCH_CHECK_VALUE(t.device() == z.device(), "torchhessdiag.", op, ": ", what, " is on ",
+  THD_CHECK_VALUE(t.device() == z.device(), "torchhessdiag.", op, ": ", what, " is on ",
                     t.device(), " but z is on ", z.device(), "; move both to one device");
-  TORCH_CHECK_TYPE(t.scalar_type() == z.scalar_type(), "torchhessdiag.", op, ": ", what,
+  THD_CHECK_TYPE(t.scalar_type() == z.scalar_type(), "torchhessdiag.", op, ": ", what,
                    " has dtype ", t.scalar_type(), " but z has ", z.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == z.sizes(), "torchhessdiag.", op, ": ", what, " has shape ",
+  THD_CHECK_VALUE(t.sizes() == z.sizes(), "torchhessdiag.", op, ": ", what, " has shape ",
                     t.sizes(), " but z has shape ", z.sizes());
 }
 
 inline void check_order(int64_t k, int64_t max_k, const char* op) {
-  TORCH_CHECK_VALUE(k >= 0 && k <= max_k, "torchhessdiag.", op, ": derivative order ", k,
+  THD_CHECK_VALUE(k >= 0 && k <= max_k, "torchhessdiag.", op, ": derivative order ", k,
                     " is outside the table (0..", max_k,
                     "); higher orders go through torchhessdiag.activation_derivatives");
 }
@@ -287,7 +287,7 @@ at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name,
   check_input(z_, "z", op);
   const Act act = parse_act(act_name);
   check_params(act, a, b);
-  TORCH_CHECK_VALUE(orders.size() >= 1 && orders.size() <= kMaxOrdersPerCall, "torchhessdiag.",
+  THD_CHECK_VALUE(orders.size() >= 1 && orders.size() <= kMaxOrdersPerCall, "torchhessdiag.",
                     op, ": orders must list 1..", kMaxOrdersPerCall, " orders, got ",
                     orders.size());
   int64_t max_k = 0;
