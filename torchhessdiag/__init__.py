@@ -17,6 +17,12 @@ from . import activations, reference  # noqa: E402
 from . import ops  # noqa: E402  (loads the compiled extension and registers the ops)
 from . import nn  # noqa: E402
 from .activations import ActivationSpec, make_spec  # noqa: E402
+from .custom import (  # noqa: E402
+    RegisteredActivation,
+    check_activation,
+    register_activation,
+    unregister_activation,
+)
 from .ops import activation, activation_derivatives, backend_info  # noqa: E402
 from .api import (  # noqa: E402
     MLPDerivatives,
@@ -37,6 +43,10 @@ __all__ = [
     "mlp_mixed_partials",
     "mlp_weighted_laplacian",
     "ActivationSpec",
+    "RegisteredActivation",
+    "check_activation",
+    "register_activation",
+    "unregister_activation",
     "activation",
     "activation_derivatives",
     "activations",

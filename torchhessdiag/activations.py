@@ -21,6 +21,11 @@ celu          alpha                       ``F.celu(x, alpha)``
 relu          --                          ``F.relu``
 leaky_relu    negative_slope              ``F.leaky_relu(x, negative_slope)``
 ============  ==========================  =====================================
+
+User activations registered with :func:`torchhessdiag.register_activation` (torchhessdiag/custom.py)
+are specs too: their name is the registered name, ``a`` and ``b`` hold their (up to two) declared
+parameters, and ``spec.is_user`` is True. They are served from the user's callables, never from the
+compiled table.
 """
 
 from __future__ import annotations
@@ -60,15 +65,25 @@ LINEAR = frozenset({"identity"})
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """An activation of the derivative table with its parameters."""
+    """An activation -- of the derivative table, or registered by the user -- with its parameters."""
 
     name: str
     a: float = 0.0
     b: float = 0.0
 
     @property
+    def is_user(self) -> bool:
+        """True for an activation registered with ``register_activation`` (not in the table)."""
+        return self.name not in _PARAMS
+
+    @property
     def params(self) -> Dict[str, float]:
-        names, _ = _PARAMS[self.name]
+        if self.name in _PARAMS:
+            names, _ = _PARAMS[self.name]
+        else:
+            from .custom import entry_of
+
+            names = entry_of(self).param_names
         return dict(zip(names, (self.a, self.b)))
 
     @property
@@ -80,16 +95,26 @@ class ActivationSpec:
         return self.name in LINEAR
 
     def __str__(self) -> str:
-        p = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        try:
+            params = self.params
+        except ValueError:  # a user activation that is not registered (any more)
+            return f"{self.name}(unregistered)"
+        p = ", ".join(f"{k}={v:g}" for k, v in params.items())
         return f"{self.name}({p})" if p else self.name
 
 
 def make_spec(act, **params) -> ActivationSpec:
-    """Build an :class:`ActivationSpec` from a name (or a spec, or a supported module).
+    """Build an :class:`ActivationSpec` from a name (or a spec, a supported module, or a
+    :class:`~torchhessdiag.custom.RegisteredActivation`).
 
-    Raises ``ValueError`` for unknown names or invalid parameter values and ``TypeError`` for
-    parameters the activation does not take.
+    Names are those of the table and of the activations registered with
+    ``register_activation`` (case-insensitive). Raises ``ValueError`` for unknown names or invalid
+    parameter values and ``TypeError`` for parameters the activation does not take.
     """
+    from . import custom
+
+    if isinstance(act, custom.RegisteredActivation):
+        return act.spec(**params)
     if isinstance(act, ActivationSpec):
         if params:
             raise TypeError("make_spec: pass parameters either in the spec or as keywords, not both")
@@ -106,7 +131,15 @@ def make_spec(act, **params) -> ActivationSpec:
         raise TypeError(f"act must be an activation name (str), got {type(act).__name__}")
     name = act.lower()
     if name not in _PARAMS:
-        raise ValueError(f"unknown activation {act!r}; supported: {', '.join(NAMES)}")
+        user = custom.lookup(name)
+        if user is not None:
+            return user.spec(**params)
+        registered = custom.registered_names()
+        raise ValueError(
+            f"unknown activation {act!r}; supported: {', '.join(NAMES)}"
+            + (f"; registered: {', '.join(registered)}" if registered else "")
+            + " (add your own with torchhessdiag.register_activation)"
+        )
     names, defaults = _PARAMS[name]
     unknown = set(params) - set(names)
     if unknown:
@@ -127,6 +160,12 @@ def make_spec(act, **params) -> ActivationSpec:
 def torch_function(spec: ActivationSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     """torch's own implementation of the activation (the oracle of the tests, and the function
     the slow path differentiates past the table's last order)."""
+    if spec.is_user:
+        from .custom import entry_of
+
+        e = entry_of(spec)
+        fn, kw = e.fn, e.kwargs(spec)
+        return (lambda z: fn(z, **kw)) if kw else fn
     n, a, b = spec.name, spec.a, spec.b
     table: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "identity": lambda z: z,
@@ -151,7 +190,9 @@ def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
     """The table entry a module computes, or None if it is not a supported activation.
 
     Recognises torch.nn's Tanh, Sigmoid, Softplus, SiLU, GELU, ELU, CELU, ReLU, LeakyReLU and
-    every torchhessdiag.nn drop-in. ``nn.Identity`` is not treated as an activation here.
+    every torchhessdiag.nn drop-in, including ``torchhessdiag.nn.UserActivation`` (a registered
+    user activation: its spec has ``is_user`` True). ``nn.Identity`` is not treated as an
+    activation here.
     """
     spec = getattr(m, "_thd_spec", None)
     if isinstance(spec, ActivationSpec):
@@ -176,3 +217,27 @@ def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
     if t is nn.LeakyReLU:
         return make_spec("leaky_relu", negative_slope=m.negative_slope)
     return None
+
+
+def user_spec_for_function(fn) -> Optional[ActivationSpec]:
+    """The spec of a registered user activation, given the callable ``register_activation``
+    returned (the one a model calls in its forward), or None for anything else.
+
+    The spec carries the activation's default parameters; for a call with keyword parameters
+    (``act(h, beta=2.0)``) use ``make_spec(spec.name, **kwargs)``. Only the returned
+    :class:`~torchhessdiag.custom.RegisteredActivation` objects are recognised -- not the ``fn``
+    they were built from, which may be a torch function used elsewhere with its own meaning.
+    """
+    from .custom import RegisteredActivation
+
+    if isinstance(fn, RegisteredActivation) and fn.registered:
+        return fn.spec()
+    return None
+
+
+def registered_functions() -> tuple:
+    """The callables of all registered user activations (for torch.fx's ``autowrap_functions``);
+    each maps to its spec through :func:`user_spec_for_function`."""
+    from .custom import _REGISTRY
+
+    return tuple(_REGISTRY.values())

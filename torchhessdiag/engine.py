@@ -60,7 +60,8 @@ Layer = Union[LinearLayer, ActLayer]
 
 _SUPPORTED = (
     "nn.Linear (with or without bias), the activations torch.nn.Tanh, Sigmoid, Softplus, SiLU, "
-    "GELU, ELU, CELU, ReLU, LeakyReLU and every torchhessdiag.nn drop-in, nn.Identity, and "
+    "GELU, ELU, CELU, ReLU, LeakyReLU and every torchhessdiag.nn drop-in (including "
+    "registered user activations, torchhessdiag.nn.UserActivation), nn.Identity, and "
     "nn.Dropout in eval mode, inside (nested) nn.Sequential"
 )
 
@@ -257,7 +258,10 @@ def _run_block(
             h = F.linear(h, layer.weight, layer.bias)
         else:
             s = layer.spec
-            D = _ops.act_derivatives(h, s.name, s.a, s.b, [0, 1, 2])
+            if s.is_user:  # a registered user activation: its own callables (custom.py)
+                D = ops._derivs(h, s, [0, 1, 2])
+            else:
+                D = _ops.act_derivatives(h, s.name, s.a, s.b, [0, 1, 2])
             h = D[0]
             derivs.append((D[1], D[2]))
     value = h

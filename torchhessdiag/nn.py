@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import custom, ops
 from .activations import ActivationSpec, make_spec, spec_from_module, torch_function
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "ReLU",
     "LeakyReLU",
     "Identity",
+    "UserActivation",
     "convert",
 ]
 
@@ -233,6 +234,48 @@ class Identity(_DropIn):
 
     def __init__(self, *args, **kwargs):
         super().__init__(make_spec("identity"))
+
+
+class UserActivation(_DropIn):
+    """A user activation registered with ``torchhessdiag.register_activation``, as a module.
+
+    ``UserActivation("my_act", beta=2.0)`` (or ``act.module(beta=2.0)`` on the object
+    ``register_activation`` returned). The forward is your ``fn``; the backward multiplies by
+    your d1, the double backward uses d2, and so on (past the last derivative given: exact
+    autograd of the last one), so nested ``torch.autograd.grad(create_graph=True)`` through it is
+    exact to any order and never returns ``None``. The engine (``mlp_laplacian`` etc.) uses d1
+    and d2 for it.
+
+    The module holds only the activation's name and parameters: deepcopy and pickle work (load a
+    pickled model in a process where the activation is registered under the same name). Under
+    torch.func transforms it applies ``fn`` itself and torch.func differentiates ``fn`` (as the
+    table drop-ins run torch's own function there; see torchhessdiag/custom.py for why).
+    """
+
+    def __init__(self, act, **params):
+        spec = make_spec(act, **params)
+        if not spec.is_user:
+            raise ValueError(
+                f"UserActivation: {spec.name!r} is an activation of the table; use its drop-in "
+                "(e.g. torchhessdiag.nn.Tanh()) or torchhessdiag.nn.convert"
+            )
+        super().__init__(spec)
+
+    @property
+    def name(self) -> str:
+        return self._thd_spec.name
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        ops.check_float_tensor(input, "input", f"torchhessdiag.nn.UserActivation({self._thd_spec.name!r})")
+        return custom.apply(input, self._thd_spec)
+
+    def extra_repr(self) -> str:
+        s = self._thd_spec
+        try:
+            params = s.params
+        except ValueError:
+            return f"{s.name!r} (unregistered)"
+        return ", ".join([repr(s.name)] + [f"{k}={v!r}" for k, v in params.items()])
 
 
 _DROPIN_OF = {

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import custom as _custom
 from . import reference
 from ._schemas import SCHEMAS
 from .activations import ActivationSpec, make_spec, torch_function
@@ -410,7 +411,12 @@ def _beyond_table(z: Tensor, spec: ActivationSpec, n: int) -> Tensor:
 
 
 def _derivs(z: Tensor, spec: ActivationSpec, orders: Sequence[int]) -> List[Tensor]:
-    """[sigma^(k)(z) for k in orders], differentiable to any order."""
+    """[sigma^(k)(z) for k in orders], differentiable to any order.
+
+    A user activation (``spec.is_user``, see custom.py) is served from its registered callables:
+    sigma^(k) is the given d_k, beyond them exact autograd of the last one."""
+    if spec.is_user:
+        return _custom.derivatives(z, spec, orders)
     table = [k for k in orders if k <= MAX_ORDER]
     out = {}
     if table:
@@ -636,12 +642,15 @@ def activation(x: Tensor, act, **params) -> Tensor:
 
     Args:
         x: float32 or float64 tensor, any shape, any device.
-        act: a name from ``torchhessdiag.activations.NAMES`` (e.g. ``"tanh"``), an
-            :class:`~torchhessdiag.activations.ActivationSpec`, or a supported module.
+        act: a name from ``torchhessdiag.activations.NAMES`` (e.g. ``"tanh"``) or of a
+            registered user activation, an :class:`~torchhessdiag.activations.ActivationSpec`,
+            or a supported module.
         **params: the activation's parameters, e.g. ``beta=2.0`` for softplus.
     """
     spec = make_spec(act, **params)
     check_float_tensor(x, "x", "torchhessdiag.activation")
+    if spec.is_user:
+        return _custom.apply(x, spec)
     return _ops.act_forward(x, spec.name, spec.a, spec.b)
 
 
@@ -649,8 +658,9 @@ def activation_derivatives(x: Tensor, act, order: int = 2, orders: Optional[Sequ
     """Derivatives of an activation at ``x``, stacked: shape ``(len(orders),) + x.shape``.
 
     By default the orders are ``0, 1, ..., order``. Orders up to 4 come from the fused derivative
-    table in one pass; higher orders from exact nested autograd of torch's own function. The
-    result is differentiable with respect to ``x`` (to any order).
+    table in one pass; higher orders from exact nested autograd of torch's own function. For a
+    registered user activation the orders come from its callables (beyond the last one given,
+    exact autograd of that one). The result is differentiable with respect to ``x`` (to any order).
     """
     spec = make_spec(act, **params)
     check_float_tensor(x, "x", "torchhessdiag.activation_derivatives")
@@ -672,7 +682,8 @@ def backend_info() -> dict:
 
     Returns a dict with ``compiled`` (the extension loaded), ``cuda_kernels`` (it was built with
     CUDA), ``devices`` (``"compiled"`` or ``"reference"`` per device type), ``load_error`` (why
-    the extension did not load, if it did not), ``max_order`` and ``activations``.
+    the extension did not load, if it did not), ``max_order``, ``activations`` (the table) and
+    ``user_activations`` (the names registered with ``register_activation``).
     """
     from . import __version__
     from .activations import NAMES
@@ -690,4 +701,5 @@ def backend_info() -> dict:
         },
         "max_order": MAX_ORDER,
         "activations": tuple(_C.activations()) if COMPILED else NAMES,
+        "user_activations": _custom.registered_names(),
     }
