@@ -604,3 +604,39 @@ def test_fx_traces_the_function_as_one_node(registered):
     assert targets == [act]
     x = torch.randn(2, 3, dtype=torch.float64)
     assert torch.equal(gm(x), m(x))
+
+
+@pytest.mark.skipif(not hasattr(thd, "axis_derivatives"), reason="the traced-model path (general.py) is not in this build")
+def test_traced_model_path_with_user_activations(registered):
+    """laplacian / axis_derivatives over a traced model holding a user drop-in and a call of the
+    registered function (residual connection): equal to torch autograd of the plain model, orders
+    0..4 (orders 3 and 4 of t_logcosh come from autograd past its only given derivative)."""
+    act = registered["t_logcosh"]
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(2, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+            self.act = thd.nn.UserActivation("t_gauss")
+
+        def forward(self, x):
+            h = self.act(self.a(x))
+            return self.c(act(self.b(h)) + h)
+
+    torch.manual_seed(13)
+    m = Res().double()
+
+    def plain(x):
+        h = _e(m.a(x))
+        return m.c(_logcosh(m.b(h)) + h)
+
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    hd = torch.func.vmap(torch.func.hessian(plain))(x).diagonal(dim1=-2, dim2=-1)
+    assert_rel(thd.laplacian(m, x), hd.sum(-1), what="laplacian")
+    ad = thd.axis_derivatives(m, x, order=4)  # (order + 1,) + f(x).shape + (d,)
+    for i in range(2):
+        t = x[:, i].clone().requires_grad_(True)
+        y = plain(torch.stack([t, x[:, 1 - i]], 1) if i == 0 else torch.stack([x[:, 0], t], 1))[:, 0]
+        for k in range(5):
+            assert_rel(ad[k, :, 0, i], y.detach(), what=f"order {k} along x{i}")
+            (y,) = torch.autograd.grad(y.sum(), t, create_graph=True)
