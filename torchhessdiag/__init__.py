@@ -33,8 +33,24 @@ from .api import (  # noqa: E402
     mlp_mixed_partials,
     mlp_weighted_laplacian,
 )
+from .general import (  # noqa: E402
+    PathInfo,
+    axis_derivatives,
+    explain,
+    get_fallback,
+    hessian_diag,
+    laplacian,
+    set_fallback,
+)
 
 __all__ = [
+    "PathInfo",
+    "axis_derivatives",
+    "explain",
+    "get_fallback",
+    "hessian_diag",
+    "laplacian",
+    "set_fallback",
     "MLPDerivatives",
     "mlp_derivatives",
     "mlp_hessian_diag",

@@ -1,0 +1,424 @@
+"""Laplacians, Hessian diagonals and axis derivatives of arbitrary models and functions.
+
+Each call picks the fastest exact path that applies, per call:
+
+1. ``engine`` -- an ``nn.Sequential`` MLP that the MLP engine accepts (torchhessdiag/engine.py):
+   K+2 rows per point, fused layer kernels (``laplacian``, ``hessian_diag``, and
+   ``axis_derivatives`` of order 2);
+2. ``jet`` -- a model or function that torch.fx traces into supported pieces (linear layers,
+   table activations as modules or functions, add/sub, products, scalar/constant mul/div,
+   integer powers, indexing/concatenation of feature dims, sums, residual connections, input
+   normalisation, sin/cos/exp features): Taylor jets along the coordinate axes, propagated over
+   the traced graph (torchhessdiag/graph.py, torchhessdiag/taylor.py), orders 1-4;
+3. ``autograd`` -- everything else (Python control flow on tensor values, ops without a jet rule,
+   orders above 4): exact nested forward-mode autograd with ``torch.func`` (nested ``jvp`` along
+   each axis, vectorised over the axes with ``vmap``), and if ``torch.func`` cannot run ``f``,
+   nested ``torch.autograd.grad``. It says so once per cause in a debug-level message of the
+   ``"torchhessdiag"`` logger; ``fallback="error"`` (or :func:`set_fallback`, or the environment
+   variable ``TORCHHESSDIAG_FALLBACK=error``) turns it into a ``NotImplementedError``.
+
+``return_info=True`` returns ``(result, PathInfo)``; :func:`explain` tells which path a call
+takes without computing the slow path.
+
+Assumption: the rows of ``x`` are independent points -- row n of ``f(x)`` depends on row n of
+``x`` only (true for MLPs and pointwise models; false e.g. for BatchNorm in training mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import engine, graph, ops, taylor
+from .api import _dims_matrix
+
+Tensor = torch.Tensor
+
+__all__ = ["PathInfo", "laplacian", "hessian_diag", "axis_derivatives", "explain", "set_fallback", "get_fallback"]
+
+logger = logging.getLogger("torchhessdiag")
+
+_MODES = ("autograd", "error")
+_fallback_mode = os.environ.get("TORCHHESSDIAG_FALLBACK", "autograd").strip().lower() or "autograd"
+if _fallback_mode not in _MODES:
+    _fallback_mode = "autograd"
+_logged: set = set()
+
+
+class PathInfo(NamedTuple):
+    """Which path computed a result, and why.
+
+    ``path``: ``"engine"`` (the MLP engine), ``"jet"`` (Taylor jets over the traced graph),
+    ``"forward"`` (order 0: f(x) only) or ``"autograd"`` (the exact slow path).
+    ``reason``: why this path (for ``"autograd"``: why each faster one did not apply).
+    ``method``: for ``"autograd"``, which method ran (torch.func or torch.autograd.grad).
+    """
+
+    path: str
+    reason: str
+    method: str = ""
+
+
+def set_fallback(mode: str) -> str:
+    """Set what happens when no fast path applies: ``"autograd"`` (default: compute exactly with
+    autograd, logging the cause once at debug level) or ``"error"`` (raise NotImplementedError).
+    Returns the previous mode. Per-call ``fallback=`` overrides it."""
+    global _fallback_mode
+    if mode not in _MODES:
+        raise ValueError(f"set_fallback: mode must be one of {_MODES}, got {mode!r}")
+    prev, _fallback_mode = _fallback_mode, mode
+    return prev
+
+
+def get_fallback() -> str:
+    """The global fallback mode (see :func:`set_fallback`)."""
+    return _fallback_mode
+
+
+# ---- public functions --------------------------------------------------------------------------
+
+
+def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, dims=None, *, fallback: Optional[str] = None, return_info: bool = False):
+    """Exact Laplacian sum_i d^2 f / dx_i^2 of any model or function, per point.
+
+    Args:
+        f: an ``nn.Module`` or any callable mapping x (N, d) to (N,) or (N, m), whose rows are
+            independent (row n of f(x) depends only on row n of x).
+        x: (N, d) points, or one unbatched (d,) point; float32 or float64.
+        dims: the input dimensions to sum over (default all), e.g. ``[1, 2]`` for the spatial
+            Laplacian of a (t, x, y) model.
+        fallback: ``"autograd"`` or ``"error"`` when no fast path applies (default: the global
+            mode, see :func:`set_fallback`).
+        return_info: also return a :class:`PathInfo` saying which path ran.
+
+    Returns:
+        A tensor shaped like ``f(x)``: (N,) or (N, m) (unbatched: () or (m,)). Never ``None``; zeros
+        where f is linear in x. Differentiable w.r.t. the parameters (and x) when grad mode is on.
+    """
+    return _compute(f, x, dims, "laplacian", 2, fallback, return_info, "torchhessdiag.laplacian")
+
+
+def hessian_diag(f: Callable[[Tensor], Tensor], x: Tensor, dims=None, *, fallback: Optional[str] = None, return_info: bool = False):
+    """Exact Hessian diagonal d^2 f / dx_i^2 for i in ``dims`` (default all), per point.
+
+    Same arguments as :func:`laplacian`. Returns ``f(x).shape + (D,)`` with D = len(dims): (N, D)
+    for a scalar f, (N, m, D) for m outputs (unbatched: no N). Never builds the d x d Hessian.
+    """
+    return _compute(f, x, dims, "diag", 2, fallback, return_info, "torchhessdiag.hessian_diag")
+
+
+def axis_derivatives(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    order: int = 4,
+    dims=None,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+):
+    """Derivatives d^k f / dx_i^k along the coordinate axes, for k = 0..order, in one tensor.
+
+    Layout: ``out[k]`` has the shape of :func:`hessian_diag`, ``f(x).shape + (D,)``:
+    ``out[k][n, ..., j] = d^k f / dx_i^k`` at point n for i = dims[j]. So ``out[0]`` is f(x)
+    repeated over the D axes, ``out[1]`` the gradient entries, ``out[2]`` the Hessian diagonal,
+    ``out[3]``, ``out[4]`` the third and fourth derivatives. Shape ``(order + 1,) + f(x).shape +
+    (D,)`` (unbatched x: no N).
+
+    Orders up to 4 propagate Taylor jets (Faa di Bruno's formula with sigma'''' from the
+    derivative table) on supported models (an MLP is a trivial graph; order 2 on an MLP runs the
+    engine); higher orders, and unsupported models, use exact nested autograd. Any order >= 0.
+    """
+    where = "torchhessdiag.axis_derivatives"
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"{where}: order must be an int >= 0, got {order!r}")
+    return _compute(f, x, dims, "axis", order, fallback, return_info, where)
+
+
+def explain(f: Callable[[Tensor], Tensor], x: Tensor, function: str = "laplacian", order: int = 4, dims=None) -> PathInfo:
+    """Which path ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` (``function``) takes for
+    (f, x), and why. The fast paths are run once (without a graph) to be sure they apply; the slow
+    path is not run, so ``method`` is not known then."""
+    what = {"laplacian": "laplacian", "hessian_diag": "diag", "axis_derivatives": "axis"}.get(function)
+    if what is None:
+        raise ValueError(f"explain: function must be 'laplacian', 'hessian_diag' or 'axis_derivatives', got {function!r}")
+    if what != "axis":
+        order = 2
+    elif isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"explain: order must be an int >= 0, got {order!r}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = _compute(f, x, dims, what, order, "autograd", True, "torchhessdiag.explain", dry=True)
+    return info
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+
+def _stacklevel() -> int:
+    """stacklevel for warnings.warn called right here that points at the first frame outside
+    the torchhessdiag package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchhessdiag":
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn_piecewise_linear(level: int) -> None:
+    warnings.warn(
+        "torchhessdiag: the only nonlinearities this model's derivatives see are piecewise-linear "
+        "activations (ReLU, LeakyReLU), so its second and higher derivatives are exactly 0 "
+        "almost everywhere (the true ones are Dirac deltas on the kinks); the result is all zeros. "
+        "Use a smooth activation (Tanh, SiLU, GELU, Softplus) where second derivatives matter, "
+        "e.g. in a PDE loss.",
+        UserWarning,
+        stacklevel=level,
+    )
+
+
+def _check_module(f: Any, x: Tensor, where: str) -> None:
+    if not isinstance(f, nn.Module):
+        return
+    for name, p in f.named_parameters():
+        if not p.is_floating_point():
+            continue
+        if p.device != x.device:
+            raise ValueError(f"{where}: x is on {x.device} but parameter '{name}' is on {p.device}; move the model or x")
+        if p.dtype != x.dtype:
+            raise TypeError(
+                f"{where}: x is {x.dtype} but parameter '{name}' is {p.dtype}; use one dtype (e.g. "
+                "model.double() with float64 x)"
+            )
+
+
+def _check_output(y: Any, N: int, where: str) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{where}: f(x) must return a tensor, got {type(y).__name__}")
+    if y.dim() not in (1, 2) or y.shape[0] != N:
+        raise ValueError(
+            f"{where}: f(x) must return (N,) or (N, m) with N = {N} rows (one per point), got shape "
+            f"{tuple(y.shape)}"
+        )
+    if not y.is_floating_point():
+        raise TypeError(f"{where}: f(x) must be a floating-point tensor, got {y.dtype}")
+    return y
+
+
+def _constant_of(t: Tensor, dep: Optional[Tensor]) -> Tensor:
+    """t as a function of dep with zero derivatives, so a loss on it backpropagates."""
+    if dep is not None and torch.is_grad_enabled() and dep.requires_grad and not t.requires_grad:
+        return engine._ZerosOf.apply(t, dep)
+    return t
+
+
+def _finish(what: str, value: Tensor, derivs: List[Tensor], unbatched: bool):
+    """Assemble the public result from the value (N, *S) and the derivatives: for "laplacian"
+    derivs = [d1 (N, K, *S) or None, sum (N, *S)]; otherwise each (N, K, *S)."""
+    if what == "laplacian":
+        out = derivs[1]
+    elif what == "diag":
+        out = derivs[1].movedim(1, -1)
+    else:
+        K = derivs[0].shape[1] if derivs else None
+        rows = [value.unsqueeze(-1).expand(tuple(value.shape) + (K,))] + [t.movedim(1, -1) for t in derivs]
+        out = torch.stack(rows)
+        return out.squeeze(1) if unbatched else out
+    return out.squeeze(0) if unbatched else out
+
+
+def _check_mode(fallback: Optional[str], where: str) -> str:
+    mode = _fallback_mode if fallback is None else fallback
+    if mode not in _MODES:
+        raise ValueError(f"{where}: fallback must be one of {_MODES} (or None for the global mode), got {fallback!r}")
+    return mode
+
+
+def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False):
+    mode = _check_mode(fallback, where)
+    if not callable(f):
+        raise TypeError(f"{where}: f must be a callable (an nn.Module or a function of x), got {type(f).__name__}")
+    ops.check_float_tensor(x, "x", where)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{where}: x has no features (d = 0)")
+    unbatched = x.dim() == 1
+    x2 = x.unsqueeze(0) if unbatched else x
+    N, d = x2.shape
+    Vsel = _dims_matrix(dims, d, x2, where)
+    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if Vsel is None else Vsel
+    _check_module(f, x2, where)
+    reasons: List[str] = []
+
+    def done(result, info: PathInfo):
+        return (result, info) if (return_info or dry) else result
+
+    # 1. the MLP engine ---------------------------------------------------------------------------
+    if what in ("laplacian", "diag") or (what == "axis" and order == 2):
+        layers = None
+        if isinstance(f, nn.Module):
+            try:
+                layers = engine.parse_mlp(f, where)
+            except NotImplementedError as e:
+                why = str(e).split("; supported")[0].replace(f"{where}: ", "")
+                reasons.append(f"not an MLP the engine accepts ({why})")
+        else:
+            reasons.append("not an nn.Module, so not an MLP for the engine")
+        if layers is not None:
+            engine.check_input(layers, x2, where)
+            info = PathInfo("engine", "an nn.Sequential MLP: the K+2-row engine")
+            if dry:
+                return done(None, info)
+            engine._warn_if_piecewise_linear(layers, stacklevel=_stacklevel() + 1)
+            if what == "axis":
+                res = engine.run(layers, x2, Vsel, "diag", need_gradient=True)
+                grad = res.gradient if Vsel is None else res.gradient[..., V.argmax(0)]  # (N, m, D)
+                out = torch.stack([res.value.unsqueeze(-1).expand_as(res.second), grad, res.second])
+                return done(out.squeeze(1) if unbatched else out, info)
+            res = engine.run(layers, x2, Vsel, "sum" if what == "laplacian" else "diag")
+            return done(res.second.squeeze(0) if unbatched else res.second, info)
+
+    # order 0: the value only ------------------------------------------------------------------------
+    if what == "axis" and order == 0:
+        info = PathInfo("forward", "order 0: f(x) only")
+        if dry:
+            return done(None, info)
+        y = _check_output(f(x2), N, where)
+        out = y.unsqueeze(-1).expand(tuple(y.shape) + (V.shape[1],)).unsqueeze(0).clone()
+        return done(out.squeeze(1) if unbatched else out, info)
+
+    # 2. Taylor jets over the traced graph --------------------------------------------------------
+    if order <= taylor.MAX_ORDER:
+        try:
+            program = graph.build_program(f)
+            out, ctx = taylor.propagate(program, x2, V, order, collapsed=(what == "laplacian"))
+        except graph.Unsupported as e:
+            reasons.append(f"not traceable to supported pieces: {e}")
+        else:
+            info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes)")
+            if dry:
+                return done(None, info)
+            value = _check_output(out.value if isinstance(out, taylor.Jet) else out, N, where)
+            coefs = out.coefs if isinstance(out, taylor.Jet) else [None] * order
+            if order >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
+                _warn_piecewise_linear(_stacklevel() + 1)
+            K = V.shape[1]
+            S = tuple(value.shape[1:])
+            derivs = []
+            for k, c in enumerate(coefs, start=1):
+                summed = what == "laplacian" and k == 2
+                if c is None:
+                    c = value.new_zeros((N,) + S if summed else (N, K) + S)
+                elif not summed and c.dim() == value.dim():  # shared first order (K, *S)
+                    c = c.unsqueeze(0).expand((N,) + tuple(c.shape))
+                derivs.append(_constant_of(c, value))
+            return done(_finish(what, value, derivs, unbatched), info)
+    else:
+        reasons.append(f"order {order} is above the jets' {taylor.MAX_ORDER}")
+
+    # 3. exact autograd ------------------------------------------------------------------------------
+    reason = "; ".join(reasons)
+    if mode == "error":
+        raise NotImplementedError(
+            f"{where}: no fast path applies ({reason}); pass fallback='autograd' (or "
+            "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
+        )
+    cause = (where, type(f).__name__, reason)
+    if cause not in _logged:
+        _logged.add(cause)
+        logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
+    if dry:
+        return done(None, PathInfo("autograd", reason, "torch.func, or nested torch.autograd.grad if torch.func fails"))
+    value = _check_output(f(x2), N, where)
+    derivs, method = _autograd_derivatives(f, x2, V, order)
+    derivs = [_constant_of(t, value) for t in derivs]
+    if what == "laplacian":
+        derivs = [derivs[0], derivs[1].sum(1)]
+    return done(_finish(what, value, derivs, unbatched), PathInfo("autograd", reason, method))
+
+
+# ---- the exact slow path ------------------------------------------------------------------------
+
+
+def _jvp_up(fn: Callable, v: Tensor) -> Callable:
+    """x -> fn(x) + (the directional derivative along v of fn(x)'s last entry,)."""
+
+    def up(xx):
+        p, t = torch.func.jvp(fn, (xx,), (v,))
+        return tuple(p) + (t[-1],)
+
+    return up
+
+
+def _func_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[List[Tensor], str]:
+    """[D^k f along each column of V, (N, K, *S)] for k = 1..order by nested torch.func.jvp."""
+    N, d = x.shape
+
+    def along(v: Tensor):
+        vv = v.expand(N, d)
+        fn: Callable = lambda xx: (f(xx),)  # noqa: E731
+        for _ in range(order):
+            fn = _jvp_up(fn, vv)
+        return fn(x)[1:]
+
+    rows = V.t()  # (K, d)
+    try:
+        outs = torch.func.vmap(along)(rows)
+        return [o.movedim(0, 1) for o in outs], "torch.func: nested jvp along each axis, vmap over the axes"
+    except Exception as e:  # noqa: BLE001 - e.g. an op without a batching rule
+        logger.debug("torchhessdiag: vmap over the axes failed (%s: %s); one axis at a time", type(e).__name__, e)
+    per_axis = [along(rows[k]) for k in range(rows.shape[0])]
+    return [torch.stack([p[j] for p in per_axis], 1) for j in range(order)], "torch.func: nested jvp, one axis at a time"
+
+
+def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool) -> List[Tensor]:
+    """The same by nested torch.autograd.grad (rows independent: the gradient of the sum over
+    rows is the per-row gradient)."""
+    dims = [int(i) for i in V.argmax(0).tolist()]
+    with torch.enable_grad():
+        xx = x if x.requires_grad else x.detach().requires_grad_(True)
+        y = f(xx)
+        N = y.shape[0]
+        S = tuple(y.shape[1:])
+        yf = y.reshape(N, -1)
+        M = yf.shape[1]
+        zero = yf.new_zeros(N)
+        res = [[[zero] * M for _ in dims] for _ in range(order)]
+        for i in range(M):
+            yi = yf[:, i]
+            if not yi.requires_grad:
+                continue
+            (g,) = torch.autograd.grad(yi.sum(), xx, create_graph=order > 1 or keep, retain_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            for kk, k in enumerate(dims):
+                cur = g[:, k]
+                res[0][kk][i] = cur
+                for o in range(1, order):
+                    if not cur.requires_grad:
+                        break
+                    (gg,) = torch.autograd.grad(
+                        cur.sum(), xx, create_graph=o < order - 1 or keep, retain_graph=True, allow_unused=True
+                    )
+                    if gg is None:
+                        break
+                    cur = gg[:, k]
+                    res[o][kk][i] = cur
+    out = [torch.stack([torch.stack(res[o][kk], 1) for kk in range(len(dims))], 1).reshape((N, len(dims)) + S) for o in range(order)]
+    return out if keep else [t.detach() for t in out]
+
+
+def _autograd_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[List[Tensor], str]:
+    keep = torch.is_grad_enabled()
+    try:
+        return _func_derivatives(f, x, V, order)
+    except Exception as e:  # noqa: BLE001 - torch.func cannot run f: plain autograd can
+        logger.debug("torchhessdiag: torch.func failed (%s: %s); nested torch.autograd.grad", type(e).__name__, e)
+    return _grad_derivatives(f, x, V, order, keep), "torch.autograd.grad: nested backward passes"

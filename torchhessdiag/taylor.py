@@ -1,0 +1,719 @@
+"""Taylor jets along K directions, propagated over a traced program (torchhessdiag/graph.py).
+
+For K directions v_1..v_K (the coordinate axes of ``dims``) every input-dependent value h of the
+program carries a jet: its value h0 and the derivative coefficients
+
+    h_k = d^k/dt^k h(x + t v) at t = 0,       k = 1..n   (n <= 4; derivative form, not k!-scaled)
+
+stored as a :class:`Jet`. Layouts (S = the value's feature shape, value = (N, *S)):
+
+* ``point``  (N, K, *S): the general case;
+* ``shared`` (K, *S), first order only: the same for every point. Until the first nonlinearity
+  the first-order coefficients do not depend on the point (x -> x W^T + b -> ... keeps h1 = V^T
+  W^T ...), so they are carried once, as the MLP engine does for its first layer;
+* ``None``: identically zero (h2, h3, h4 before the first nonlinearity; everything of order >= 2
+  through piecewise-linear activations) -- never materialised;
+* collapsed second order (for Laplacians): h2 is replaced by s = sum_k h2_k, (N, *S), so the
+  program carries K + 2 rows (value, s, K first-order rows) instead of 2K + 1.
+
+One rule per op kind, kept in the table :data:`RULES` (as in jax's experimental/jet.py and
+microsoft/folx): linear maps act on every coefficient (the bias only on the value); sums are
+componentwise; a product uses Leibniz's rule y_n = sum_j C(n, j) a_j b_{n-j} (collapsed:
+s_y = a0 s_b + b0 s_a + 2 sum_k a1_k b1_k); an activation uses Faa di Bruno's formula with
+sigma^(j)(h0) from the derivative table (:func:`activation_jet`, the one place the combination is
+written, so that it can be backed by a fused kernel later).
+
+Everything is built from differentiable torch ops and the table ops, so the results carry a graph
+to the parameters (and to x) when grad mode is on. A rule that meets something it cannot represent
+(a broadcast that would mix the batch dimension into the features, a product with a tensor that
+is itself input-dependent where only constants are allowed, ...) raises
+:class:`~torchhessdiag.graph.Unsupported`, and the caller falls back to exact autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import ops
+from .activations import ActivationSpec
+from .graph import Program, Unsupported, fetch_attr
+
+Tensor = torch.Tensor
+
+MAX_ORDER = 4
+
+__all__ = ["Jet", "Context", "activation_jet", "propagate", "RULES", "MAX_ORDER"]
+
+
+class Jet:
+    """An input-dependent value with its derivative coefficients (see the module docstring)."""
+
+    __slots__ = ("value", "coefs")
+
+    def __init__(self, value: Tensor, coefs: List[Optional[Tensor]]):
+        self.value = value
+        self.coefs = coefs
+
+    def __repr__(self) -> str:
+        shapes = [None if c is None else tuple(c.shape) for c in self.coefs]
+        return f"Jet(value={tuple(self.value.shape)}, coefs={shapes})"
+
+
+class Context:
+    """What one propagation carries: N points, K directions, orders 1..n, collapsed or not."""
+
+    def __init__(self, N: int, K: int, order: int, collapsed: bool):
+        if collapsed and order != 2:
+            raise ValueError("collapsed jets are second order")
+        self.N, self.K, self.order, self.collapsed = N, K, order, collapsed
+        self.piecewise_linear_seen = False
+        self.node = ""  # the node being evaluated, for messages
+
+    def is_sum(self, k: int) -> bool:
+        """Coefficient k is the collapsed sum over directions, (N, *S)."""
+        return self.collapsed and k == 2
+
+
+# ---- layout helpers ------------------------------------------------------------------------------
+
+
+def _off(t: Tensor, value: Tensor) -> int:
+    """Number of leading non-feature dims of t: 2 for (N, K, *S), 1 for (K, *S) / (N, *S)."""
+    return t.dim() - (value.dim() - 1)
+
+
+def _point(ctx: Context, t: Tensor, vdim: int) -> Tensor:
+    """A shared (K, *S) coefficient as (N, K, *S)."""
+    if t.dim() == vdim:
+        return t.unsqueeze(0).expand((ctx.N,) + tuple(t.shape))
+    return t
+
+
+def _ksum(t: Tensor, vdim: int) -> Tensor:
+    """sum over the K directions of a point (N, K, *S) or shared (K, *S) tensor."""
+    return t.sum(1) if t.dim() == vdim + 1 else t.sum(0)
+
+
+def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
+    out = None
+    for t in terms:
+        if t is None:
+            continue
+        out = t if out is None else out + t
+    return out
+
+
+def _mul(*factors) -> Optional[Tensor]:
+    out = 1
+    for f in factors:
+        if f is None:
+            return None
+        out = f * out if isinstance(out, int) else out * f
+    return out
+
+
+def _check(ctx: Context, jet: Jet) -> Jet:
+    """Every coefficient must have the layout its value implies; else the op mixed points."""
+    v = jet.value
+    if v.dim() < 1 or v.shape[0] != ctx.N:
+        raise Unsupported(
+            f"node '{ctx.node}' gives an input-dependent value of shape {tuple(v.shape)}, which no "
+            f"longer has the {ctx.N} points in its first dimension (the jet rules keep points apart)"
+        )
+    S = tuple(v.shape[1:])
+    for k, c in enumerate(jet.coefs, start=1):
+        if c is None:
+            continue
+        if ctx.is_sum(k):
+            ok = tuple(c.shape) == (ctx.N,) + S
+        elif c.dim() == v.dim():
+            ok = k == 1 and tuple(c.shape) == (ctx.K,) + S
+        else:
+            ok = tuple(c.shape) == (ctx.N, ctx.K) + S
+        if not ok:
+            raise Unsupported(
+                f"node '{ctx.node}': a broadcast or reshape mixes the points or directions "
+                f"(value {tuple(v.shape)}, order-{k} coefficient {tuple(c.shape)})"
+            )
+    return jet
+
+
+def _broadcast(ctx: Context, jet: Jet, shape: Sequence[int]) -> Jet:
+    """jet expanded to the value shape ``shape`` (same rank; size-1 feature dims grow)."""
+    shape = tuple(shape)
+    if tuple(jet.value.shape) == shape:
+        return jet
+    if len(shape) != jet.value.dim():
+        raise Unsupported(
+            f"node '{ctx.node}': broadcasting changes the rank of an input-dependent value "
+            f"({tuple(jet.value.shape)} -> {shape}), which would mix the points"
+        )
+    if shape[0] != jet.value.shape[0]:
+        raise Unsupported(f"node '{ctx.node}': broadcasting over the batch dimension")
+    S = shape[1:]
+    coefs = []
+    for k, c in enumerate(jet.coefs, start=1):
+        if c is None:
+            coefs.append(None)
+        elif ctx.is_sum(k):
+            coefs.append(c.expand(shape))
+        elif c.dim() == jet.value.dim():
+            coefs.append(c.expand((c.shape[0],) + S))
+        else:
+            coefs.append(c.expand(tuple(c.shape[:2]) + S))
+    return Jet(jet.value.expand(shape), coefs)
+
+
+def _map(jet: Jet, fn: Callable[[Tensor, int], Tensor], value: Optional[Tensor] = None) -> Jet:
+    """Apply a map acting on the feature dims to the value and every coefficient. fn(t, off)
+    gets the tensor and its number of leading non-feature dims. ``value`` overrides fn(value)."""
+    v = jet.value
+    new_v = fn(v, 1) if value is None else value
+    return Jet(new_v, [None if c is None else fn(c, _off(c, v)) for c in jet.coefs])
+
+
+def _feature_dim(ctx: Context, dim: Any, ndim: int) -> int:
+    """A dim argument as a feature dim 1..ndim-1 (counted in the value), or Unsupported."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise Unsupported(f"node '{ctx.node}': dim={dim!r} is not a constant int")
+    d = dim + ndim if dim < 0 else dim
+    if not 1 <= d < ndim:
+        raise Unsupported(
+            f"node '{ctx.node}': dim={dim} acts on the batch dimension (or is out of range for "
+            f"{ndim} dims); only feature dimensions are supported"
+        )
+    return d
+
+
+# ---- the activation rule: Faa di Bruno ----------------------------------------------------------
+
+
+def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]], collapsed: bool = False) -> List[Optional[Tensor]]:
+    """Coefficients of sigma(h) from sigma's derivatives at h0 and h's coefficients.
+
+    Args:
+        D: [sigma'(h0), sigma''(h0), ..., sigma^(n)(h0)], each shaped like the value (N, *S);
+            ``None`` for a derivative that is identically zero (piecewise-linear activations).
+        H: [h1, ..., hn]: h1 is (N, K, *S) or shared (K, *S); h2.. are (N, K, *S) or ``None``
+            (zero). With ``collapsed`` (n = 2) H = [h1, s] with s = sum_k h2_k, (N, *S) or None.
+        collapsed: return [y1, s_y] with s_y = sigma'' sum_k h1_k^2 + sigma' s.
+
+    Returns:
+        [y1, ..., yn] (``None`` where identically zero):
+
+            y1 = s1 h1
+            y2 = s2 h1^2 + s1 h2
+            y3 = s3 h1^3 + 3 s2 h1 h2 + s1 h3
+            y4 = s4 h1^4 + 6 s3 h1^2 h2 + s2 (3 h2^2 + 4 h1 h3) + s1 h4
+
+    This is the whole combination step of the jet propagation; a fused kernel can replace it
+    without touching the rules.
+    """
+    n = len(H)
+    if len(D) != n:
+        raise ValueError(f"activation_jet: {len(D)} derivatives for {n} coefficients")
+    if n > MAX_ORDER:
+        raise ValueError(f"activation_jet: order {n} > {MAX_ORDER}")
+    vdim = next(t for t in D if t is not None).dim()
+    if collapsed:
+        if n != 2:
+            raise ValueError("activation_jet: collapsed jets are second order")
+        h1, s = H
+        s1, s2 = D[0], D[1]
+        y1 = _mul(s1.unsqueeze(1), h1)
+        sq = None if h1 is None else _ksum(h1 * h1, vdim)
+        return [y1, _add(_mul(s2, sq), _mul(s1, s))]
+    d = [None if t is None else t.unsqueeze(1) for t in D] + [None] * (MAX_ORDER - n)
+    h = list(H) + [None] * (MAX_ORDER - n)
+    s1, s2, s3, s4 = d
+    h1, h2, h3, h4 = h
+    out: List[Optional[Tensor]] = [_mul(s1, h1)]
+    if n >= 2:
+        h1sq = _mul(h1, h1)
+        out.append(_add(_mul(s2, h1sq), _mul(s1, h2)))
+    if n >= 3:
+        out.append(_add(_mul(s3, h1sq, h1), _mul(3.0, s2, h1, h2), _mul(s1, h3)))
+    if n >= 4:
+        inner = _add(_mul(3.0, h2, h2), _mul(4.0, h1, h3))
+        out.append(_add(_mul(s4, h1sq, h1sq), _mul(6.0, s3, h1sq, h2), _mul(s2, inner), _mul(s1, h4)))
+    return out
+
+
+def _rule_activation(ctx: Context, p: dict, x, *args, **kwargs) -> Any:
+    # the parameters (beta, alpha, ...) are already in the spec, read when the graph was built
+    spec: ActivationSpec = p["spec"]
+    if not isinstance(x, Jet):
+        return ops.activation(x, spec) if isinstance(x, Tensor) else x
+    if getattr(spec, "linear", False):
+        return x
+    n = ctx.order
+    pwl = bool(getattr(spec, "piecewise_linear", False))
+    if pwl:
+        ctx.piecewise_linear_seen = True
+    orders = [0, 1] if pwl else list(range(n + 1))
+    Ds = ops._derivs(x.value, spec, orders)
+    D: List[Optional[Tensor]] = list(Ds[1:]) + [None] * (n + 1 - len(Ds))
+    coefs = activation_jet(D, x.coefs, collapsed=ctx.collapsed)
+    vdim = x.value.dim()
+    return Jet(Ds[0], [_fix(ctx, c, k, vdim) for k, c in enumerate(coefs, start=1)])
+
+
+def _fix(ctx: Context, c: Optional[Tensor], k: int, vdim: int) -> Optional[Tensor]:
+    """Make a computed coefficient per point where its layout must be (only h1 may be shared)."""
+    if c is None:
+        return None
+    if ctx.is_sum(k):
+        if c.dim() == vdim - 1:
+            return c.unsqueeze(0).expand((ctx.N,) + tuple(c.shape))
+        return c
+    if k >= 2 and c.dim() == vdim:
+        return _point(ctx, c, vdim)
+    return c
+
+
+# ---- linear maps -------------------------------------------------------------------------------
+
+
+def _const(ctx: Context, t: Any, what: str) -> Any:
+    if isinstance(t, Jet):
+        raise Unsupported(f"node '{ctx.node}': {what} depends on the input; only constants are supported there")
+    return t
+
+
+def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
+    m = p.get("module")
+    if m is not None:
+        weight, bias = m.weight, m.bias
+    weight = _const(ctx, weight, "the weight of a linear layer")
+    bias = _const(ctx, bias, "the bias of a linear layer")
+    if not isinstance(x, Jet):
+        return F.linear(x, weight, bias)
+    if weight.dim() != 2:
+        raise Unsupported(f"node '{ctx.node}': linear with a {weight.dim()}-d weight")
+    return _map(x, lambda t, off: F.linear(t, weight), value=F.linear(x.value, weight, bias))
+
+
+def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
+    if isinstance(b, Jet) or not isinstance(a, Jet):
+        raise Unsupported(
+            f"node '{ctx.node}': matmul is supported as (input-dependent value) @ (constant matrix); "
+            "a product with the input-dependent value on the right mixes points"
+        )
+    if not isinstance(b, Tensor) or b.dim() not in (1, 2) or a.value.dim() < 2:
+        raise Unsupported(f"node '{ctx.node}': matmul with shapes {tuple(a.value.shape)} @ {getattr(b, 'shape', b)}")
+    return _map(a, lambda t, off: torch.matmul(t, b))
+
+
+def _rule_identity(ctx: Context, p: dict, x, *args, **kwargs) -> Any:
+    return x
+
+
+def _rule_neg(ctx: Context, p: dict, x) -> Any:
+    return _map(x, lambda t, off: -t)
+
+
+# ---- sums, products ----------------------------------------------------------------------------
+
+
+def _value_of(t):
+    return t.value if isinstance(t, Jet) else t
+
+
+def _shape_of(t) -> tuple:
+    if isinstance(t, Jet):
+        return tuple(t.value.shape)
+    if isinstance(t, Tensor):
+        return tuple(t.shape)
+    return ()
+
+
+def _out_shape(a, b) -> tuple:
+    return tuple(torch.broadcast_shapes(_shape_of(a), _shape_of(b)))
+
+
+def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
+    av, bv = _value_of(a), _value_of(b)
+    if alpha is None:
+        value = av + bv if sign > 0 else av - bv  # also for a Python number on either side
+    else:
+        value = (torch.add if sign > 0 else torch.sub)(torch.as_tensor(av, dtype=bv.dtype if isinstance(bv, Tensor) else None), bv, alpha=alpha)
+    shape = tuple(value.shape)
+    scale_b = sign * (1 if alpha is None else alpha)
+    ja = _broadcast(ctx, a, shape) if isinstance(a, Jet) else None
+    jb = _broadcast(ctx, b, shape) if isinstance(b, Jet) else None
+    n = len((ja or jb).coefs)
+    coefs = []
+    for k in range(n):
+        ca = ja.coefs[k] if ja is not None else None
+        cb = jb.coefs[k] if jb is not None else None
+        if cb is not None and scale_b != 1:
+            cb = cb * scale_b
+        coefs.append(_add(ca, cb))
+    out = Jet(value, coefs)
+    # a shared coefficient added to a point one is point-shaped by broadcasting already
+    return out
+
+
+def _rule_add(ctx: Context, p: dict, a, b, alpha=None) -> Any:
+    _const(ctx, alpha, "alpha")
+    return _add_sub(ctx, a, b, 1.0, alpha)
+
+
+def _rule_sub(ctx: Context, p: dict, a, b, alpha=None) -> Any:
+    _const(ctx, alpha, "alpha")
+    if not isinstance(a, Jet):
+        # c - jet: value c - h0, coefficients -alpha h_k
+        value = a - b.value if alpha is None else torch.sub(torch.as_tensor(a, dtype=b.value.dtype, device=b.value.device), b.value, alpha=alpha)
+        jb = _broadcast(ctx, b, tuple(value.shape))
+        s = -(1 if alpha is None else alpha)
+        return Jet(value, [None if c is None else c * s for c in jb.coefs])
+    return _add_sub(ctx, a, b, -1.0, alpha)
+
+
+def _scale(ctx: Context, jet: Jet, c, op: Callable, value: Tensor) -> Jet:
+    """jet op c for a constant c (op = torch.mul or torch.div), each coefficient op c."""
+    jet = _broadcast(ctx, jet, tuple(value.shape))
+    vdim = value.dim()
+    if not isinstance(c, Tensor) or c.dim() < vdim:
+        # a number, or a tensor without a batch dim: broadcasts against every layout as it is
+        return Jet(value, [None if t is None else op(t, c) for t in jet.coefs])
+    # c has a batch dim (size 1 or N): insert the K dim for the point layout
+    per_point = c.shape[0] != 1
+    coefs = []
+    for k, t in enumerate(jet.coefs, start=1):
+        if t is None:
+            coefs.append(None)
+        elif ctx.is_sum(k):
+            coefs.append(op(t, c))
+        else:
+            if t.dim() == vdim:  # shared (K, *S)
+                if not per_point:
+                    coefs.append(op(t, c))  # c (1, *S) broadcasts against (K, *S)
+                    continue
+                t = _point(ctx, t, vdim)
+            coefs.append(op(t, c.unsqueeze(1)))
+    return Jet(value, coefs)
+
+
+def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
+    """Leibniz's rule for the elementwise product of two jets."""
+    shape = _out_shape(a, b)
+    a, b = _broadcast(ctx, a, shape), _broadcast(ctx, b, shape)
+    a0, b0 = a.value, b.value
+    vdim = a0.dim()
+    value = a0 * b0
+    n = ctx.order
+    if ctx.collapsed:
+        a1, sa = a.coefs
+        b1, sb = b.coefs
+        y1 = _add(_mul(a0.unsqueeze(1), b1), _mul(a1, b0.unsqueeze(1)))
+        cross = _mul(a1, b1)
+        s = _add(_mul(a0, sb), _mul(b0, sa), None if cross is None else 2.0 * _ksum(cross, vdim))
+        return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, s, 2, vdim)])
+    A = [a0.unsqueeze(1)] + list(a.coefs)
+    B = [b0.unsqueeze(1)] + list(b.coefs)
+    coefs = []
+    for k in range(1, n + 1):
+        terms = []
+        for j in range(k + 1):
+            t = _mul(A[j], B[k - j])
+            c = math.comb(k, j)
+            terms.append(t * float(c) if t is not None and c != 1 else t)
+        coefs.append(_fix(ctx, _add(*terms), k, vdim))
+    return Jet(value, coefs)
+
+
+def _rule_mul(ctx: Context, p: dict, a, b) -> Any:
+    if isinstance(a, Jet) and isinstance(b, Jet):
+        return _product(ctx, a, b)
+    if isinstance(b, Jet):
+        a, b = b, a
+    value = torch.mul(a.value, b)
+    return _scale(ctx, a, b, torch.mul, value)
+
+
+def _rule_div(ctx: Context, p: dict, a, b, rounding_mode=None) -> Any:
+    if rounding_mode is not None:
+        raise Unsupported(f"node '{ctx.node}': division with rounding_mode={rounding_mode!r}")
+    if isinstance(b, Jet):
+        raise Unsupported(f"node '{ctx.node}': division by an input-dependent value")
+    value = torch.div(a.value, b)
+    return _scale(ctx, a, b, torch.div, value)
+
+
+def _rule_pow(ctx: Context, p: dict, base, exponent) -> Any:
+    if isinstance(exponent, Jet) or not isinstance(base, Jet):
+        raise Unsupported(f"node '{ctx.node}': a power with an input-dependent exponent")
+    e = exponent
+    if isinstance(e, Tensor) and e.dim() == 0:
+        e = e.item()
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or e != int(e) or e < 0:
+        raise Unsupported(f"node '{ctx.node}': power {e!r}; only integer exponents >= 0 are supported")
+    e = int(e)
+    if e == 0:
+        return torch.ones_like(base.value)
+    result, sq = None, base
+    while True:  # binary exponentiation with Leibniz products
+        if e & 1:
+            result = sq if result is None else _product(ctx, result, sq)
+        e >>= 1
+        if not e:
+            break
+        sq = _product(ctx, sq, sq)
+    return Jet(torch.pow(base.value, exponent), result.coefs)
+
+
+def _rule_square(ctx: Context, p: dict, x) -> Any:
+    return _rule_pow(ctx, p, x, 2)
+
+
+# ---- indexing, concatenation, sums, reshapes ------------------------------------------------------
+
+
+def _full_slice(s: Any, n: int) -> bool:
+    return isinstance(s, slice) and range(n)[s] == range(n)
+
+
+def _rule_getitem(ctx: Context, p: dict, x, idx) -> Any:
+    if not isinstance(x, Jet):
+        return x[idx]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    nd = x.value.dim()
+    consuming = [e for e in idx if e is not Ellipsis and e is not None]
+    if sum(e is Ellipsis for e in idx) > 1:
+        raise Unsupported(f"node '{ctx.node}': index with two Ellipses")
+    n_adv = 0
+    for e in consuming:
+        if isinstance(e, (int, slice)) and not isinstance(e, bool):
+            continue
+        if isinstance(e, (list, Tensor)):
+            t = torch.as_tensor(e)
+            if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
+                raise Unsupported(f"node '{ctx.node}': only 1-d integer index tensors are supported")
+            n_adv += 1
+            continue
+        raise Unsupported(f"node '{ctx.node}': index {e!r} is not supported")
+    if n_adv > 1:
+        raise Unsupported(f"node '{ctx.node}': more than one advanced index")
+    if Ellipsis in idx:
+        i = idx.index(Ellipsis)
+        fill = (slice(None),) * (nd - len(consuming))
+        idx = idx[:i] + fill + idx[i + 1 :]
+    if not idx or idx[0] is None or not _full_slice(idx[0], ctx.N):
+        raise Unsupported(f"node '{ctx.node}': indexing must keep every point (x[:, ...]); got {idx!r}")
+    rest = idx[1:]
+    value = x.value[idx]
+
+    def fn(t: Tensor, off: int) -> Tensor:
+        return t[(slice(None),) * off + rest]
+
+    return _map(x, fn, value=value)
+
+
+def _jet_parts(ctx: Context, items: Sequence[Any]) -> List[Jet]:
+    """Turn constants among cat/stack parts into jets with zero coefficients."""
+    parts = []
+    n = ctx.order
+    for t in items:
+        if isinstance(t, Jet):
+            parts.append(t)
+        elif isinstance(t, Tensor):
+            parts.append(Jet(t, [None] * n))
+        else:
+            raise Unsupported(f"node '{ctx.node}': cannot concatenate {type(t).__name__}")
+    return parts
+
+
+def _join(ctx: Context, items, dim, joiner: Callable, stacking: bool) -> Any:
+    if isinstance(items, Jet) or not isinstance(items, (list, tuple)):
+        raise Unsupported(f"node '{ctx.node}': cat/stack of a single tensor")
+    if not any(isinstance(t, Jet) for t in items):
+        return joiner(list(items), dim)
+    parts = _jet_parts(ctx, items)
+    nd = parts[0].value.dim()
+    d = _feature_dim(ctx, dim, nd + 1 if stacking else nd)
+    value = joiner([q.value for q in parts], d)
+    coefs = []
+    for k in range(1, ctx.order + 1):
+        cs = [q.coefs[k - 1] for q in parts]
+        if all(c is None for c in cs):
+            coefs.append(None)
+            continue
+        shared = (not ctx.is_sum(k)) and all(c is not None and c.dim() == q.value.dim() for c, q in zip(cs, parts))
+        full = []
+        for c, q in zip(cs, parts):
+            S = tuple(q.value.shape[1:])
+            if ctx.is_sum(k):
+                full.append(c if c is not None else q.value.new_zeros((ctx.N,) + S))
+            elif shared:
+                full.append(c)
+            elif c is None:
+                full.append(q.value.new_zeros((ctx.N, ctx.K) + S))
+            else:
+                full.append(_point(ctx, c, q.value.dim()))
+        off = 1 if (shared or ctx.is_sum(k)) else 2
+        coefs.append(joiner(full, d - 1 + off))
+    return Jet(value, coefs)
+
+
+def _rule_cat(ctx: Context, p: dict, tensors, dim=0, axis=None) -> Any:
+    return _join(ctx, tensors, dim if axis is None else axis, torch.cat, stacking=False)
+
+
+def _rule_stack(ctx: Context, p: dict, tensors, dim=0) -> Any:
+    return _join(ctx, tensors, dim, torch.stack, stacking=True)
+
+
+def _reduce(ctx: Context, x, reducer: Callable, dim, keepdim, dtype) -> Any:
+    if dtype is not None:
+        raise Unsupported(f"node '{ctx.node}': sum/mean with dtype=")
+    if dim is None:
+        raise Unsupported(f"node '{ctx.node}': a sum/mean over every dimension sums over the points")
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    nd = x.value.dim()
+    ds = [_feature_dim(ctx, e, nd) for e in dims]
+    return _map(x, lambda t, off: reducer(t, [e - 1 + off for e in ds], keepdim=keepdim))
+
+
+def _rule_sum(ctx: Context, p: dict, x, dim=None, keepdim=False, dtype=None) -> Any:
+    return _reduce(ctx, x, torch.sum, dim, keepdim, dtype)
+
+
+def _rule_mean(ctx: Context, p: dict, x, dim=None, keepdim=False, dtype=None) -> Any:
+    return _reduce(ctx, x, torch.mean, dim, keepdim, dtype)
+
+
+def _reshape_to(ctx: Context, x: Jet, value: Tensor) -> Jet:
+    if value.dim() < 1 or value.shape[0] != ctx.N:
+        raise Unsupported(
+            f"node '{ctx.node}': reshape to {tuple(value.shape)} does not keep the {ctx.N} points in "
+            "the first dimension"
+        )
+    S = tuple(value.shape[1:])
+    return _map(x, lambda t, off: t.reshape(tuple(t.shape[:off]) + S), value=value)
+
+
+def _rule_reshape(ctx: Context, p: dict, x, *shape, **kw) -> Any:
+    if "shape" in kw:
+        shape = (kw.pop("shape"),)
+    if kw:
+        raise Unsupported(f"node '{ctx.node}': reshape/view with {sorted(kw)}")
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if any(isinstance(s, Jet) for s in shape):
+        raise Unsupported(f"node '{ctx.node}': reshape to an input-dependent shape")
+    if len(shape) == 1 and isinstance(shape[0], torch.dtype):
+        raise Unsupported(f"node '{ctx.node}': view as another dtype")
+    return _reshape_to(ctx, x, x.value.reshape(shape))
+
+
+def _rule_flatten(ctx: Context, p: dict, x, start_dim=0, end_dim=-1) -> Any:
+    nd = x.value.dim()
+    s = start_dim + nd if start_dim < 0 else start_dim
+    if s < 1 and nd > 1:
+        raise Unsupported(f"node '{ctx.node}': flatten from dim {start_dim} merges the points into the features")
+    return _reshape_to(ctx, x, torch.flatten(x.value, start_dim, end_dim))
+
+
+def _rule_unsqueeze(ctx: Context, p: dict, x, dim) -> Any:
+    d = _feature_dim(ctx, dim, x.value.dim() + 1)
+    return _map(x, lambda t, off: t.unsqueeze(d - 1 + off))
+
+
+def _rule_squeeze(ctx: Context, p: dict, x, dim=None) -> Any:
+    if dim is None:
+        raise Unsupported(f"node '{ctx.node}': squeeze() without dim could squeeze the batch dimension")
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    nd = x.value.dim()
+    ds = [_feature_dim(ctx, e, nd) for e in dims]
+    return _map(x, lambda t, off: t.squeeze(tuple(e - 1 + off for e in ds)))
+
+
+RULES: Dict[str, Callable[..., Any]] = {
+    "activation": _rule_activation,
+    "linear": _rule_linear,
+    "matmul": _rule_matmul,
+    "identity": _rule_identity,
+    "neg": _rule_neg,
+    "add": _rule_add,
+    "sub": _rule_sub,
+    "mul": _rule_mul,
+    "div": _rule_div,
+    "pow": _rule_pow,
+    "square": _rule_square,
+    "getitem": _rule_getitem,
+    "cat": _rule_cat,
+    "stack": _rule_stack,
+    "sum": _rule_sum,
+    "mean": _rule_mean,
+    "reshape": _rule_reshape,
+    "flatten": _rule_flatten,
+    "unsqueeze": _rule_unsqueeze,
+    "squeeze": _rule_squeeze,
+}
+
+
+# ---- running a program ---------------------------------------------------------------------------
+
+
+def _plain(a: Any) -> Any:
+    """A Jet used where only its value matters (shape queries, *_like constructors)."""
+    return a.value if isinstance(a, Jet) else a
+
+
+def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+    """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order.
+
+    Returns ``(out, ctx)``: ``out`` is the output :class:`Jet` (or a plain tensor when the output
+    does not depend on x), ``ctx.piecewise_linear_seen`` tells whether a piecewise-linear
+    activation was met. Raises :class:`~torchhessdiag.graph.Unsupported` when some step cannot be
+    represented.
+    """
+    if not 1 <= order <= MAX_ORDER:
+        raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
+    N = x.shape[0]
+    ctx = Context(N, V.shape[1], order, collapsed)
+    env: Dict[str, Any] = {}
+
+    def load(a: fx.Node) -> Any:
+        return env[a.name]
+
+    out = None
+    for step in program.steps:
+        node = step.node
+        ctx.node = node.name
+        kind = step.kind
+        if kind == "input":
+            env[node.name] = Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (order - 1))
+            continue
+        if kind == "attr":
+            env[node.name] = fetch_attr(program.root, node.target)
+            continue
+        args = fx.node.map_arg(node.args, load)
+        kwargs = fx.node.map_arg(node.kwargs, load)
+        if kind == "output":
+            out = args[0]
+            break
+        if kind == "const":
+            env[node.name] = step.params["fn"](*args, **kwargs)
+            continue
+        if kind in ("meta", "like"):
+            args = tuple(_plain(a) for a in args)
+            env[node.name] = step.params["fn"](*args, **kwargs)
+            continue
+        try:
+            res = RULES[kind](ctx, step.params, *args, **kwargs)
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - a form of the op the rule does not handle
+            # (a genuine error of f itself is raised again, unchanged, by the autograd fallback)
+            raise Unsupported(f"node '{node.name}' ({kind}): {type(e).__name__}: {str(e)[:200]}") from None
+        env[node.name] = _check(ctx, res) if isinstance(res, Jet) else res
+    if isinstance(out, (tuple, list, dict)):
+        raise Unsupported("f returns a tuple/list/dict; it must return one tensor")
+    return out, ctx
