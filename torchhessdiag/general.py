@@ -269,8 +269,6 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             except NotImplementedError as e:
                 why = str(e).split("; supported")[0].replace(f"{where}: ", "")
                 reasons.append(f"not an MLP the engine accepts ({why})")
-        else:
-            reasons.append("not an nn.Module, so not an MLP for the engine")
         if layers is not None:
             engine.check_input(layers, x2, where)
             info = PathInfo("engine", "an nn.Sequential MLP: the K+2-row engine")

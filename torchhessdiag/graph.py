@@ -331,6 +331,16 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+_NAMESPACES = (
+    ("torch", torch),
+    ("torch.nn.functional", F),
+    ("torch.special", torch.special),
+    ("torch.linalg", torch.linalg),
+    ("operator", operator),
+    ("math", __import__("math")),
+)
+
+
 def _user_path(target: str) -> str:
     """A submodule path as the user sees it (without our wrapper's "fn." prefix)."""
     return target[3:] if target.startswith("fn.") else target
@@ -342,13 +352,13 @@ def _what(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     t = node.target
+    name = getattr(t, "__name__", None) or repr(t)
+    for label, namespace in _NAMESPACES:
+        if getattr(namespace, name, None) is t:
+            return f"function {label}.{name}"
     mod = getattr(t, "__module__", None) or ""
-    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
-    if mod.startswith("torch._C._nn"):
-        mod = "torch.nn.functional"
-    elif mod in ("torch._C._VariableFunctions", "torch._VariableFunctionsClass") or mod == "":
-        mod = "torch" if hasattr(torch, name) else mod
-    return f"function {mod + '.' if mod else ''}{name}"
+    qual = getattr(t, "__qualname__", None) or name
+    return f"function {mod + '.' if mod else ''}{qual}"
 
 
 def _method_call(name: str) -> Callable:
