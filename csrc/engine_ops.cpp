@@ -1,7 +1,6 @@
 // The engine's per-layer op (see engine_ops.h): the op half for both devices (checks,
 // allocation) and the CPU kernels. Parallel over points n; each point's K rows are contiguous,
 // the inner loops over j are unit-stride and vectorisable.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "engine_ops.h"
+#include "taylor.h"
 
 namespace thd {
 namespace {
@@ -83,22 +83,119 @@ void layer_backward_cpu(const T* gJa, const T* gacc, const T* J, const T* s1, co
   });
 }
 
-// The CPU compute half (same interface as layer_rows_cuda / layer_backward_cuda).
-void layer_rows_host(const LayerRowsArgs& p) {
-  AT_DISPATCH_FLOATING_TYPES(p.dtype, "torchhessdiag::jet_layer", [&] {
-    layer_rows_cpu<scalar_t>(static_cast<const scalar_t*>(p.J), static_cast<scalar_t*>(p.Ja),
-                             static_cast<const scalar_t*>(p.s1), static_cast<const scalar_t*>(p.c),
-                             static_cast<scalar_t*>(p.acc), p.d);
+// taylor_act on the CPU: parallel over points; for each (k, j) gather the n coefficients, apply
+// Faa di Bruno (csrc/taylor.h), scatter. The inner loop over j is unit-stride in every tensor.
+template <int NO, typename T>
+void taylor_cpu(const T* D, const T* H, T* Y, const TaylorDims& d) {
+  const int64_t N = d.N, K = d.K, w = d.w, sD = N * w, sH = N * K * w;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, NO * K * w));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p = n0; p < n1; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t off = (p * K + k) * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          T dv[NO], hv[NO], yv[NO];
+          for (int o = 0; o < NO; ++o) {
+            dv[o] = D[o * sD + p * w + j];
+            hv[o] = H[o * sH + off + j];
+          }
+          taylor_forward<NO, T>(dv, hv, yv);
+          for (int o = 0; o < NO; ++o) Y[o * sH + off + j] = yv[o];
+        }
+      }
+    }
   });
 }
 
+// Backward: dH per element; dD sums over the K directions of each point, accumulated in place
+// (the point's rows of dD belong to one thread), so no atomics.
+template <int NO, typename T>
+void taylor_backward_cpu(const T* gY, const T* D, const T* H, T* dD, T* dH, const TaylorDims& d) {
+  const int64_t N = d.N, K = d.K, w = d.w, sD = N * w, sH = N * K * w;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, NO * K * w));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p = n0; p < n1; ++p) {
+      for (int o = 0; o < NO; ++o)
+        for (int64_t j = 0; j < w; ++j) dD[o * sD + p * w + j] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t off = (p * K + k) * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          T gv[NO], dv[NO], hv[NO], gd[NO], gh[NO];
+          for (int o = 0; o < NO; ++o) {
+            gv[o] = gY[o * sH + off + j];
+            dv[o] = D[o * sD + p * w + j];
+            hv[o] = H[o * sH + off + j];
+            gd[o] = T(0);
+          }
+          taylor_backward<NO, T>(gv, dv, hv, gd, gh);
+          for (int o = 0; o < NO; ++o) {
+            dD[o * sD + p * w + j] += gd[o];
+            dH[o * sH + off + j] = gh[o];
+          }
+        }
+      }
+    }
+  });
+}
+
+// The CPU compute half (same interface as layer_rows_cuda / layer_backward_cuda). The dtype was
+// checked by the op half (float32 or float64), so there is no error path here.
+template <typename T>
+void layer_rows_typed(const LayerRowsArgs& p) {
+  layer_rows_cpu<T>(static_cast<const T*>(p.J), static_cast<T*>(p.Ja),
+                    static_cast<const T*>(p.s1), static_cast<const T*>(p.c),
+                    static_cast<T*>(p.acc), p.d);
+}
+
+template <typename T>
+void layer_backward_typed(const LayerBackwardArgs& p) {
+  layer_backward_cpu<T>(static_cast<const T*>(p.gJa), static_cast<const T*>(p.gacc),
+                        static_cast<const T*>(p.J), static_cast<const T*>(p.s1),
+                        static_cast<const T*>(p.c), static_cast<T*>(p.dJ),
+                        static_cast<T*>(p.ds1), static_cast<T*>(p.dc), p.d);
+}
+
+void layer_rows_host(const LayerRowsArgs& p) {
+  if (p.dtype == at::kDouble)
+    layer_rows_typed<double>(p);
+  else
+    layer_rows_typed<float>(p);
+}
+
 void layer_backward_host(const LayerBackwardArgs& p) {
-  AT_DISPATCH_FLOATING_TYPES(p.dtype, "torchhessdiag::jet_layer_backward", [&] {
-    layer_backward_cpu<scalar_t>(
-        static_cast<const scalar_t*>(p.gJa), static_cast<const scalar_t*>(p.gacc),
-        static_cast<const scalar_t*>(p.J), static_cast<const scalar_t*>(p.s1),
-        static_cast<const scalar_t*>(p.c), static_cast<scalar_t*>(p.dJ),
-        static_cast<scalar_t*>(p.ds1), static_cast<scalar_t*>(p.dc), p.d);
+  if (p.dtype == at::kDouble)
+    layer_backward_typed<double>(p);
+  else
+    layer_backward_typed<float>(p);
+}
+
+void taylor_host(const TaylorArgs& p) {
+  dispatch_taylor_order(static_cast<int>(p.d.n), [&](auto no) {
+    constexpr int NO = decltype(no)::value;
+    if (p.dtype == at::kDouble)
+      taylor_cpu<NO, double>(static_cast<const double*>(p.D), static_cast<const double*>(p.H),
+                             static_cast<double*>(p.Y), p.d);
+    else
+      taylor_cpu<NO, float>(static_cast<const float*>(p.D), static_cast<const float*>(p.H),
+                            static_cast<float*>(p.Y), p.d);
+  });
+}
+
+void taylor_backward_host(const TaylorBackwardArgs& p) {
+  dispatch_taylor_order(static_cast<int>(p.d.n), [&](auto no) {
+    constexpr int NO = decltype(no)::value;
+    if (p.dtype == at::kDouble)
+      taylor_backward_cpu<NO, double>(
+          static_cast<const double*>(p.gY), static_cast<const double*>(p.D),
+          static_cast<const double*>(p.H), static_cast<double*>(p.dD),
+          static_cast<double*>(p.dH), p.d);
+    else
+      taylor_backward_cpu<NO, float>(
+          static_cast<const float*>(p.gY), static_cast<const float*>(p.D),
+          static_cast<const float*>(p.H), static_cast<float*>(p.dD), static_cast<float*>(p.dH),
+          p.d);
   });
 }
 
@@ -121,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> jet_layer_op(const at::Tensor& J_, const at::
 template <void (*Rows)(const LayerRowsArgs&)>
 at::Tensor jet_layer_inplace_op(at::Tensor& J, const at::Tensor& s1_, const at::Tensor& c_) {
   const LayerDims d = check_jet_layer(J, s1_, c_, "jet_layer_");
-  TORCH_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
+  THD_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
   const at::OptionalDeviceGuard guard(at::device_of(J));
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
@@ -148,6 +245,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_backward_op(
   return {dJ, ds1, dc};
 }
 
+template <void (*Fwd)(const TaylorArgs&)>
+at::Tensor taylor_act_op(const at::Tensor& D_, const at::Tensor& H_) {
+  const TaylorDims d = check_taylor(D_, H_, "taylor_act");
+  const at::OptionalDeviceGuard guard(at::device_of(H_));
+  const at::Tensor D = D_.contiguous(), H = H_.contiguous();
+  at::Tensor Y = at::empty_like(H, at::MemoryFormat::Contiguous);
+  if (H.numel() == 0) return Y;
+  Fwd({d, H.scalar_type(), D.data_ptr(), H.data_ptr(), Y.data_ptr()});
+  return Y;
+}
+
+template <void (*Bwd)(const TaylorBackwardArgs&)>
+std::tuple<at::Tensor, at::Tensor> taylor_act_backward_op(const at::Tensor& gY_,
+                                                          const at::Tensor& D_,
+                                                          const at::Tensor& H_) {
+  const TaylorDims d = check_taylor(D_, H_, "taylor_act_backward");
+  THD_CHECK_TYPE(gY_.scalar_type() == H_.scalar_type(),
+                 "torchhessdiag.taylor_act_backward: gY has dtype ", gY_.scalar_type(),
+                 " but H has ", H_.scalar_type());
+  THD_CHECK_VALUE(gY_.device() == H_.device(), "torchhessdiag.taylor_act_backward: gY is on ",
+                  gY_.device(), " but H is on ", H_.device());
+  THD_CHECK_VALUE(gY_.sizes() == H_.sizes(),
+                  "torchhessdiag.taylor_act_backward: gY must have H's shape ", H_.sizes(),
+                  ", got ", gY_.sizes());
+  const at::OptionalDeviceGuard guard(at::device_of(H_));
+  const at::Tensor gY = gY_.contiguous(), D = D_.contiguous(), H = H_.contiguous();
+  at::Tensor dD = at::empty_like(D, at::MemoryFormat::Contiguous);
+  at::Tensor dH = at::empty_like(H, at::MemoryFormat::Contiguous);
+  if (H.numel() == 0) return {dD.zero_(), dH};
+  Bwd({d, H.scalar_type(), gY.data_ptr(), D.data_ptr(), H.data_ptr(), dD.data_ptr(),
+       dH.data_ptr()});
+  return {dD, dH};
+}
+
 }  // namespace
 }  // namespace thd
 
@@ -157,12 +288,16 @@ TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
   m.def(
       "jet_layer_backward(Tensor? gJa, Tensor gacc, Tensor J, Tensor s1, Tensor c)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def("taylor_act(Tensor D, Tensor H) -> Tensor");
+  m.def("taylor_act_backward(Tensor gY, Tensor D, Tensor H) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_host>);
   m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_host>);
   m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_host>);
+  m.impl("taylor_act", &thd::taylor_act_op<thd::taylor_host>);
+  m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_host>);
 }
 
 #ifdef THD_WITH_CUDA
@@ -170,5 +305,7 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_cuda>);
   m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_cuda>);
   m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_cuda>);
+  m.impl("taylor_act", &thd::taylor_act_op<thd::taylor_cuda>);
+  m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_cuda>);
 }
 #endif

@@ -27,6 +27,8 @@
 #include <tuple>
 #include <utility>
 
+#include "messages.h"
+
 namespace thd {
 
 struct LayerDims {
@@ -36,21 +38,21 @@ struct LayerDims {
 inline LayerDims check_jet_layer(const at::Tensor& J, const at::Tensor& s1, const at::Tensor& c,
                                  const char* op) {
   for (const at::Tensor* t : {&J, &s1, &c}) {
-    TORCH_CHECK_VALUE(t->defined(), "torchhessdiag.", op, ": undefined tensor argument");
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
+    THD_CHECK_VALUE(t->defined(), "torchhessdiag.", op, ": undefined tensor argument");
+    THD_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
                      "torchhessdiag.", op, ": tensors must be float32 or float64, got ",
                      t->scalar_type());
-    TORCH_CHECK_TYPE(t->scalar_type() == J.scalar_type(), "torchhessdiag.", op,
+    THD_CHECK_TYPE(t->scalar_type() == J.scalar_type(), "torchhessdiag.", op,
                      ": dtypes differ (", t->scalar_type(), " vs ", J.scalar_type(), ")");
-    TORCH_CHECK_VALUE(t->device() == J.device(), "torchhessdiag.", op, ": devices differ (",
+    THD_CHECK_VALUE(t->device() == J.device(), "torchhessdiag.", op, ": devices differ (",
                       t->device(), " vs ", J.device(), ")");
   }
-  TORCH_CHECK_VALUE(J.dim() == 3, "torchhessdiag.", op, ": J must be (N, K, w), got shape ",
+  THD_CHECK_VALUE(J.dim() == 3, "torchhessdiag.", op, ": J must be (N, K, w), got shape ",
                     J.sizes());
   const int64_t N = J.size(0), K = J.size(1), w = J.size(2);
-  TORCH_CHECK_VALUE(s1.dim() == 2 && s1.size(0) == N && s1.size(1) == w, "torchhessdiag.", op,
+  THD_CHECK_VALUE(s1.dim() == 2 && s1.size(0) == N && s1.size(1) == w, "torchhessdiag.", op,
                     ": s1 must be (N, w) = (", N, ", ", w, "), got ", s1.sizes());
-  TORCH_CHECK_VALUE(c.dim() == 3 && c.size(1) == N && c.size(2) == w, "torchhessdiag.", op,
+  THD_CHECK_VALUE(c.dim() == 3 && c.size(1) == N && c.size(2) == w, "torchhessdiag.", op,
                     ": c must be (m, N, w) with N=", N, ", w=", w, ", got ", c.sizes());
   return {N, K, w, c.size(0)};
 }
@@ -60,20 +62,20 @@ inline std::pair<at::Tensor, at::Tensor> check_jet_layer_grads(
     const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J,
     const LayerDims& d) {
   auto check_grad = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK_TYPE(t.scalar_type() == J.scalar_type(), "torchhessdiag.jet_layer_backward: ",
+    THD_CHECK_TYPE(t.scalar_type() == J.scalar_type(), "torchhessdiag.jet_layer_backward: ",
                      what, " has dtype ", t.scalar_type(), " but J has ", J.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == J.device(), "torchhessdiag.jet_layer_backward: ", what,
+    THD_CHECK_VALUE(t.device() == J.device(), "torchhessdiag.jet_layer_backward: ", what,
                       " is on ", t.device(), " but J is on ", J.device());
   };
   check_grad(gacc_, "gacc");
   const at::Tensor gacc = gacc_.contiguous();
-  TORCH_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
+  THD_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
                     "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
   at::Tensor gJa;
   if (gJa_.has_value() && gJa_->defined()) {
     check_grad(*gJa_, "gJa");
     gJa = gJa_->contiguous();
-    TORCH_CHECK_VALUE(gJa.sizes() == J.sizes(),
+    THD_CHECK_VALUE(gJa.sizes() == J.sizes(),
                       "torchhessdiag.jet_layer_backward: gJa must have J's shape");
   }
   return {gJa, gacc};
@@ -96,10 +98,60 @@ struct LayerBackwardArgs {
   void *dJ, *ds1, *dc;
 };
 
+// ---- taylor_act: Faa di Bruno over a Taylor jet (csrc/taylor.h) -----------------------------
+//
+//   taylor_act(D, H) -> Y
+//     D  (n, N, w)     sigma^(1..n)(h0), from the derivative table (act_derivatives)
+//     H  (n, N, K, w)  derivative coefficients h1..hn of the jet along K directions
+//     Y  (n, N, K, w)  the coefficients y1..yn of sigma(h), 1 <= n <= 4
+//
+//   taylor_act_backward(gY, D, H) -> (dD, dH)   its vector-Jacobian product (dD sums over K)
+
+struct TaylorDims {
+  int64_t n, N, K, w;
+};
+
+inline TaylorDims check_taylor(const at::Tensor& D, const at::Tensor& H, const char* op) {
+  for (const at::Tensor* t : {&D, &H}) {
+    THD_CHECK_VALUE(t->defined(), "torchhessdiag.", op, ": undefined tensor argument");
+    THD_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
+                   "torchhessdiag.", op, ": tensors must be float32 or float64, got ",
+                   t->scalar_type());
+    THD_CHECK_TYPE(t->scalar_type() == D.scalar_type(), "torchhessdiag.", op, ": dtypes differ (",
+                   t->scalar_type(), " vs ", D.scalar_type(), ")");
+    THD_CHECK_VALUE(t->device() == D.device(), "torchhessdiag.", op, ": devices differ (",
+                    t->device(), " vs ", D.device(), ")");
+  }
+  THD_CHECK_VALUE(H.dim() == 4, "torchhessdiag.", op, ": H must be (n, N, K, w), got shape ",
+                  H.sizes());
+  const int64_t n = H.size(0), N = H.size(1), K = H.size(2), w = H.size(3);
+  THD_CHECK_VALUE(n >= 1 && n <= 4, "torchhessdiag.", op,
+                  ": the jet order n = H.shape[0] must be 1..4, got ", n);
+  THD_CHECK_VALUE(D.dim() == 3 && D.size(0) == n && D.size(1) == N && D.size(2) == w,
+                  "torchhessdiag.", op, ": D must be (n, N, w) = (", n, ", ", N, ", ", w,
+                  "), got ", D.sizes());
+  return {n, N, K, w};
+}
+
+struct TaylorArgs {
+  TaylorDims d;
+  at::ScalarType dtype;
+  const void *D, *H;
+  void* Y;
+};
+struct TaylorBackwardArgs {
+  TaylorDims d;
+  at::ScalarType dtype;
+  const void *gY, *D, *H;
+  void *dD, *dH;
+};
+
 #ifdef THD_WITH_CUDA
 // csrc/cuda/engine_ops.cu
 void layer_rows_cuda(const LayerRowsArgs& p);
 void layer_backward_cuda(const LayerBackwardArgs& p);
+void taylor_cuda(const TaylorArgs& p);
+void taylor_backward_cuda(const TaylorBackwardArgs& p);
 #endif
 
 }  // namespace thd

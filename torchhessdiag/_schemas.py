@@ -1,6 +1,6 @@
 """Schemas of the torchhessdiag ops.
 
-They are defined in C++ (csrc/jet_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the
+They are defined in C++ (csrc/jet_ops.cpp and csrc/engine_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the
 compiled extension cannot be loaded, so that the same ops -- with the same autograd formulas and
 fake kernels -- exist on top of the pure-PyTorch reference kernels. tests/test_backend.py checks
 that the two spellings agree.
@@ -21,4 +21,6 @@ SCHEMAS = {
         "jet_layer_backward(Tensor? gJa, Tensor gacc, Tensor J, Tensor s1, Tensor c)"
         " -> (Tensor, Tensor, Tensor)"
     ),
+    "taylor_act": "taylor_act(Tensor D, Tensor H) -> Tensor",
+    "taylor_act_backward": "taylor_act_backward(Tensor gY, Tensor D, Tensor H) -> (Tensor, Tensor)",
 }

@@ -10,6 +10,9 @@ The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
     jet_layer(J, s1, c, need_ja)              the engine's per-layer kernel (engine_ops.h)
     jet_layer_(J, s1, c)                      the same, in place
     jet_layer_backward(gJa, gacc, J, s1, c)   its fused backward
+    taylor_act(D, H)                          Faa di Bruno over a Taylor jet, orders 1..4
+                                              (csrc/taylor.h; D = sigma^(1..n)(h0) from the table)
+    taylor_act_backward(gY, D, H)             its fused backward
 
 Autograd chains them so that differentiating the order-k derivative gives order k+1:
 ``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` evaluates
@@ -191,6 +194,34 @@ def _check_layer_backward(gJa, gacc, J, s1, c):
         raise ValueError("torchhessdiag.jet_layer_backward: gJa must have J's shape")
 
 
+def _check_taylor(D, H, op):
+    for t in (D, H):
+        _check_float(t, "tensors", op)
+        if t.dtype != D.dtype:
+            raise TypeError(f"torchhessdiag.{op}: dtypes differ ({t.dtype} vs {D.dtype})")
+        if t.device != D.device:
+            raise ValueError(f"torchhessdiag.{op}: devices differ ({t.device} vs {D.device})")
+    if H.dim() != 4:
+        raise ValueError(f"torchhessdiag.{op}: H must be (n, N, K, w), got shape {tuple(H.shape)}")
+    n, N, _, w = H.shape
+    if not 1 <= n <= 4:
+        raise ValueError(f"torchhessdiag.{op}: the jet order n = H.shape[0] must be 1..4, got {n}")
+    if D.shape != (n, N, w):
+        raise ValueError(f"torchhessdiag.{op}: D must be (n, N, w) = ({n}, {N}, {w}), got {tuple(D.shape)}")
+
+
+def _check_taylor_backward(gY, D, H):
+    _check_taylor(D, H, "taylor_act_backward")
+    if gY.dtype != H.dtype:
+        raise TypeError(f"torchhessdiag.taylor_act_backward: gY has dtype {gY.dtype} but H has {H.dtype}")
+    if gY.device != H.device:
+        raise ValueError(f"torchhessdiag.taylor_act_backward: gY is on {gY.device} but H is on {H.device}")
+    if gY.shape != H.shape:
+        raise ValueError(
+            f"torchhessdiag.taylor_act_backward: gY must have H's shape {tuple(H.shape)}, got {tuple(gY.shape)}"
+        )
+
+
 def _check_mul_pair(w, g, d1, d2):
     _check_float(w, "w", "mul_pair")
     for t, name in ((g, "g"), (d1, "d1"), (d2, "d2")):
@@ -250,6 +281,19 @@ def _ref_jet_layer_backward(gJa, gacc, J, s1, c):
     return reference.jet_layer_backward(gJa, gacc, J, s1, c)
 
 
+def _ref_taylor_act(D, H):
+    _check_taylor(D, H, "taylor_act")
+    _warn_reference(H.device)
+    return reference.taylor_act(D, H).contiguous()
+
+
+def _ref_taylor_act_backward(gY, D, H):
+    _check_taylor_backward(gY, D, H)
+    _warn_reference(H.device)
+    dD, dH = reference.taylor_act_backward(gY, D, H)
+    return dD.contiguous(), dH.contiguous()
+
+
 def _ref_mul_pair(w, g, d1, d2):
     _check_mul_pair(w, g, d1, d2)
     _warn_reference(w.device)
@@ -261,6 +305,8 @@ _REF_KERNELS = {
     "jet_layer": _ref_jet_layer,
     "jet_layer_": _ref_jet_layer_,
     "jet_layer_backward": _ref_jet_layer_backward,
+    "taylor_act": _ref_taylor_act,
+    "taylor_act_backward": _ref_taylor_act_backward,
     "act_forward": _ref_forward,
     "act_derivatives": _ref_derivatives,
     "act_grad": _ref_grad,
@@ -343,6 +389,19 @@ def _(gJa, gacc, J, s1, c):
         torch.empty_like(s1, memory_format=cf),
         torch.empty_like(c, memory_format=cf),
     )
+
+
+@torch.library.register_fake("torchhessdiag::taylor_act")
+def _(D, H):
+    _check_taylor(D, H, "taylor_act")
+    return torch.empty_like(H, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("torchhessdiag::taylor_act_backward")
+def _(gY, D, H):
+    _check_taylor_backward(gY, D, H)
+    cf = torch.contiguous_format
+    return torch.empty_like(D, memory_format=cf), torch.empty_like(H, memory_format=cf)
 
 
 # ---- derivatives of any order, differentiable ------------------------------------------------
@@ -603,6 +662,23 @@ def _jl_backward(ctx, gJa, gacc):
     return dJ, ds1, dc, None
 
 
+# taylor_act -----------------------------------------------------------------------------------
+
+
+def _ta_setup(ctx, inputs, output):
+    D, H = inputs
+    ctx.save_for_backward(D, H)
+
+
+def _ta_backward(ctx, gY):
+    D, H = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # a graph of the backward is wanted (double backward): the same formulas in torch ops
+        return reference.taylor_act_backward(gY, D, H)
+    return _ops.taylor_act_backward(gY.contiguous(), D, H)
+
+
+torch.library.register_autograd("torchhessdiag::taylor_act", _ta_backward, setup_context=_ta_setup)
 torch.library.register_autograd("torchhessdiag::mul_pair", _mp_backward, setup_context=_mp_setup)
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)

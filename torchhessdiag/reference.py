@@ -252,3 +252,66 @@ def jet_layer_backward(gJa, gacc: Tensor, J: Tensor, s1: Tensor, c: Tensor):
     else:
         ds1 = torch.zeros_like(s1)
     return dJ, ds1, dc
+
+
+# ---- Faa di Bruno over a Taylor jet (csrc/taylor.h), in torch ops -----------------------------
+
+
+def taylor_act(D: Tensor, H: Tensor) -> Tensor:
+    """Y (n, N, K, w): orders 1..n of sigma(h) from D = sigma^(1..n)(h0) (n, N, w) and the jet's
+    derivative coefficients H = h1..hn (n, N, K, w); 1 <= n <= 4. Mirrors csrc/taylor.h."""
+    n = H.shape[0]
+    d = [t.unsqueeze(1) for t in D.unbind(0)]  # each (N, 1, w): broadcast over the K directions
+    h = H.unbind(0)
+    h1 = h[0]
+    y = [d[0] * h1]
+    if n >= 2:
+        h2 = h[1]
+        y.append(d[1] * h1 * h1 + d[0] * h2)
+    if n >= 3:
+        h3 = h[2]
+        y.append(d[2] * h1 * h1 * h1 + 3.0 * d[1] * h1 * h2 + d[0] * h3)
+    if n >= 4:
+        h4 = h[3]
+        y.append(
+            d[3] * h1 * h1 * h1 * h1 + 6.0 * d[2] * h1 * h1 * h2
+            + d[1] * (3.0 * h2 * h2 + 4.0 * h1 * h3) + d[0] * h4
+        )
+    return torch.stack(y)
+
+
+def taylor_act_backward(gY: Tensor, D: Tensor, H: Tensor):
+    """(dD, dH) of taylor_act, in torch ops (differentiable again). Mirrors csrc/taylor.h."""
+    n = H.shape[0]
+    d = [t.unsqueeze(1) for t in D.unbind(0)]
+    h = H.unbind(0)
+    g = gY.unbind(0)
+    h1, g1 = h[0], g[0]
+    gd = [g1 * h1]
+    gh = [g1 * d[0]]
+    if n >= 2:
+        h2, g2 = h[1], g[1]
+        gd[0] = gd[0] + g2 * h2
+        gd.append(g2 * h1 * h1)
+        gh[0] = gh[0] + g2 * 2.0 * d[1] * h1
+        gh.append(g2 * d[0])
+    if n >= 3:
+        h3, g3 = h[2], g[2]
+        gd[0] = gd[0] + g3 * h3
+        gd[1] = gd[1] + g3 * 3.0 * h1 * h2
+        gd.append(g3 * h1 * h1 * h1)
+        gh[0] = gh[0] + g3 * (3.0 * d[2] * h1 * h1 + 3.0 * d[1] * h2)
+        gh[1] = gh[1] + g3 * 3.0 * d[1] * h1
+        gh.append(g3 * d[0])
+    if n >= 4:
+        h4, g4 = h[3], g[3]
+        gd[0] = gd[0] + g4 * h4
+        gd[1] = gd[1] + g4 * (3.0 * h2 * h2 + 4.0 * h1 * h3)
+        gd[2] = gd[2] + g4 * 6.0 * h1 * h1 * h2
+        gd.append(g4 * h1 * h1 * h1 * h1)
+        gh[0] = gh[0] + g4 * (4.0 * d[3] * h1 * h1 * h1 + 12.0 * d[2] * h1 * h2 + 4.0 * d[1] * h3)
+        gh[1] = gh[1] + g4 * (6.0 * d[2] * h1 * h1 + 6.0 * d[1] * h2)
+        gh[2] = gh[2] + g4 * 4.0 * d[1] * h1
+        gh.append(g4 * d[0])
+    dD = torch.stack([t.sum(1) for t in gd])  # sum over the K directions
+    return dD, torch.stack(gh)
