@@ -357,3 +357,32 @@ def test_division_by_an_input_dependent_value_falls_back_exactly():
     got, info = thd.axis_derivatives(f, x, 3, return_info=True)
     assert info.path == "autograd" and "division by an input-dependent value" in info.reason
     assert_close(got, oracle(f, x, 3), 1e-10, "1/(2 + tanh)")
+
+
+def test_fused_taylor_act_and_torch_ops_paths_agree(monkeypatch):
+    """After the first nonlinearity activation_jet runs the fused taylor_act op; the torch-ops
+    formulas serve the rest. Both paths against the oracle, and the op is really used."""
+    if taylor._TAYLOR_ACT is None:
+        pytest.skip("this build has no taylor_act op")
+    torch.manual_seed(10)
+    model = ResidualMLP(d=2, w=5, m=1, blocks=2).double()
+    x = torch.randn(4, 2, dtype=DT, requires_grad=True)
+    want = oracle(model, x, 4)
+    calls = []
+    op = taylor._TAYLOR_ACT
+
+    def counting(D, H):
+        calls.append(H.shape)
+        return op(D, H)
+
+    monkeypatch.setattr(taylor, "_TAYLOR_ACT", counting)
+    fused = thd.axis_derivatives(model, x, 4)
+    assert len(calls) == 2 and calls[0][0] == 4  # the two residual blocks' tanh, order 4
+    monkeypatch.setattr(taylor, "_TAYLOR_ACT", None)
+    plain = thd.axis_derivatives(model, x, 4)
+    assert_close(fused, want, 1e-10, "fused")
+    assert_close(plain, want, 1e-10, "torch ops")
+    g_fused = torch.autograd.grad(fused.square().sum(), list(model.parameters()) + [x])
+    g_plain = torch.autograd.grad(plain.square().sum(), list(model.parameters()) + [x])
+    for a, b in zip(g_fused, g_plain):
+        assert_close(a, b, 1e-10, "gradients")

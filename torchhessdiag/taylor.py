@@ -47,6 +47,9 @@ Tensor = torch.Tensor
 
 MAX_ORDER = 4
 
+# the fused Faa di Bruno op (csrc/taylor.h), when this build has it
+_TAYLOR_ACT = getattr(torch.ops.torchhessdiag, "taylor_act", None)
+
 __all__ = ["Jet", "Context", "activation_jet", "propagate", "RULES", "MAX_ORDER"]
 
 
@@ -211,8 +214,11 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
             y3 = s3 h1^3 + 3 s2 h1 h2 + s1 h3
             y4 = s4 h1^4 + 6 s3 h1^2 h2 + s2 (3 h2^2 + 4 h1 h3) + s1 h4
 
-    This is the whole combination step of the jet propagation; a fused kernel can replace it
-    without touching the rules.
+    This is the whole combination step of the jet propagation. When every coefficient is a
+    per-point tensor (after the first nonlinearity) and no derivative is structurally zero, it
+    runs the fused ``taylor_act`` op (csrc/taylor.h: one pass over the jet, fused backward);
+    otherwise -- shared or zero coefficients before the first nonlinearity, where most terms
+    vanish, piecewise-linear activations, the collapsed form -- the same formulas in torch ops.
     """
     n = len(H)
     if len(D) != n:
@@ -220,6 +226,17 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
     if n > MAX_ORDER:
         raise ValueError(f"activation_jet: order {n} > {MAX_ORDER}")
     vdim = next(t for t in D if t is not None).dim()
+    if (
+        not collapsed
+        and _TAYLOR_ACT is not None
+        and all(t is not None for t in D)
+        and all(h is not None and h.dim() == vdim + 1 for h in H)
+    ):
+        N, K = H[0].shape[0], H[0].shape[1]
+        Dm = torch.stack([t.reshape(N, -1) for t in D])  # (n, N, w)
+        Hm = torch.stack([h.reshape(N, K, -1) for h in H])  # (n, N, K, w)
+        Y = _TAYLOR_ACT(Dm, Hm)
+        return [y.reshape(H[0].shape) for y in Y.unbind(0)]
     if collapsed:
         if n != 2:
             raise ValueError("activation_jet: collapsed jets are second order")
