@@ -386,3 +386,27 @@ def test_fused_taylor_act_and_torch_ops_paths_agree(monkeypatch):
     g_plain = torch.autograd.grad(plain.square().sum(), list(model.parameters()) + [x])
     for a, b in zip(g_fused, g_plain):
         assert_close(a, b, 1e-10, "gradients")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunks_of_points_give_the_same_result(monkeypatch, grad):
+    """Without a graph the jets run over chunks of points (rows are independent); forced tiny
+    chunks here, against the oracle and against one block."""
+    torch.manual_seed(11)
+    model = SpaceTimeModel(ds=2, w=6).double()
+    x = torch.rand(37, 3, dtype=DT)
+    want = oracle(model, x, 3)
+    one_block = thd.axis_derivatives(model, x, 3)
+    monkeypatch.setattr(taylor, "_FIRST_CHUNK", 4)
+    monkeypatch.setattr(taylor, "_CHUNK_ELEMENTS", 50)
+    with torch.set_grad_enabled(grad):
+        got = thd.axis_derivatives(model, x, 3)
+        lap = thd.laplacian(model, x, dims=[1, 2])
+        hd = thd.hessian_diag(model, x)
+        lin = thd.hessian_diag(lambda x: x[:, :2] * 3.0 - 1.0, x)  # shared rows only, zeros
+    assert_close(got, want, 1e-10, "chunked axis")
+    assert_close(got, one_block, 1e-13, "chunked vs one block")
+    assert_close(lap, want[2][..., 1:].sum(-1), 1e-10, "chunked laplacian")
+    assert_close(hd, want[2], 1e-10, "chunked hessian_diag")
+    assert lin.shape == (37, 2, 3) and bool((lin == 0).all())
+    assert got.requires_grad == grad

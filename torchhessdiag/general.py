@@ -230,6 +230,8 @@ def _finish(what: str, value: Tensor, derivs: List[Tensor], unbatched: bool):
         rows = [value.unsqueeze(-1).expand(tuple(value.shape) + (K,))] + [t.movedim(1, -1) for t in derivs]
         out = torch.stack(rows)
         return out.squeeze(1) if unbatched else out
+    if 0 in out.stride():  # an expanded constant: give the caller memory of its own
+        out = out.contiguous()
     return out.squeeze(0) if unbatched else out
 
 
@@ -296,7 +298,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
     if order <= taylor.MAX_ORDER:
         try:
             program = graph.build_program(f)
-            out, ctx = taylor.propagate(program, x2, V, order, collapsed=(what == "laplacian"))
+            out, ctx = taylor.propagate_chunked(program, x2, V, order, collapsed=(what == "laplacian"))
         except graph.Unsupported as e:
             reasons.append(f"not traceable to supported pieces: {e}")
         else:
@@ -328,12 +330,12 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             f"{where}: no fast path applies ({reason}); pass fallback='autograd' (or "
             "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
         )
+    if dry:
+        return done(None, PathInfo("autograd", reason, "torch.func, or nested torch.autograd.grad if torch.func fails"))
     cause = (where, type(f).__name__, reason)
     if cause not in _logged:
         _logged.add(cause)
         logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
-    if dry:
-        return done(None, PathInfo("autograd", reason, "torch.func, or nested torch.autograd.grad if torch.func fails"))
     value = _check_output(f(x2), N, where)
     derivs, method = _autograd_derivatives(f, x2, V, order)
     derivs = [_constant_of(t, value) for t in derivs]

@@ -76,6 +76,7 @@ class Context:
         self.N, self.K, self.order, self.collapsed = N, K, order, collapsed
         self.piecewise_linear_seen = False
         self.node = ""  # the node being evaluated, for messages
+        self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
 
     def is_sum(self, k: int) -> bool:
         """Coefficient k is the collapsed sum over directions, (N, *S)."""
@@ -129,6 +130,7 @@ def _check(ctx: Context, jet: Jet) -> Jet:
             f"longer has the {ctx.N} points in its first dimension (the jet rules keep points apart)"
         )
     S = tuple(v.shape[1:])
+    ctx.max_row = max(ctx.max_row, ctx.K * v[0].numel())
     for k, c in enumerate(jet.coefs, start=1):
         if c is None:
             continue
@@ -734,3 +736,51 @@ def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: boo
     if isinstance(out, (tuple, list, dict)):
         raise Unsupported("f returns a tuple/list/dict; it must return one tensor")
     return out, ctx
+
+
+# Points per chunk: about this many elements of the largest jet row block, so that the working set
+# of an elementwise step stays in cache on the CPU (measured on this project's 2-core CPU: a
+# FourierResNet of width 128, K=16, N=1024 ran ~1.6-2.4x faster in chunks of 256 points than in
+# one block); on a GPU large blocks are what keeps the device busy.
+_CHUNK_ELEMENTS = 1 << 19
+_CHUNK_ELEMENTS_GPU = 1 << 27
+_FIRST_CHUNK = 128
+
+
+def _cat_outputs_ctx(parts: List[Any], ctx: Context) -> Any:
+    """The outputs of several chunks as one (shared first-order rows are the same in each)."""
+    first = parts[0]
+    if not isinstance(first, Jet):
+        return torch.cat(parts) if isinstance(first, Tensor) and first.dim() >= 1 else first
+    coefs = []
+    for k, c0 in enumerate(first.coefs, start=1):
+        if c0 is None:
+            coefs.append(None)
+        elif not ctx.is_sum(k) and c0.dim() == first.value.dim():
+            coefs.append(c0)  # shared (K, *S)
+        else:
+            coefs.append(torch.cat([p.coefs[k - 1] for p in parts]))
+    return Jet(torch.cat([p.value for p in parts]), coefs)
+
+
+def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+    """:func:`propagate` over chunks of points (rows are independent), concatenated.
+
+    The first chunk tells the largest jet row; the rest go in chunks of about
+    ``_CHUNK_ELEMENTS`` elements per coefficient tensor. When the result carries an autograd
+    graph the rest goes in one block (the graph is kept whole either way)."""
+    N = x.shape[0]
+    first = min(N, _FIRST_CHUNK)
+    out, ctx = propagate(program, x[:first], V, order, collapsed)
+    if first == N:
+        return out, ctx
+    parts = [out]
+    graph_kept = torch.is_grad_enabled() and isinstance(out, (Jet, Tensor)) and _value_of(out).requires_grad
+    budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    chunk = N - first if graph_kept else max(_FIRST_CHUNK, budget // max(1, ctx.max_row))
+    for i in range(first, N, chunk):
+        part, c = propagate(program, x[i : i + chunk], V, order, collapsed)
+        ctx.piecewise_linear_seen |= c.piecewise_linear_seen
+        parts.append(part)
+    ctx.N = N
+    return _cat_outputs_ctx(parts, ctx), ctx
