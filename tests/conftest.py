@@ -34,3 +34,46 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# ---- --slow and the hypothesis profiles (issue 7: hardening) ----------------------------------
+#
+# ``pytest --slow`` (or TORCHHESSDIAG_SLOW=1) runs the tests marked ``@pytest.mark.slow`` (wider
+# compile variants, the > 2^31-element kernel test, ...) and selects the wide hypothesis profile.
+# Hypothesis profiles: "fast" (default; CI) and "slow" (many more examples); HYPOTHESIS_PROFILE
+# picks one explicitly. Both are derandomized, so a run is reproducible.
+
+import os  # noqa: E402
+
+try:
+    from hypothesis import HealthCheck, settings as _hyp_settings
+except ImportError:  # hypothesis is a test dependency; tests/test_properties.py skips without it
+    _hyp_settings = None
+else:
+    _common = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    _hyp_settings.register_profile("fast", max_examples=20, **_common)
+    _hyp_settings.register_profile("slow", max_examples=300, **_common)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="also run the tests marked slow")
+
+
+def _slow_enabled(config) -> bool:
+    return bool(config.getoption("--slow")) or os.environ.get("TORCHHESSDIAG_SLOW", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slow test, run only with --slow (or TORCHHESSDIAG_SLOW=1)")
+    if _hyp_settings is not None:
+        default = "slow" if _slow_enabled(config) else "fast"
+        _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", default))
+
+
+def pytest_collection_modifyitems(config, items):
+    if _slow_enabled(config):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --slow (or TORCHHESSDIAG_SLOW=1)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

@@ -53,8 +53,9 @@ def _dims_matrix(dims, d: int, x: Tensor, where: str) -> Optional[Tensor]:
     return V
 
 
-def _setup(model, x, dims, where):
-    """Parse the model, validate x (and dims), warn for piecewise-linear nets."""
+def _setup(model, x, dims, where, chunk_size=None):
+    """Parse the model, validate x (and dims, chunk_size), warn for piecewise-linear nets."""
+    engine.check_chunk_size(chunk_size, where)
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     V = _dims_matrix(dims, d, x2, where)
@@ -66,7 +67,9 @@ def _shape_out(t: Tensor, unbatched: bool) -> Tensor:
     return t.squeeze(0) if unbatched else t
 
 
-def mlp_derivatives(model: nn.Module, x: Tensor, second: str = "laplacian", dims=None) -> MLPDerivatives:
+def mlp_derivatives(
+    model: nn.Module, x: Tensor, second: str = "laplacian", dims=None, *, chunk_size: Optional[int] = None
+) -> MLPDerivatives:
     """Value, input gradient and a second-order quantity of an MLP, from one pass.
 
     Args:
@@ -79,6 +82,11 @@ def mlp_derivatives(model: nn.Module, x: Tensor, second: str = "laplacian", dims
             ``"diag"`` (the Hessian diagonal over ``dims``: shape (N, m, len(dims))).
         dims: input dimensions to differentiate along (default: all), e.g. ``[1, 2, 3]`` for the
             spatial dims of (t, x, y, z). The gradient always has all d components.
+        chunk_size: at most this many points are processed at a time (default: automatic chunks
+            without a graph, one block with one). Results equal the unchunked ones up to the
+            rounding of the GEMMs, which may depend on the number of rows (a few ulp; README
+            "Large inputs"). Without a graph the row buffers then hold at most ``chunk_size``
+            points; with a graph the blocks are concatenated and the saved graph grows with N.
 
     Returns:
         ``MLPDerivatives(value, gradient, second)``: (N, m), (N, m, d), and the above.
@@ -86,8 +94,10 @@ def mlp_derivatives(model: nn.Module, x: Tensor, second: str = "laplacian", dims
     if second not in ("laplacian", "diag"):
         raise ValueError(f"mlp_derivatives: second must be 'laplacian' or 'diag', got {second!r}")
     where = "torchhessdiag.mlp_derivatives"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
-    out = engine.run(layers, x2, V, "sum" if second == "laplacian" else "diag", need_gradient=True)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
+    out = engine.run(
+        layers, x2, V, "sum" if second == "laplacian" else "diag", need_gradient=True, chunk_size=chunk_size
+    )
     return MLPDerivatives(
         _shape_out(out.value, unbatched),
         _shape_out(out.gradient, unbatched),
@@ -95,35 +105,46 @@ def mlp_derivatives(model: nn.Module, x: Tensor, second: str = "laplacian", dims
     )
 
 
-def mlp_laplacian(model: nn.Module, x: Tensor, dims=None) -> Tensor:
+def mlp_laplacian(model: nn.Module, x: Tensor, dims=None, *, chunk_size: Optional[int] = None) -> Tensor:
     """Exact Laplacian sum_i d^2 u / dx_i^2 of an MLP at every point: shape (N, m).
 
     ``dims`` restricts the sum to some input dimensions (a partial Laplacian, e.g. the spatial
     dims of a (t, x, y) input). Differentiable w.r.t. the parameters (and x) when grad mode is on.
-    See :func:`mlp_derivatives` for the supported models.
+    ``chunk_size``: at most this many points at a time (see :func:`mlp_derivatives`). See
+    :func:`mlp_derivatives` for the supported models.
     """
     where = "torchhessdiag.mlp_laplacian"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
-    return _shape_out(engine.run(layers, x2, V, "sum").second, unbatched)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
+    return _shape_out(engine.run(layers, x2, V, "sum", chunk_size=chunk_size).second, unbatched)
 
 
-def mlp_hessian_diag(model: nn.Module, x: Tensor, dims=None) -> Tensor:
+def mlp_hessian_diag(model: nn.Module, x: Tensor, dims=None, *, chunk_size: Optional[int] = None) -> Tensor:
     """Exact Hessian diagonal d^2 u / dx_i^2 of an MLP: shape (N, m, d) (or (N, m, len(dims))).
 
-    Never builds the d x d Hessian. Differentiable w.r.t. the parameters (and x).
+    Never builds the d x d Hessian. Differentiable w.r.t. the parameters (and x). ``chunk_size``:
+    at most this many points at a time (see :func:`mlp_derivatives`).
     """
     where = "torchhessdiag.mlp_hessian_diag"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where)
-    return _shape_out(engine.run(layers, x2, V, "diag").second, unbatched)
+    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
+    return _shape_out(engine.run(layers, x2, V, "diag", chunk_size=chunk_size).second, unbatched)
 
 
-def mlp_weighted_laplacian(model: nn.Module, x: Tensor, A: Optional[Tensor] = None, factor: Optional[Tensor] = None) -> Tensor:
+def mlp_weighted_laplacian(
+    model: nn.Module,
+    x: Tensor,
+    A: Optional[Tensor] = None,
+    factor: Optional[Tensor] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """tr(A Hess u) for a symmetric positive semi-definite A (d, d), or A = factor @ factor.T.
 
     Give exactly one of ``A`` or ``factor`` (d, r). A is factorised by an eigendecomposition
-    (negative eigenvalues beyond rounding raise ValueError). Shape (N, m).
+    (negative eigenvalues beyond rounding raise ValueError). Shape (N, m). ``chunk_size``: at most
+    this many points at a time (see :func:`mlp_derivatives`).
     """
     where = "torchhessdiag.mlp_weighted_laplacian"
+    engine.check_chunk_size(chunk_size, where)
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     if (A is None) == (factor is None):
@@ -147,16 +168,20 @@ def mlp_weighted_laplacian(model: nn.Module, x: Tensor, A: Optional[Tensor] = No
             )
         Fm = evecs * evals.clamp_min(0).sqrt()
     engine._warn_if_piecewise_linear(layers)
-    return _shape_out(engine.run(layers, x2, Fm, "sum").second, unbatched)
+    return _shape_out(engine.run(layers, x2, Fm, "sum", chunk_size=chunk_size).second, unbatched)
 
 
-def mlp_mixed_partials(model: nn.Module, x: Tensor, pairs: Sequence[Tuple[int, int]]) -> Tensor:
+def mlp_mixed_partials(
+    model: nn.Module, x: Tensor, pairs: Sequence[Tuple[int, int]], *, chunk_size: Optional[int] = None
+) -> Tensor:
     """Exact mixed partials d^2 u / dx_i dx_j for the requested pairs: shape (N, m, len(pairs)).
 
     Computed as the bilinear form e_i^T H e_j layer by layer (no polarisation, so no cancellation
-    when the off-diagonal entry is small next to the diagonal ones).
+    when the off-diagonal entry is small next to the diagonal ones). ``chunk_size``: at most this
+    many points at a time (see :func:`mlp_derivatives`).
     """
     where = "torchhessdiag.mlp_mixed_partials"
+    engine.check_chunk_size(chunk_size, where)
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     try:
@@ -175,7 +200,8 @@ def mlp_mixed_partials(model: nn.Module, x: Tensor, pairs: Sequence[Tuple[int, i
     a_idx = torch.tensor([pos[i] for i, _ in pairs], device=x2.device)
     b_idx = torch.tensor([pos[j] for _, j in pairs], device=x2.device)
     engine._warn_if_piecewise_linear(layers)
-    return _shape_out(engine.run(layers, x2, V, "pairs", pairs=(a_idx, b_idx)).second, unbatched)
+    out = engine.run(layers, x2, V, "pairs", pairs=(a_idx, b_idx), chunk_size=chunk_size).second
+    return _shape_out(out, unbatched)
 
 
 def mlp_laplacian_hutchinson(
@@ -185,15 +211,19 @@ def mlp_laplacian_hutchinson(
     distribution: str = "rademacher",
     generator: Optional[torch.Generator] = None,
     dims=None,
+    *,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Unbiased Hutchinson estimate of the Laplacian: mean over s of v_s^T (Hess u) v_s.
 
     The ``num_samples`` probe vectors (Rademacher +-1 or standard Gaussian, drawn with
     ``generator``) are shared by all points of the batch; each v_s^T H v_s is exact, so the only
     error is the sampling error. Worth it for very large d (cost ~ num_samples instead of d rows).
-    Shape (N, m).
+    Shape (N, m). ``chunk_size``: at most this many points at a time (see :func:`mlp_derivatives`);
+    the probes are drawn once and shared by every chunk.
     """
     where = "torchhessdiag.mlp_laplacian_hutchinson"
+    engine.check_chunk_size(chunk_size, where)
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
@@ -210,5 +240,5 @@ def mlp_laplacian_hutchinson(
     Z = Z.to(device=x2.device, dtype=x2.dtype)
     V = Z if D is None else D @ Z
     engine._warn_if_piecewise_linear(layers)
-    out = engine.run(layers, x2, V / num_samples**0.5, "sum").second
+    out = engine.run(layers, x2, V / num_samples**0.5, "sum", chunk_size=chunk_size).second
     return _shape_out(out, unbatched)

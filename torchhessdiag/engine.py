@@ -193,6 +193,17 @@ _CHUNK_ELEMENTS = 1 << 21
 _CHUNK_ELEMENTS_GPU = 1 << 27
 
 
+def check_chunk_size(chunk_size, where: str) -> Optional[int]:
+    """Validate a ``chunk_size`` argument: None, or an int >= 1 (bool refused)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{where}: chunk_size must be an int >= 1 or None, got {type(chunk_size).__name__} {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be an int >= 1 or None, got {chunk_size}")
+    return chunk_size
+
+
 def run(
     layers: List[Layer],
     x: Tensor,
@@ -200,6 +211,7 @@ def run(
     mode: str,
     need_gradient: bool = False,
     pairs: Optional[Tuple[Tensor, Tensor]] = None,
+    chunk_size: Optional[int] = None,
 ) -> EngineOut:
     """The engine. x (N, d); V (d, K) directions (None: all coordinate axes).
 
@@ -208,34 +220,45 @@ def run(
 
     When no graph is needed (grad mode off, or nothing requires grad) the points are processed in
     chunks with reused row buffers and the fused layer kernel works in place; otherwise one block
-    of differentiable ops carries the graph.
+    of differentiable ops carries the graph. ``chunk_size`` (validated by the caller with
+    :func:`check_chunk_size`) caps the points per block on both paths: without a graph it lowers
+    the automatic chunk, so the row buffers hold at most chunk_size points; with a graph the
+    blocks' differentiable results are concatenated (the transient rows of a block are bounded,
+    the graph saved for backward still grows with N).
     """
+    N = x.shape[0]
     needs_graph = torch.is_grad_enabled() and (
         x.requires_grad
         or (V is not None and V.requires_grad)
         or any(p.requires_grad for l in layers if isinstance(l, LinearLayer) for p in (l.weight, l.bias) if p is not None)
     )
     if needs_graph or mode == "pairs":
-        return _run_block(layers, x, V, mode, need_gradient, pairs, None)
+        chunk = N if chunk_size is None else min(N, chunk_size)
+        return _run_chunks(layers, x, V, mode, need_gradient, pairs, chunk, None)
     with torch.no_grad():
-        N, d = x.shape
+        d = x.shape[1]
         K = d if V is None else V.shape[1]
         widths = [l.weight.shape[0] for l in layers if isinstance(l, LinearLayer)] + [d]
         per_point = max(1, K * max(widths))
         budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
         chunk = max(1, min(N, budget // per_point))
-        if chunk >= N:
-            return _run_block(layers, x, V, mode, need_gradient, pairs, _Workspace(N * per_point, x))
-        ws = _Workspace(chunk * per_point, x)
-        parts = [
-            _run_block(layers, x[i : i + chunk], V, mode, need_gradient, pairs, ws)
-            for i in range(0, N, chunk)
-        ]
-        return EngineOut(
-            torch.cat([p.value for p in parts]),
-            torch.cat([p.gradient for p in parts]) if need_gradient else None,
-            torch.cat([p.second for p in parts]),
-        )
+        if chunk_size is not None:
+            chunk = min(chunk, chunk_size)
+        ws = _Workspace(min(N, chunk) * per_point, x)
+        return _run_chunks(layers, x, V, mode, need_gradient, pairs, chunk, ws)
+
+
+def _run_chunks(layers, x, V, mode, need_gradient, pairs, chunk: int, ws: Optional[_Workspace]) -> EngineOut:
+    """_run_block over consecutive blocks of at most ``chunk`` points, results concatenated."""
+    N = x.shape[0]
+    if chunk >= N:
+        return _run_block(layers, x, V, mode, need_gradient, pairs, ws)
+    parts = [_run_block(layers, x[i : i + chunk], V, mode, need_gradient, pairs, ws) for i in range(0, N, chunk)]
+    return EngineOut(
+        torch.cat([p.value for p in parts]),
+        torch.cat([p.gradient for p in parts]) if need_gradient else None,
+        torch.cat([p.second for p in parts]),
+    )
 
 
 def _run_block(
