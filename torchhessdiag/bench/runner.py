@@ -5,9 +5,10 @@ Steps, in this order (see torchhessdiag/bench/__init__.py for the rationale):
 1. float64 check, N = ``check_n``: every method against torch.func vmap(hessian) on a float64
    copy of the same weights (inference: the Hessian diagonal and the Laplacian; training: the
    weight gradient of the loss); norm-wise relative error <= 1e-10.
-2. budget probe: one call on N/8 points, scaled to N (time; peak memory for the non-thd
+2. budget probe: one call on 64 points, then (unless that is already far over) one on N/8
+   points, scaled to N (time; peak memory for the non-thd
    methods); a method over ``budget`` seconds per call or over half the free memory is skipped
-   with the reason.
+   with the reason (so is one that runs out of memory in the probe or at full size).
 3. full-size warm-up; its output is checked in the benchmark dtype. Inference: at S points spread
    over the N (first and last included) against float64 torch.func; tolerance in float32
    ``max(16 e_torch, 1e-6)`` where e_torch is the error of torch's own float32 nested autograd
@@ -44,6 +45,17 @@ def block_key(spec: dict) -> str:
     w = "-".join(map(str, spec["widths"]))
     return (f"{spec['device']}|{spec['dtype']}|{spec['activation']}|d={spec['d']}|w={w}|"
             f"N={spec['N']}|{spec['mode']}")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, getattr(torch, "OutOfMemoryError", MemoryError)) or isinstance(
+        e, MemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _err_text(e: BaseException) -> str:
@@ -114,9 +126,21 @@ def probe(make: Callable[[torch.Tensor], Callable], x, device, with_memory: bool
     once where it looks over the budget (a stall should not skip a method); time and optionally
     peak memory, scaled to N (fixed per-call costs make the scaled time err on the high side)."""
     N = x.shape[0]
+    make(x[: min(4, N)].contiguous())()
+    # a first look at 64 points: a method far over the budget (time or memory) stops here,
+    # before a call on N/8 points could run out of memory
+    n0 = min(N, 64)
+    if N // 8 > 4 * n0:
+        fn = make(x[:n0].contiguous())
+        M.synchronize(device)
+        out = {"n": n0, "seconds_scaled": M.time_once(fn, device) * N / n0}
+        if with_memory:
+            out["peak_bytes_scaled"] = peak_memory(fn, device)["peak_bytes"] * N / n0
+        if out["seconds_scaled"] > 4 * budget or (
+                out.get("peak_bytes_scaled", 0) > 2 * avail_bytes(device)):
+            return out
     n_p = max(1, min(N, max(16, N // 8)))
     scale = N / n_p
-    make(x[: min(4, N)].contiguous())()
     fn = make(x[:n_p].contiguous())
     M.synchronize(device)
     t = M.time_once(fn, device)
@@ -230,7 +254,11 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
         try:
             pr = probe(make(k), x, device, not METHODS[k].is_thd, opts.budget)
         except Exception as e:
-            rec["failed"][k] = "probe: " + _err_text(e)
+            if _is_oom(e):
+                rec["skipped"][k] = "out of memory in the budget probe (N/8 points)"
+                _free(device)
+            else:
+                rec["failed"][k] = "probe: " + _err_text(e)
             runnable.remove(k)
             continue
         rec["probe"][k] = pr
@@ -256,7 +284,11 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
                     outs[k] = r if mode == "inference" else flat_grads(method_model(k, ctx)).clone()
                 del r
         except Exception as e:
-            rec["failed"][k] = "full-size call: " + _err_text(e)
+            if _is_oom(e):
+                rec["skipped"][k] = "out of memory at full size"
+                _free(device)
+            else:
+                rec["failed"][k] = "full-size call: " + _err_text(e)
             if opts.verbose:
                 traceback.print_exc()
             runnable.remove(k)
