@@ -1,6 +1,6 @@
 """Laplacians, Hessian diagonals and axis derivatives of arbitrary models and functions.
 
-Each call picks the fastest exact path that applies, per call:
+Each call takes the first of these exact paths that applies:
 
 1. ``engine`` -- an ``nn.Sequential`` MLP that the MLP engine accepts (torchhessdiag/engine.py):
    K+2 rows per point, fused layer kernels (``laplacian``, ``hessian_diag``, and
