@@ -21,8 +21,8 @@ from .runner import block_key, run_block
 
 PRESETS = {
     # about a minute on a 2-core CPU: every method, both modes, d < and > the width
-    "quick": dict(device=["auto"], dtype=["float32"], d=[2, 8, 32, 96], width=[64], depth=[3],
-                  n=[256], repeats=3, budget=5.0, method_budget=2.0, check_n=8),
+    "quick": dict(device=["auto"], dtype=["float32"], d=[4, 40], width=[32], depth=[2],
+                  n=[128], repeats=3, budget=5.0, method_budget=1.0, check_n=8),
     # the CPU setting of the README
     "cpu": dict(device=["cpu"], dtype=["float32"], d=[8, 32, 100], width=[256], depth=[4],
                 n=[4096], repeats=5, budget=60.0, method_budget=30.0),
