@@ -149,7 +149,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "numpy", "mpmath", "hypothesis", "matplotlib"],
         "examples": ["matplotlib"],
-        "bench": ["matplotlib", "jet-for-pytorch"],
+        "bench": ["matplotlib", "jet-for-pytorch; python_version >= '3.12'"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},

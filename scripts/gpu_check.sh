@@ -42,7 +42,7 @@ if has sanitize; then
 fi
 if has bench; then
   stamp bench
-  timeout ${BENCH_TIMEOUT:-240} ${BENCH_CMD:-$PY benchmarks/bench_engine.py --device cuda --json $OUT/engine_cuda.json} > "$OUT/bench.log" 2>&1
+  timeout ${BENCH_TIMEOUT:-240} ${BENCH_CMD:-$PY -m torchhessdiag.bench --preset gpu --out $OUT/bench --resume --max-minutes 3 --no-progress} > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -60 "$OUT/bench.log"
 fi
 stamp done
