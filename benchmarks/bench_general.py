@@ -9,7 +9,8 @@ timing; timings interleaved run by run, medians with min-max):
 * Laplacian / Hessian diagonal: ``thd.laplacian`` / ``thd.hessian_diag`` (jets); nested
   ``torch.autograd.grad`` (one gradient, then one backward per input dimension);
   ``torch.func.vmap(torch.func.hessian(f))`` (full d x d Hessian, its diagonal read);
-  the library's own exact fallback (torch.func nested jvp along each axis, vmapped over the axes).
+  the library's own exact fallback (general._autograd_derivatives; the recorded run used torch.func
+  nested jvp, the current fallback runs nested torch.autograd.grad first).
 * Axis derivatives of order 4: ``thd.axis_derivatives(order=4)`` (jets) vs the fallback (nested
   jvp) and nested ``torch.autograd.grad`` (4 levels per axis).
 
@@ -73,8 +74,7 @@ def func_hessian_diag(f, x):
 
 
 def fallback(f, x, order):
-    """The library's exact slow path (torch.func nested jvp; nested autograd.grad where torch.func
-    cannot run f -- e.g. forward AD of silu's backward, needed from order 3, is missing in torch)."""
+    """The library's exact slow path (nested torch.autograd.grad, torch.func where it cannot)."""
     V = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     derivs, method = general._autograd_derivatives(f, x, V, order)
     METHODS[order] = method

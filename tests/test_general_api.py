@@ -134,28 +134,58 @@ class MyExp(torch.autograd.Function):
         return g * y
 
 
-@pytest.mark.parametrize("case", ["branch", "unsupported_op", "no_forward_ad"])
+class OnceExp(torch.autograd.Function):
+    """A backward that is not recorded for double backward (@once_differentiable): nested
+    reverse mode sees no graph at order 2, and torch.func's nested forward mode gives silent
+    zeros through custom Functions (pytorch/pytorch#197867) -- nobody can compute its Hessian."""
+
+    @staticmethod
+    def forward(ctx, z):
+        y = z.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * y
+
+
+def _layer_norm_by_hand(h):
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    return (h - mean) / torch.sqrt(var + 1e-5)
+
+
+@pytest.mark.parametrize("case", ["branch", "unsupported_op", "no_forward_ad", "layernorm"])
 def test_fallback_is_exact(case, device):
     torch.manual_seed(2)
+    orders = (2, 4, 5)
     if case == "branch":
         f = Branchy().to(device, DT)
         f_ref = f
     elif case == "unsupported_op":
         f = WithUnsupportedOp().to(device, DT)
         f_ref = f
+    elif case == "layernorm":
+        # nested reverse mode of F.layer_norm is right to order 2 only in torch 2.13 (orders >= 3
+        # treat its saved mean/rstd as constants, and its nested forward mode is wrong already at
+        # order 2: pytorch/pytorch#196700) -- the fallback is as exact as torch's own rules
+        lin, ln, out = nn.Linear(3, 6).to(device, DT), nn.LayerNorm(6).to(device, DT), nn.Linear(6, 2).to(device, DT)
+        f = lambda x: out(torch.tanh(ln(lin(x))))  # noqa: E731
+        f_ref = lambda x: out(torch.tanh(_layer_norm_by_hand(lin(x)) * ln.weight + ln.bias))  # noqa: E731
+        orders = (2,)
     else:
         lin = nn.Linear(3, 2).to(device, DT)
         f = lambda x: MyExp.apply(lin(x) / 2)  # noqa: E731
         f_ref = lambda x: torch.exp(lin(x) / 2)  # noqa: E731
     x = torch.randn(5, 3, dtype=DT, device=device)
     want = oracle(f_ref, x, 4)
-    for order in (2, 4, 5):
+    for order in orders:
         got, info = thd.axis_derivatives(f, x, order, return_info=True)
         assert info.path == "autograd"
-        if case == "no_forward_ad":
-            assert "autograd.grad" in info.method
-        else:
-            assert "torch.func" in info.method
+        assert "autograd.grad" in info.method, info
         if order <= 4:
             assert_close(got, want[: order + 1], 1e-10, f"order {order}")
     lap, info = thd.laplacian(f, x, return_info=True)
@@ -167,6 +197,23 @@ def test_fallback_is_exact(case, device):
         assert "torch.fx could not trace" in info.reason
     if case == "unsupported_op":
         assert "log1p" in info.reason
+
+
+def test_uncomputable_second_derivative_is_not_silent():
+    """Where neither reverse nor forward mode can give a second derivative, the zeros come with a
+    warning; where only the backward graph ends (a polynomial), forward mode confirms them."""
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=DT)
+    with pytest.warns(UserWarning, match="once_differentiable.*OnceExp"):
+        _, info = thd.hessian_diag(lambda x: OnceExp.apply(lin(x)), x, return_info=True)
+    assert "unconfirmed" in info.method
+    f = lambda x: torch.flip(x, dims=[-1]) * 2.0 + 1.0  # noqa: E731  (flip: no jet rule; linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (torch.func itself may raise a DeprecationWarning)
+        got, info = thd.axis_derivatives(f, x, 3, return_info=True)
+    assert "torch.func" in info.method  # the zeros of orders 2, 3 confirmed by forward mode
+    assert_close(got, oracle(f, x, 3), 1e-12, "linear")
+    assert bool((got[2:] == 0).all())
 
 
 def test_fallback_parameter_gradients():
@@ -376,6 +423,15 @@ def test_bad_arguments():
 
     with pytest.raises(NotImplementedError, match="eval"):
         thd.laplacian(Wrap(), x)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh()).double()
+    before = bn[1].num_batches_tracked.clone()
+    with pytest.raises(ValueError, match="BatchNorm1d at '1' is in training mode.*not independent"):
+        thd.hessian_diag(bn, x)
+    assert torch.equal(bn[1].num_batches_tracked, before)  # refused before f ran
+    bn.eval()
+    hd, info = thd.hessian_diag(bn, x, return_info=True)  # eval mode: an affine map per row
+    assert info.path == "autograd" and "BatchNorm1d" in info.reason
+    assert_close(hd, oracle(bn, x, 2)[2], 1e-10, "batchnorm eval")
 
 
 def test_unbatched_point_and_bound_forward():

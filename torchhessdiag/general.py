@@ -11,11 +11,13 @@ Each call takes the first of these exact paths that applies:
    normalisation, sin/cos/exp features): Taylor jets along the coordinate axes, propagated over
    the traced graph (torchhessdiag/graph.py, torchhessdiag/taylor.py), orders 1-4;
 3. ``autograd`` -- everything else (Python control flow on tensor values, ops without a jet rule,
-   orders above 4): exact nested forward-mode autograd with ``torch.func`` (nested ``jvp`` along
-   each axis, vectorised over the axes with ``vmap``), and if ``torch.func`` cannot run ``f``,
-   nested ``torch.autograd.grad``. It says so once per cause in a debug-level message of the
-   ``"torchhessdiag"`` logger; ``fallback="error"`` (or :func:`set_fallback`, or the environment
-   variable ``TORCHHESSDIAG_FALLBACK=error``) turns it into a ``NotImplementedError``.
+   custom autograd.Functions, orders above 4): nested ``torch.autograd.grad`` (reverse over
+   reverse, one backward per output component, axis and order), with ``torch.func``'s nested
+   ``jvp`` (vmapped over the axes) where reverse mode cannot run ``f`` or where its backward graph
+   ends (see :func:`_autograd_derivatives` for why in this order). As exact as torch's own
+   derivative rules of the ops ``f`` uses. It says so once per cause in a debug-level message of
+   the ``"torchhessdiag"`` logger; ``fallback="error"`` (or :func:`set_fallback`, or the
+   environment variable ``TORCHHESSDIAG_FALLBACK=error``) turns it into a ``NotImplementedError``.
 
 ``return_info=True`` returns ``(result, PathInfo)``; :func:`explain` tells which path a call
 takes without computing the slow path.
@@ -57,7 +59,8 @@ class PathInfo(NamedTuple):
     ``path``: ``"engine"`` (the MLP engine), ``"jet"`` (Taylor jets over the traced graph),
     ``"forward"`` (order 0: f(x) only) or ``"autograd"`` (the exact slow path).
     ``reason``: why this path (for ``"autograd"``: why each faster one did not apply).
-    ``method``: for ``"autograd"``, which method ran (torch.func or torch.autograd.grad).
+    ``method``: for ``"autograd"``, which method ran (torch.autograd.grad, and torch.func for
+    what reverse mode could not settle).
     """
 
     path: str
@@ -186,6 +189,14 @@ def _warn_piecewise_linear(level: int) -> None:
 def _check_module(f: Any, x: Tensor, where: str) -> None:
     if not isinstance(f, nn.Module):
         return
+    for name, m in f.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+            state = "in training mode" if m.training else "without running statistics"
+            raise ValueError(
+                f"{where}: {type(m).__name__} at '{name}' is {state}, so it normalises with the "
+                "statistics of the whole batch: the rows of f(x) are not independent and no per-point "
+                "Hessian exists; call model.eval() (with running statistics)"
+            )
     for name, p in f.named_parameters():
         if not p.is_floating_point():
             continue
@@ -331,7 +342,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
         )
     if dry:
-        return done(None, PathInfo("autograd", reason, "torch.func, or nested torch.autograd.grad if torch.func fails"))
+        return done(None, PathInfo("autograd", reason, "nested torch.autograd.grad (torch.func nested jvp where it cannot)"))
     cause = (where, type(f).__name__, reason)
     if cause not in _logged:
         _logged.add(cause)
@@ -378,10 +389,18 @@ def _func_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[Li
     return [torch.stack([p[j] for p in per_axis], 1) for j in range(order)], "torch.func: nested jvp, one axis at a time"
 
 
-def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool) -> List[Tensor]:
+def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool) -> Tuple[List[Tensor], List[Tuple[int, int, int]]]:
     """The same by nested torch.autograd.grad (rows independent: the gradient of the sum over
-    rows is the per-row gradient)."""
+    rows is the per-row gradient).
+
+    Returns the derivatives and the entries (order index, axis index, output component) that
+    reverse mode could not settle: from order 2 on, a derivative whose graph ends (the previous
+    level does not require grad, or x is unreachable from it) is exactly 0 if f really is
+    polynomial of lower degree there -- or unknown, if a backward was not recorded (a
+    ``once_differentiable`` backward, a custom op without double backward). Those are left 0 here
+    and listed; the caller settles them another way."""
     dims = [int(i) for i in V.argmax(0).tolist()]
+    unknown: List[Tuple[int, int, int]] = []
     with torch.enable_grad():
         xx = x if x.requires_grad else x.detach().requires_grad_(True)
         y = f(xx)
@@ -394,7 +413,7 @@ def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool)
         for i in range(M):
             yi = yf[:, i]
             if not yi.requires_grad:
-                continue
+                continue  # the forward graph does not reach x: every derivative is 0
             (g,) = torch.autograd.grad(yi.sum(), xx, create_graph=order > 1 or keep, retain_graph=True, allow_unused=True)
             if g is None:
                 continue
@@ -402,23 +421,95 @@ def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool)
                 cur = g[:, k]
                 res[0][kk][i] = cur
                 for o in range(1, order):
-                    if not cur.requires_grad:
-                        break
-                    (gg,) = torch.autograd.grad(
-                        cur.sum(), xx, create_graph=o < order - 1 or keep, retain_graph=True, allow_unused=True
-                    )
+                    gg = None
+                    if cur.requires_grad:
+                        (gg,) = torch.autograd.grad(
+                            cur.sum(), xx, create_graph=o < order - 1 or keep, retain_graph=True, allow_unused=True
+                        )
                     if gg is None:
+                        unknown.extend((oo, kk, i) for oo in range(o, order))
                         break
                     cur = gg[:, k]
                     res[o][kk][i] = cur
     out = [torch.stack([torch.stack(res[o][kk], 1) for kk in range(len(dims))], 1).reshape((N, len(dims)) + S) for o in range(order)]
-    return out if keep else [t.detach() for t in out]
+    return (out if keep else [t.detach() for t in out]), unknown
+
+
+def _custom_functions(f: Callable, x: Tensor) -> List[str]:
+    """Names of the custom torch.autograd.Functions in f's autograd graph at x (walked from the
+    output). torch.func's nested forward mode silently returns zeros through them
+    (pytorch/pytorch#197867), so it must not be used to settle their derivatives."""
+    with torch.enable_grad():
+        y = f(x.detach().requires_grad_(True))
+    found, seen = set(), set()
+    stack = [y.grad_fn] if isinstance(y, Tensor) and y.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.add(type(node).__name__.replace("Backward", ""))
+        stack.extend(n for n, _ in node.next_functions)
+    return sorted(found)
 
 
 def _autograd_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[List[Tensor], str]:
+    """The exact slow path: nested torch.autograd.grad (reverse over reverse), and torch.func's
+    nested jvp where reverse mode cannot run f or cannot settle an entry.
+
+    Reverse over reverse comes first because it is the best-checked path of torch's derivative
+    rules: forward-over-forward is silently wrong for some ops (e.g. F.layer_norm's second-order
+    JVP in torch 2.13, pytorch/pytorch#196700, umbrella #198017), silently zero through custom
+    autograd.Functions (#197867), and missing for others (silu_backward has no forward-AD
+    formula, so nested jvp of F.silu stops at order 2)."""
     keep = torch.is_grad_enabled()
     try:
-        return _func_derivatives(f, x, V, order)
-    except Exception as e:  # noqa: BLE001 - torch.func cannot run f: plain autograd can
-        logger.debug("torchhessdiag: torch.func failed (%s: %s); nested torch.autograd.grad", type(e).__name__, e)
-    return _grad_derivatives(f, x, V, order, keep), "torch.autograd.grad: nested backward passes"
+        derivs, unknown = _grad_derivatives(f, x, V, order, keep)
+    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
+        logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
+        if _custom_functions(f, x):
+            raise  # torch.func would give zeros through them: the reverse-mode error is the answer
+        try:
+            return _func_derivatives(f, x, V, order)
+        except Exception:  # noqa: BLE001 - neither can: report the reverse-mode error, the usual one
+            raise e from None
+    method = "torch.autograd.grad: nested backward passes"
+    if not unknown:
+        return derivs, method
+    # entries where the backward graph ended: 0 if f is of lower degree there, unknown if a
+    # backward was not recorded -- settle them with forward mode, which does not use backwards,
+    # unless f holds custom autograd.Functions, where torch.func's nested forward mode is zero
+    customs = _custom_functions(f, x)
+    why = None
+    if customs:
+        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
+    else:
+        try:
+            fwd, _ = _func_derivatives(f, x, V, order)
+        except Exception as e:  # noqa: BLE001
+            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
+    if why is not None:
+        warnings.warn(
+            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
+            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
+            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
+            f"{why}.",
+            UserWarning,
+            stacklevel=_stacklevel(),
+        )
+        return derivs, method + " (entries with no backward graph taken as 0, unconfirmed)"
+    N = x.shape[0]
+    fixed = []
+    for o, (d_rev, d_fwd) in enumerate(zip(derivs, fwd)):
+        K = d_rev.shape[1]
+        flat_rev = d_rev.reshape(N, K, -1)
+        flat_fwd = d_fwd.reshape(N, K, -1).to(flat_rev.dtype)
+        idx = [(kk, i) for oo, kk, i in unknown if oo == o]
+        if idx:
+            mask = torch.zeros(K, flat_rev.shape[2], dtype=torch.bool, device=flat_rev.device)
+            for kk, i in idx:
+                mask[kk, i] = True
+            flat_rev = torch.where(mask, flat_fwd, flat_rev)
+        fixed.append(flat_rev.reshape(d_rev.shape))
+    return fixed, method + " (entries with no backward graph from torch.func nested jvp)"
