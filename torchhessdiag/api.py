@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+import operator
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,16 +31,36 @@ class MLPDerivatives(NamedTuple):
     second: Tensor
 
 
+def _ints(seq, what: str, where: str) -> List[int]:
+    """A sequence of integers (Python/numpy ints, an integer tensor) as a list of ints. Floats,
+    bools and strings are refused rather than truncated (dims=[0.5] must not mean axis 0)."""
+    bad = TypeError(f"{where}: {what} must be a sequence of ints, got {seq!r}")
+    if isinstance(seq, Tensor):
+        if seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool or seq.dim() > 1:
+            raise bad
+        seq = seq.tolist()
+    if isinstance(seq, (str, bytes)):
+        raise bad
+    try:
+        items = list(seq)
+    except TypeError:
+        raise bad from None
+    out = []
+    for i in items:
+        if isinstance(i, bool):
+            raise bad
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise bad from None
+    return out
+
+
 def _dims_matrix(dims, d: int, x: Tensor, where: str) -> Optional[Tensor]:
     """V (d, K) selecting the coordinate axes ``dims``; None for all axes."""
     if dims is None:
         return None
-    if isinstance(dims, Tensor):
-        dims = dims.tolist()
-    try:
-        dims = [int(i) for i in dims]
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: dims must be a sequence of ints, got {dims!r}") from None
+    dims = _ints(dims, "dims", where)
     if not dims:
         raise ValueError(f"{where}: dims is empty; pass None for all {d} input dimensions")
     bad = [i for i in dims if not -d <= i < d]
@@ -185,9 +206,11 @@ def mlp_mixed_partials(
     layers = engine.parse_mlp(model, where)
     x2, unbatched, d = engine.check_input(layers, x, where)
     try:
-        pairs = [(int(i), int(j)) for i, j in pairs]
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: pairs must be a sequence of (i, j) int pairs") from None
+        pairs = [tuple(_ints(p, "pairs", where)) for p in pairs]
+    except TypeError:
+        raise TypeError(f"{where}: pairs must be a sequence of (i, j) int pairs, got {pairs!r}") from None
+    if any(len(p) != 2 for p in pairs):
+        raise TypeError(f"{where}: pairs must be a sequence of (i, j) int pairs, got {pairs!r}")
     if not pairs:
         raise ValueError(f"{where}: pairs is empty")
     bad = [p for p in pairs if not (-d <= p[0] < d and -d <= p[1] < d)]

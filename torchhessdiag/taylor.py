@@ -130,7 +130,7 @@ def _check(ctx: Context, jet: Jet) -> Jet:
             f"longer has the {ctx.N} points in its first dimension (the jet rules keep points apart)"
         )
     S = tuple(v.shape[1:])
-    ctx.max_row = max(ctx.max_row, ctx.K * v[0].numel())
+    ctx.max_row = max(ctx.max_row, ctx.K * math.prod(v.shape[1:]))  # not v[0]: N may be 0
     for k, c in enumerate(jet.coefs, start=1):
         if c is None:
             continue
