@@ -30,7 +30,11 @@ model and batch, with the setting; writes a PNG (network and error at three time
     python examples/heat.py                  # full run
     python examples/heat.py --dim 1          # one spatial dimension
 
-Results of full runs: see the README section "Train a PINN" (copied from runs of this script).
+Relative L2 errors reached over [0, 0.1] x [0, 1]^2 (float64, seed 0, CPU: AMD EPYC, 2 cores
+shared with other jobs, torch 2.13.0; more in the README section "Train a PINN"):
+
+* ``--quick`` (tanh 3x32, 512 + 256 + 256 points per step, Adam 1000 + L-BFGS 300, 2 threads): 7.8e-3;
+* full (tanh 4x64, 2048 + 1024 + 1024 points, Adam 5000 + L-BFGS 2000, 1 thread, 1446 s): 5.8e-4.
 """
 
 from __future__ import annotations

@@ -23,8 +23,13 @@ solution, prediction, error, loss curve; a slice through the cube at x_i = 0.5, 
     python examples/poisson.py                       # full run
     python examples/poisson.py --dim 10 [--quick]    # the 10-dimensional variant
 
-Results of full runs (float64, seed 0, this repository's 2-core shared CPU, torch 2.13.0): see
-the README section "Train a PINN"; the figures there are copied from runs of this script.
+Relative L2 errors reached (float64, seed 0, CPU: AMD EPYC, 2 cores shared with other jobs,
+torch 2.13.0; more in the README section "Train a PINN"):
+
+* ``--quick`` (tanh 3x32, 512 + 256 points per step, Adam 1000 + L-BFGS 300, 2 threads): 4.8e-4;
+* full (tanh 4x64, 2048 + 1024 points, Adam 5000 + L-BFGS 2000, 1 thread, 848 s): 6.3e-5;
+* ``--dim 10 --quick`` (tanh 3x48, 512 + 256, Adam 400 + L-BFGS 200, 2 threads): 6.4e-3;
+* ``--dim 10`` (tanh 3x64, 1024 + 512, Adam 3000 + L-BFGS 1000, 1 thread, 852 s): 1.8e-3.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         with torch.no_grad():
             return _pinn.relative_l2(model(x_test)[:, 0], u_test)
 
-    sol = "sin(πx)sin(πy)" if problem.product else f"Σ_i sin(π x_i/2), i < {args.dim}"
+    sol = "sin(πx)sin(πy)" if problem.product else f"Σ_i sin(π x_i/2), i = 0..{args.dim - 1}"
     setting = _pinn.describe(device, dtype, args.width, args.depth,
                              f"{args.batch} interior + {args.boundary_batch} boundary points")
     print(f"Poisson -Δu = f on [0,1]^{args.dim}, exact u = {sol}, Dirichlet condition as a loss "
