@@ -323,7 +323,7 @@ def train(
             if not math.isfinite(cur):
                 raise FloatingPointError(f"loss became {cur} during L-BFGS")
             if iters < n:
-                log("lbfgs stopped early: no further decrease along the search direction")
+                log("lbfgs stopped early: the line search made no progress (or hit its evaluation limit)")
                 break
         hist.lbfgs_iters = done
         hist.lbfgs_evals = evals[0]
