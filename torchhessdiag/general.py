@@ -154,8 +154,10 @@ def explain(f: Callable[[Tensor], Tensor], x: Tensor, function: str = "laplacian
         order = 2
     elif isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise ValueError(f"explain: order must be an int >= 0, got {order!r}")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # no warnings.catch_warnings() here: it swaps the process-wide filter list, so two threads
+    # in it at once restore each other's lists and can leave every warning of the process
+    # silenced. The dry run warns of nothing itself (the piecewise-linear warnings are skipped).
+    with torch.no_grad():
         _, info = _compute(f, x, dims, what, order, "autograd", True, "torchhessdiag.explain", dry=True)
     return info
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import operator
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -217,12 +218,33 @@ class _Root(nn.Module):
         return self.fn(x)
 
 
+# torch.fx tracing is process-global: while it runs it replaces torch.nn.Module.__call__ and
+# __getattr__ on the class (and _trace below replaces torch.autograd.Function.apply), restoring
+# them when it ends. Two traces in two threads would restore each other's patches in the wrong
+# order and leave them installed for good (seen: every later module call returned a torch.fx
+# Proxy), and a module called by another thread mid-trace would land in this trace's graph. So
+# (1) one trace at a time in the process (this lock), and (2) the tracer hands calls that come
+# from other threads straight through (_Tracer.call_module / getattr).
+_TRACE_LOCK = threading.RLock()
+
+
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         get = getattr(activations, "registered_functions", None)
         fns = tuple(get()) if get is not None else ()
         super().__init__(autowrap_functions=fns)
         self._n_ext = 0
+        self._thread = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:  # another thread's module call: run it as is
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:  # another thread's attribute read: the value
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if spec_from_module(m) is not None or _is_linear(m):
@@ -262,7 +284,13 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(f: Callable) -> Tuple[fx.Graph, nn.Module]:
-    """(graph, root) of f, or raise Unsupported with torch.fx's reason."""
+    """(graph, root) of f, or raise Unsupported with torch.fx's reason. One trace at a time in
+    the process (see _TRACE_LOCK)."""
+    with _TRACE_LOCK:
+        return _trace_locked(f)
+
+
+def _trace_locked(f: Callable) -> Tuple[fx.Graph, nn.Module]:
     if inspect.ismethod(f) and isinstance(f.__self__, nn.Module) and f.__func__ is type(f.__self__).forward:
         f = f.__self__
     tracer = _Tracer()

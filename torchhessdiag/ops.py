@@ -503,6 +503,21 @@ def _save_common(ctx, act, a, b):
     ctx.act, ctx.a, ctx.b = act, a, b
 
 
+def _keep_needs(ctx) -> None:
+    """Keep ctx.needs_input_grad as the forward saw it, for the backward to read.
+
+    torch.library.register_autograd's backward wrapper (torch/_library/autograd.py, torch 2.13)
+    sets ``ctx.needs_input_grad = ctx.needs_input_grad[:-1]`` around our backward and restores it
+    afterwards. Threads differentiating one shared graph at once (torch allows it) interleave
+    there: a thread may see the tuple cut twice (IndexError), and the restores can leave it cut.
+    The copy made here, while the forward runs in one thread, is not touched by that."""
+    ctx._thd_needs = tuple(getattr(ctx, "needs_input_grad", ()))
+
+
+def _needs(ctx) -> tuple:
+    return getattr(ctx, "_thd_needs", None) or ctx.needs_input_grad
+
+
 # act_forward ----------------------------------------------------------------------------------
 
 
@@ -542,6 +557,7 @@ def _fwd_backward(ctx, gy):
 def _grad_setup(ctx, inputs, output):
     g, z, act, a, b, k = inputs
     _save_common(ctx, act, a, b)
+    _keep_needs(ctx)
     ctx.k = k
     ctx.save_for_backward(g, z)
 
@@ -572,7 +588,7 @@ def _cached_derivs(ctx, z: Tensor, spec: ActivationSpec, k: int) -> Tensor:
 def _grad_backward(ctx, gout):
     g, z = ctx.saved_tensors
     spec, k = _spec_of(ctx), ctx.k
-    need_g, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_g, need_z = _needs(ctx)[:2]
     if need_z and spec.piecewise_linear:
         _warn_piecewise_linear(spec)
     if k + 1 <= MAX_ORDER:
@@ -588,12 +604,13 @@ def _grad_backward(ctx, gout):
 
 
 def _mp_setup(ctx, inputs, output):
+    _keep_needs(ctx)
     ctx.save_for_backward(*inputs)
 
 
 def _mp_backward(ctx, g1, g2):
     w, g, d1, d2 = ctx.saved_tensors
-    n = ctx.needs_input_grad
+    n = _needs(ctx)
     g2w = g2 * w if (n[1] or n[3]) else None
     return (
         g1 * d1 + g2 * g * d2 if n[0] else None,  # d/dw
@@ -609,6 +626,7 @@ def _mp_backward(ctx, g1, g2):
 def _gb_setup(ctx, inputs, output):
     gg, g, z, act, a, b, k = inputs
     _save_common(ctx, act, a, b)
+    _keep_needs(ctx)
     ctx.k = k
     ctx.save_for_backward(gg, g, z)
 
@@ -616,7 +634,7 @@ def _gb_setup(ctx, inputs, output):
 def _gb_backward(ctx, g1, g2):
     gg, g, z = ctx.saved_tensors
     spec, k = _spec_of(ctx), ctx.k
-    need_gg, need_g, need_z = ctx.needs_input_grad[:3]
+    need_gg, need_g, need_z = _needs(ctx)[:3]
     orders = [k, k + 1] + ([k + 2] if need_z else [])
     d = _derivs(z, spec, orders)
     dk, dk1 = d[0], d[1]
