@@ -66,10 +66,34 @@ _SUPPORTED = (
 )
 
 
+def refuse_ddp(model: nn.Module, where: str) -> None:
+    """Raise a TypeError naming the recipe if ``model`` is (or holds) a DistributedDataParallel.
+
+    DDP all-reduces the gradients of what runs through its own forward only (its forward arms the
+    reducer); derivatives computed from the wrapper or from ``ddp.module`` outside that forward
+    would leave each rank with its local gradients, silently."""
+    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
+    if ddp is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, ddp):
+            at = f" (at '{name}')" if name else ""
+            raise TypeError(
+                f"{where}: the model is a torch.nn.parallel.DistributedDataParallel wrapper{at}. DDP "
+                "all-reduces the gradients only of what runs through its own forward, so derivatives "
+                "taken from the wrapper (or from ddp.module) outside it would leave every rank with "
+                "its local gradients. Compute the residual inside a module's forward (e.g. "
+                "forward(x) returns torchhessdiag.mlp_laplacian(self.net, x) + f(x)), wrap that "
+                "module in DistributedDataParallel(..., find_unused_parameters=True) and call it "
+                "(README: 'Threads, determinism and several processes')."
+            )
+
+
 def parse_mlp(model: nn.Module, where: str) -> List[Layer]:
     """Flatten a (nested) nn.Sequential into linear and activation layers, or raise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_ddp(model, where)
     layers: List[Layer] = []
 
     def visit(m: nn.Module, path: str) -> None:

@@ -191,6 +191,7 @@ def _warn_piecewise_linear(level: int) -> None:
 def _check_module(f: Any, x: Tensor, where: str) -> None:
     if not isinstance(f, nn.Module):
         return
+    engine.refuse_ddp(f, where)
     for name, m in f.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
             state = "in training mode" if m.training else "without running statistics"
