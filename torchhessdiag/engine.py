@@ -170,10 +170,15 @@ def check_input(layers: List[Layer], x, where: str) -> Tuple[Tensor, bool, int]:
 _warned_pwl_model = False
 
 
-def _warn_if_piecewise_linear(layers: List[Layer], stacklevel: int = 3) -> None:
+def all_piecewise_linear(layers: List[Layer]) -> bool:
+    """Whether the model has activations and every one is piecewise linear (or linear)."""
     acts = [l.spec for l in layers if isinstance(l, ActLayer)]
-    if acts and all(s.piecewise_linear or s.linear for s in acts):
-        names = sorted({s.name for s in acts})
+    return bool(acts) and all(s.piecewise_linear or s.linear for s in acts)
+
+
+def _warn_if_piecewise_linear(layers: List[Layer], stacklevel: int = 3) -> None:
+    if all_piecewise_linear(layers):
+        names = sorted({l.spec.name for l in layers if isinstance(l, ActLayer)})
         warnings.warn(
             f"torchhessdiag: every activation of this model is piecewise linear ({', '.join(names)}), "
             "so its second derivatives are exactly 0 almost everywhere (the true ones are Dirac "

@@ -290,7 +290,9 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             info = PathInfo("engine", "an nn.Sequential MLP: the K+2-row engine")
             if dry:
                 return done(None, info)
-            engine._warn_if_piecewise_linear(layers, stacklevel=_stacklevel() + 1)
+            if engine.all_piecewise_linear(layers):  # frames walked only when it warns (and
+                # sys._getframe is a graph break under torch.compile)
+                engine._warn_if_piecewise_linear(layers, stacklevel=_stacklevel() + 1)
             if what == "axis":
                 res = engine.run(layers, x2, Vsel, "diag", need_gradient=True)
                 grad = res.gradient if Vsel is None else res.gradient[..., V.argmax(0)]  # (N, m, D)
