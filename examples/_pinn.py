@@ -48,7 +48,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small preset that finishes in about a minute on a 2-core CPU")
+                   help="small preset: under a minute on a 2-core CPU (12-18 s idle)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every sample")

@@ -26,7 +26,7 @@ then the relative L2 error, the time per training step and the same step with ne
 model and batch, with the setting; writes a PNG (network and error at three times -- or the whole
 (t, x) plane for D = 1 -- and the loss curve).
 
-    python examples/heat.py --quick          # ~1 min on a 2-core CPU
+    python examples/heat.py --quick          # 12-18 s on an idle 2-core CPU
     python examples/heat.py                  # full run
     python examples/heat.py --dim 1          # one spatial dimension
 

@@ -19,7 +19,7 @@ step with the Laplacian by nested autograd (one ``grad(create_graph=True)`` plus
 dimension) in the same run on the same model and batch, with the setting; writes a PNG (exact
 solution, prediction, error, loss curve; a slice through the cube at x_i = 0.5, i ≥ 2, for d > 2).
 
-    python examples/poisson.py --quick               # ~1 min on a 2-core CPU
+    python examples/poisson.py --quick               # 12-18 s on an idle 2-core CPU
     python examples/poisson.py                       # full run
     python examples/poisson.py --dim 10 [--quick]    # the 10-dimensional variant
 
@@ -49,7 +49,7 @@ import torchhessdiag as thd  # noqa: E402
 Tensor = torch.Tensor
 PI = math.pi
 
-# size presets: --quick finishes in about a minute on a 2-core CPU; explicit options win
+# size presets: --quick finishes in under a minute on a 2-core CPU (12 s idle); explicit options win
 QUICK = {2: dict(steps=1000, lbfgs_steps=300, width=32, depth=3, batch=512, lr=5e-3, bc_weight=100.0),
          "d": dict(steps=400, lbfgs_steps=200, width=48, depth=3, batch=512, lr=5e-3, bc_weight=10.0)}
 FULL = {2: dict(steps=5000, lbfgs_steps=2000, width=64, depth=4, batch=2048, lr=5e-3, bc_weight=100.0),
