@@ -447,3 +447,23 @@ def test_unbatched_point_and_bound_forward():
     # a bound forward traces like the module itself
     _, info = thd.axis_derivatives(model.forward, torch.randn(2, 3, dtype=DT), 1, return_info=True)
     assert info.path == "jet"
+
+
+def test_custom_function_on_a_constant_while_tracing(device):
+    """A custom autograd.Function applied to a constant (no tensor from x) while the model is traced
+    runs as itself: the tracer's guard around Function.apply hands it through. (torch 2.14 made
+    Function.apply a C classmethod_descriptor; calling the saved original as a Python classmethod
+    raised AttributeError there.) The rest of the model is supported, so the jet path is taken."""
+    lin = nn.Linear(3, 2).to(device, DT)
+    scale = torch.tensor(0.5, dtype=DT, device=device)
+
+    def f(x):
+        return torch.tanh(lin(x)) * MyExp.apply(scale)
+
+    def f_ref(x):
+        return torch.tanh(lin(x)) * torch.exp(scale)
+
+    x = torch.randn(5, 3, dtype=DT, device=device)
+    lap, info = thd.laplacian(f, x, return_info=True)
+    assert info.path == "jet", info
+    assert_close(lap, oracle(f_ref, x, 2)[2].sum(-1), 1e-10, "laplacian")

@@ -305,7 +305,9 @@ def _trace_locked(f: Callable) -> Tuple[fx.Graph, nn.Module]:
                 f"custom torch.autograd.Function {cls.__name__}: its derivatives are defined by its "
                 "backward, which the jet propagation cannot see"
             )
-        return orig_apply.__func__(cls, *args, **kwargs)
+        # orig_apply is a classmethod (torch <= 2.13) or a C classmethod_descriptor (torch 2.14):
+        # binding it to cls works for both
+        return orig_apply.__get__(None, cls)(*args, **kwargs)
 
     fn_cls.apply = classmethod(apply)
     try:
