@@ -151,6 +151,9 @@ def main() -> None:
         err = ((u - exact(xt)).norm() / exact(xt).norm()).item()
         print(f"ranks {world}, {args.steps} steps, {elapsed:.1f} s; relative L2 error {err:.2e}")
         print(f"parameters identical on all ranks: {same}")
+    # tear down together: a rank that destroyed its gloo group while rank 0 was still busy
+    # sometimes aborted at exit ("terminate called without an active exception", torch 2.14.1)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -201,8 +201,17 @@ def _differs(got, ref) -> bool:
     return any((a - b).abs().max().item() > 1e-6 * max(b.abs().max().item(), 1e-300) for a, b in zip(got[0], ref[0]))
 
 
+def _env(**extra) -> dict:
+    """The subprocesses import the torchhessdiag this test imported: an installed package, or a
+    source tree that pytest's rootdir put on sys.path (CI's CUDA-build check runs from a copy that is
+    not installed), so its parent folder goes first on PYTHONPATH."""
+    pkg_parent = str(pathlib.Path(thd.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore", **extra)
+
+
 def _run_workers(tmp_path: pathlib.Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = _env(OMP_NUM_THREADS="1")
     store = tmp_path / "store"
     procs = [
         subprocess.Popen(
@@ -269,7 +278,7 @@ def test_ddp_example_with_torchrun():
     """The README's command line, shortened: torchrun with 2 CPU processes runs the example to the
     end (finite losses), and the parameters are bitwise identical on both ranks afterwards (they
     would drift apart if the gradients were not all-reduced: each rank has its own points)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
            "--steps", "30", "--batch", "64", "--width", "16", "--depth", "2", "--log-every", "10"]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=240)
