@@ -101,7 +101,13 @@ def _extensions():
     sources = [
         os.path.join("csrc", "jet_ops.cpp"),
         os.path.join("csrc", "engine_ops.cpp"),
+        os.path.join("csrc", "mlp_ops.cpp"),
         os.path.join("csrc", "module.cpp"),
+        # the CPU kernels of the derivative table, one build per instruction set (chosen at run time)
+        os.path.join("csrc", "cpu", "kernels_scalar.cpp"),
+        os.path.join("csrc", "cpu", "kernels_avx2.cpp"),
+        os.path.join("csrc", "cpu", "kernels_avx512.cpp"),
+        os.path.join("csrc", "cpu", "kernels_select.cpp"),
     ]
     # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and runs serially in a TU compiled
     # without it; the library resolves to the libgomp that torch itself loads. It also honours
@@ -115,7 +121,11 @@ def _extensions():
     print(f"torchhessdiag: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += [os.path.join("csrc", "cuda", "jet_ops.cu"), os.path.join("csrc", "cuda", "engine_ops.cu")]
+        sources += [
+            os.path.join("csrc", "cuda", "jet_ops.cu"),
+            os.path.join("csrc", "cuda", "engine_ops.cu"),
+            os.path.join("csrc", "cuda", "mlp_ops.cu"),
+        ]
         extra_inc = []
         for inc in _pip_cuda_include_dirs():
             extra_inc += ["-isystem", inc]

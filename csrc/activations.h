@@ -23,11 +23,22 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define THD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define THD_HD inline __attribute__((always_inline))
 #else
 #define THD_HD inline
 #endif
 
+// The table is compiled once per instruction set: the scalar build (every .cpp/.cu of the
+// extension) and the SIMD builds in csrc/cpu/kernels_avx2.cpp / kernels_avx512.cpp, which define
+// THD_ISA_NS before including this header. The inline namespace gives each build its own symbols,
+// so code compiled for AVX-512 can never be linked in place of the scalar code (ODR).
+#ifndef THD_ISA_NS
+#define THD_ISA_NS base
+#endif
+
 namespace thd {
+inline namespace THD_ISA_NS {
 
 // Highest derivative order the table holds. Higher orders are served by a slower exact path in
 // Python (torchhessdiag/ops.py).
@@ -76,19 +87,38 @@ THD_HD double t_abs(double x) { return ::fabs(x); }
 THD_HD float t_copysign(float x, float y) { return ::copysignf(x, y); }
 THD_HD double t_copysign(double x, double y) { return ::copysign(x, y); }
 
+// Branch-free selection: t_sel(c, a, b) = c ? a : b, per lane for the SIMD types of
+// csrc/cpu/vec.h (where comparisons give lane masks). Every formula below that depends on the
+// sign or range of its argument is written with t_sel, so one text serves scalars and vectors.
+THD_HD float t_sel(bool c, float a, float b) { return c ? a : b; }
+THD_HD double t_sel(bool c, double a, double b) { return c ? a : b; }
+
+// True for the SIMD vector types (csrc/cpu/vec.h specialises it): code that would branch on a
+// value takes the branch-free form for them.
+template <typename T>
+struct IsVec : std::false_type {};
+
 // e = exp(-a) and em = e - 1 = expm1(-a) for a >= 0 (or NaN), both to full relative accuracy, for
 // the price of one transcendental: expm1 where e is near 1 (em would cancel), exp elsewhere (e is
 // at most 1/e there, so e - 1 does not cancel).
+// (SIMD lanes take both branches and select: two transcendentals, same values.)
 template <typename T>
 struct ExpPair {
   T e, em;
   THD_HD explicit ExpPair(T a) {
-    if (a < T(1)) {
-      em = t_expm1(-a);
-      e = T(1) + em;
+    if constexpr (IsVec<T>::value) {
+      const auto small = a < T(1);
+      const T em_s = t_expm1(-a), e_l = t_exp(-a);
+      e = t_sel(small, T(1) + em_s, e_l);
+      em = t_sel(small, em_s, e_l - T(1));
     } else {
-      e = t_exp(-a);
-      em = e - T(1);
+      if (a < T(1)) {
+        em = t_expm1(-a);
+        e = T(1) + em;
+      } else {
+        e = t_exp(-a);
+        em = e - T(1);
+      }
     }
   }
 };
@@ -118,9 +148,9 @@ struct SigmoidParts {
     const ExpPair<T> E(t_abs(z));
     const T e = E.e;
     const T r = T(1) / (T(1) + e);
-    const bool pos = z >= T(0);
-    p = pos ? r : e * r;
-    q = pos ? e * r : r;
+    const auto pos = z >= T(0);
+    p = t_sel(pos, r, e * r);
+    q = t_sel(pos, e * r, r);
     pq = e * r * r;
     w = t_copysign(-E.em * r, -z);
   }
@@ -149,6 +179,11 @@ THD_HD void zero_from(int first, T* d) {
 #pragma unroll
   for (int n = 0; n <= N; ++n)
     if (n >= first) d[n] = T(0);
+}
+
+template <typename T>
+THD_HD T t_max0(T u) {
+  return t_sel(u > T(0), u, T(0));
 }
 
 // ---- the table: one struct per activation, eval<N> fills d[0..N] -----------------------------
@@ -191,21 +226,17 @@ struct SoftplusD {
   template <int N, typename T>
   static THD_HD void eval(T z, T beta, T threshold, T* d) {
     const T u = beta * z;
-    if (u > threshold) {
-      d[0] = z;
-      if constexpr (N >= 1) d[1] = T(1);
-      zero_from<N>(2, d);
-      return;
-    }
+    const auto above = u > threshold;   // linear branch: z, 1, 0, ...
+    const auto curved = u < threshold;  // second and higher derivatives nonzero
     const SigmoidParts<T> P(u);
     T sg[N + 1];
     sigmoid_derivs<(N >= 1 ? N - 1 : 0)>(P, sg);
-    d[0] = ((u > T(0) ? u : T(0)) + t_log1p(t_exp(-t_abs(u)))) / beta;
-    const bool curved = u < threshold;
-    T bp = T(1);
+    d[0] = t_sel(above, z, (t_max0(u) + t_log1p(t_exp(-t_abs(u)))) / beta);
+    if constexpr (N >= 1) d[1] = t_sel(above, T(1), sg[0]);
+    T bp = beta;
 #pragma unroll
-    for (int n = 1; n <= N; ++n) {
-      d[n] = (n == 1 || curved) ? bp * sg[n - 1] : T(0);
+    for (int n = 2; n <= N; ++n) {
+      d[n] = t_sel(curved, bp * sg[n - 1], T(0));
       bp *= beta;
     }
   }
@@ -313,12 +344,13 @@ struct ExpD {
 struct ELUD {
   template <int N, typename T>
   static THD_HD void eval(T z, T alpha, T, T* d) {
-    const bool neg1 = z <= T(0), neg2 = z < T(0);
-    const T e = neg1 ? alpha * t_exp(z) : T(0);
-    d[0] = neg1 ? alpha * t_expm1(z) : z;
-    if constexpr (N >= 1) d[1] = neg1 ? e : T(1);
+    const auto neg1 = z <= T(0);
+    const auto neg2 = z < T(0);
+    const T e = t_sel(neg1, alpha * t_exp(z), T(0));
+    d[0] = t_sel(neg1, alpha * t_expm1(z), z);
+    if constexpr (N >= 1) d[1] = t_sel(neg1, e, T(1));
 #pragma unroll
-    for (int n = 2; n <= N; ++n) d[n] = neg2 ? e : T(0);
+    for (int n = 2; n <= N; ++n) d[n] = t_sel(neg2, e, T(0));
   }
 };
 
@@ -327,15 +359,16 @@ struct ELUD {
 struct CELUD {
   template <int N, typename T>
   static THD_HD void eval(T z, T alpha, T, T* d) {
-    const bool neg1 = z <= T(0), neg2 = z < T(0);
+    const auto neg1 = z <= T(0);
+    const auto neg2 = z < T(0);
     const T inv = T(1) / alpha;
-    T e = neg1 ? t_exp(z * inv) : T(0);
-    d[0] = neg1 ? alpha * t_expm1(z * inv) : z;
-    if constexpr (N >= 1) d[1] = neg1 ? e : T(1);
+    T e = t_sel(neg1, t_exp(z * inv), T(0));
+    d[0] = t_sel(neg1, alpha * t_expm1(z * inv), z);
+    if constexpr (N >= 1) d[1] = t_sel(neg1, e, T(1));
 #pragma unroll
     for (int n = 2; n <= N; ++n) {
-      e *= inv;
-      d[n] = neg2 ? e : T(0);
+      e = e * inv;
+      d[n] = t_sel(neg2, e, T(0));
     }
   }
 };
@@ -344,9 +377,9 @@ struct CELUD {
 struct ReLUD {
   template <int N, typename T>
   static THD_HD void eval(T z, T, T, T* d) {
-    const bool neg = z <= T(0);
-    d[0] = neg ? T(0) : z;
-    if constexpr (N >= 1) d[1] = neg ? T(0) : T(1);
+    const auto neg = z <= T(0);
+    d[0] = t_sel(neg, T(0), z);
+    if constexpr (N >= 1) d[1] = t_sel(neg, T(0), T(1));
     zero_from<N>(2, d);
   }
 };
@@ -355,9 +388,9 @@ struct ReLUD {
 struct LeakyReLUD {
   template <int N, typename T>
   static THD_HD void eval(T z, T slope, T, T* d) {
-    const bool pos = z > T(0);
-    d[0] = pos ? z : z * slope;
-    if constexpr (N >= 1) d[1] = pos ? T(1) : slope;
+    const auto pos = z > T(0);
+    d[0] = t_sel(pos, z, z * slope);
+    if constexpr (N >= 1) d[1] = t_sel(pos, T(1), slope);
     zero_from<N>(2, d);
   }
 };
@@ -398,4 +431,5 @@ inline void dispatch_order(int n, F&& f) {
   }
 }
 
+}  // namespace THD_ISA_NS
 }  // namespace thd

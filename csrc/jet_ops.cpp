@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
 #include "jet_ops_impl.h"
 
 namespace thd {
@@ -15,6 +16,21 @@ struct CpuExec {
     at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
+};
+
+// The CPU compute half: the generic bodies, except the table pass act_derivatives, which runs the
+// SIMD build of the table chosen at run time (csrc/cpu/kernels.h).
+struct CpuKernels : Kernels<CpuExec> {
+  static void act_derivatives(const DerivsArgs& p) {
+    const cpu::KernelTable& kt = cpu::kernels();
+    cpu::DerivsJob job{static_cast<int>(p.act), p.a, p.b, p.max_k, p.n_orders, p.orders,
+                       p.z, p.out, p.numel};
+    auto fn = kt.derivs[p.dtype == at::kDouble ? 1 : 0];
+    // chunks of whole SIMD vectors, so only the last chunk has a partial one
+    at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
   }
 };
@@ -66,7 +82,7 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
-  using K = thd::Kernels<thd::CpuExec>;
+  using K = thd::CpuKernels;
   m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
   m.impl("act_grad", &thd::act_grad_impl<K>);
   m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);

@@ -3,7 +3,10 @@
 // describe the build.
 #include <Python.h>
 
+#include <cstring>
+
 #include "activations.h"
+#include "cpu/kernels.h"
 
 namespace {
 
@@ -32,7 +35,34 @@ PyObject* activations(PyObject*, PyObject*) {
   return t;
 }
 
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(thd::cpu::kernels().name);
+}
+
+// set_cpu_isa("scalar" | "avx2" | "avx512"): use at most that instruction set (the widest usable
+// one up to it); returns the name of the build now in use. For tests and benchmarks.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8(arg);
+  if (s == nullptr) return nullptr;
+  thd::cpu::Isa isa;
+  if (std::strcmp(s, "scalar") == 0) {
+    isa = thd::cpu::Isa::Scalar;
+  } else if (std::strcmp(s, "avx2") == 0) {
+    isa = thd::cpu::Isa::AVX2;
+  } else if (std::strcmp(s, "avx512") == 0) {
+    isa = thd::cpu::Isa::AVX512;
+  } else {
+    PyErr_Format(PyExc_ValueError,
+                 "set_cpu_isa: expected 'scalar', 'avx2' or 'avx512', got '%s'", s);
+    return nullptr;
+  }
+  return PyUnicode_FromString(thd::cpu::set_max_isa(isa).name);
+}
+
 PyMethodDef kMethods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use."},
+    {"set_cpu_isa", set_cpu_isa, METH_O,
+     "Use at most this instruction set ('scalar', 'avx2', 'avx512') for the CPU kernels."},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "True if the CUDA kernels were compiled in."},
     {"max_order", max_order, METH_NOARGS, "Highest derivative order in the table."},
     {"activations", activations, METH_NOARGS, "Names of the activations in the table."},

@@ -20,6 +20,29 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["fused", "reverse"])
+def engine_path(request, monkeypatch):
+    """Run a test once through each propagation of the MLP engine: the fused forward op
+    (torchhessdiag/fused.py, where the call qualifies) and the K+2-row reverse sweep
+    (torchhessdiag/engine.py). Modules use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from torchhessdiag import engine
+
+    monkeypatch.setattr(engine, "FUSED_ENABLED", request.param == "fused")
+    return request.param
+
+
+@pytest.fixture
+def reverse_path(request, monkeypatch):
+    """Force the K+2-row reverse sweep (tests of its own internals: chunks, buffers, ops). In a
+    module that runs both propagations, the test's "fused" instance is skipped."""
+    from torchhessdiag import engine
+
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("engine_path") == "fused":
+        pytest.skip("a test of the reverse sweep's internals")
+    monkeypatch.setattr(engine, "FUSED_ENABLED", False)
+
+
 @pytest.fixture
 def single_thread():
     """Run a test with one intra-op thread, restoring the setting afterwards.

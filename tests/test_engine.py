@@ -39,9 +39,10 @@ from torch import nn
 import torchhessdiag as thd
 from torchhessdiag import engine
 
+
 # tiny tensors: one intra-op thread (conftest.py's fixture; with 2 OpenMP threads the many tiny
 # GEMMs of torch.func spin-wait and the file runs ~4x slower on a 2-core machine)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "engine_path")  # and both engine propagations
 
 F64_REL = 1e-10
 F32_FACTOR = 50.0
@@ -433,7 +434,7 @@ def qr_calls(monkeypatch):
     "d,width,depth,dims",
     [(64, 16, 2, None), (64, 16, 3, list(range(0, 64, 2))), (17, 4, 1, None), (9, 3, 4, [-1, 0, 3, 4, 5, 7])],
 )
-def test_laplacian_compression_is_exact(device, qr_calls, d, width, depth, dims):
+def test_laplacian_compression_is_exact(device, reverse_path, qr_calls, d, width, depth, dims):
     acts = [_ACT_CYCLE[i % len(_ACT_CYCLE)]() for i in range(depth)]
     model = _mlp(acts, d, width, m=3, seed=d + width).to(device)
     x = _x(4, d, device, seed=5)
@@ -466,7 +467,7 @@ class _OpSpy:
 
 
 @pytest.mark.parametrize("no_grad_how", ["no_grad", "inference_mode", "frozen_params"])
-def test_no_grad_in_place_path_same_numbers(device, monkeypatch, no_grad_how):
+def test_no_grad_in_place_path_same_numbers(device, reverse_path, monkeypatch, no_grad_how):
     """torch.no_grad() / inference_mode / nothing requiring grad: the engine takes the in-place
     jet_layer_ path, with the same numbers as torch.func (and as the graph path)."""
     model = _mlp([nn.Tanh(), nn.SiLU(), nn.GELU(), nn.Sigmoid()], d=5, width=7, m=3).to(device)
@@ -498,7 +499,7 @@ def test_no_grad_in_place_path_same_numbers(device, monkeypatch, no_grad_how):
     assert_rel(der.second, graph.second.detach(), rel=1e-12, what="no-grad vs graph path")
 
 
-def test_graph_path_uses_out_of_place_op(device, monkeypatch):
+def test_graph_path_uses_out_of_place_op(device, reverse_path, monkeypatch):
     model = _mlp([nn.Tanh(), nn.SiLU(), nn.GELU()], d=3, width=5, m=1).to(device)
     spy = _OpSpy(engine._ops)
     monkeypatch.setattr(engine, "_ops", spy)
@@ -507,7 +508,7 @@ def test_graph_path_uses_out_of_place_op(device, monkeypatch):
     assert "jet_layer" in spy.called and "jet_layer_" not in spy.called, spy.called
 
 
-def test_no_grad_chunked(device, monkeypatch):
+def test_no_grad_chunked(device, reverse_path, monkeypatch):
     """Many points in small chunks through reused buffers: same numbers as torch.func."""
     model = _mlp([nn.Tanh(), nn.SiLU(), nn.Softplus()], d=4, width=6, m=2).to(device)
     x = _x(29, 4, device)

@@ -25,8 +25,9 @@ from torch import nn
 
 import torchhessdiag as thd
 
+
 # tiny tensors: one intra-op thread (see tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "engine_path")  # and both engine propagations
 
 REL = 1e-10
 

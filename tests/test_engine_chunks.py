@@ -49,7 +49,7 @@ def test_chunked_no_grad_matches_graph_path_and_torch_func(device, monkeypatch, 
     assert _rel(out.gradient, graph.gradient.detach()) <= 1e-12
 
 
-def test_no_grad_path_used_when_nothing_requires_grad(device, monkeypatch):
+def test_no_grad_path_used_when_nothing_requires_grad(device, reverse_path, monkeypatch):
     """Parameters frozen and x without grad: no graph is built, even in grad mode."""
     model = _model(device).requires_grad_(False)
     x = torch.randn(4, 5, dtype=torch.float64, device=device)

@@ -75,7 +75,7 @@ def test_chunks_bitwise_equal_separate_calls(device, name, chunk, grad):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "graph"])
 @pytest.mark.parametrize("name", list(CALLS))
-def test_no_block_exceeds_chunk_size(device, monkeypatch, name, grad):
+def test_no_block_exceeds_chunk_size(device, reverse_path, monkeypatch, name, grad):
     model, _ = _model(device)
     sizes = []
     real = engine._run_block
@@ -93,7 +93,7 @@ def test_no_block_exceeds_chunk_size(device, monkeypatch, name, grad):
         assert sizes == [23]
 
 
-def test_chunk_size_lowers_the_automatic_chunk_only(device, monkeypatch):
+def test_chunk_size_lowers_the_automatic_chunk_only(device, reverse_path, monkeypatch):
     """No graph: the automatic chunk (about _CHUNK_ELEMENTS row elements) still applies when it is
     smaller than chunk_size; the reused row buffers are sized for the smaller of the two."""
     model, _ = _model(device)

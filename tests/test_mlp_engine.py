@@ -17,6 +17,10 @@ from torch import nn
 
 import torchhessdiag as thd
 
+# every test runs through both propagations of the engine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
+
 REL = 1e-10
 
 

@@ -1,6 +1,7 @@
 """Schemas of the torchhessdiag ops.
 
-They are defined in C++ (csrc/jet_ops.cpp and csrc/engine_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the
+They are defined in C++ (csrc/jet_ops.cpp, csrc/engine_ops.cpp and csrc/mlp_ops.cpp,
+``TORCH_LIBRARY``). This copy is used only when the
 compiled extension cannot be loaded, so that the same ops -- with the same autograd formulas and
 fake kernels -- exist on top of the pure-PyTorch reference kernels. tests/test_backend.py checks
 that the two spellings agree.
@@ -23,4 +24,14 @@ SCHEMAS = {
     ),
     "taylor_act": "taylor_act(Tensor D, Tensor H) -> Tensor",
     "taylor_act_backward": "taylor_act_backward(Tensor gY, Tensor D, Tensor H) -> (Tensor, Tensor)",
+    "mlp_jet": (
+        "mlp_jet(Tensor x, Tensor[] weights, Tensor[] biases, int[] acts, float[] act_a, "
+        "float[] act_b, Tensor? V, int[] axes, int[] sel, bool diag, bool grad_rows, int chunk, "
+        "bool save) -> (Tensor, Tensor[])"
+    ),
+    "mlp_jet_backward": (
+        "mlp_jet_backward(Tensor gout, Tensor x, Tensor[] weights, Tensor[] biases, int[] acts, "
+        "float[] act_a, float[] act_b, Tensor? V, int[] axes, int[] sel, bool diag, "
+        "bool grad_rows, int chunk, Tensor[] saved, bool need_gx) -> (Tensor, Tensor[], Tensor[])"
+    ),
 }

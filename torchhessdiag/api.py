@@ -74,6 +74,13 @@ def _dims_matrix(dims, d: int, x: Tensor, where: str) -> Optional[Tensor]:
     return V
 
 
+def _dims_list(dims, d: int) -> Optional[List[int]]:
+    """dims (already validated by _dims_matrix) as non-negative ints, or None."""
+    if dims is None:
+        return None
+    return [i % d for i in _ints(dims, "dims", "")]
+
+
 def _setup(model, x, dims, where, chunk_size=None):
     """Parse the model, validate x (and dims, chunk_size), warn for piecewise-linear nets."""
     engine.check_chunk_size(chunk_size, where)
@@ -81,7 +88,7 @@ def _setup(model, x, dims, where, chunk_size=None):
     x2, unbatched, d = engine.check_input(layers, x, where)
     V = _dims_matrix(dims, d, x2, where)
     engine._warn_if_piecewise_linear(layers, stacklevel=4)  # points at the caller of mlp_*
-    return layers, x2, unbatched, d, V
+    return layers, x2, unbatched, d, V, _dims_list(dims, d)
 
 
 def _shape_out(t: Tensor, unbatched: bool) -> Tensor:
@@ -115,9 +122,10 @@ def mlp_derivatives(
     if second not in ("laplacian", "diag"):
         raise ValueError(f"mlp_derivatives: second must be 'laplacian' or 'diag', got {second!r}")
     where = "torchhessdiag.mlp_derivatives"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
+    layers, x2, unbatched, d, V, dl = _setup(model, x, dims, where, chunk_size)
     out = engine.run(
-        layers, x2, V, "sum" if second == "laplacian" else "diag", need_gradient=True, chunk_size=chunk_size
+        layers, x2, V, "sum" if second == "laplacian" else "diag", need_gradient=True,
+        chunk_size=chunk_size, dims=dl,
     )
     return MLPDerivatives(
         _shape_out(out.value, unbatched),
@@ -135,8 +143,8 @@ def mlp_laplacian(model: nn.Module, x: Tensor, dims=None, *, chunk_size: Optiona
     :func:`mlp_derivatives` for the supported models.
     """
     where = "torchhessdiag.mlp_laplacian"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
-    return _shape_out(engine.run(layers, x2, V, "sum", chunk_size=chunk_size).second, unbatched)
+    layers, x2, unbatched, d, V, dl = _setup(model, x, dims, where, chunk_size)
+    return _shape_out(engine.run(layers, x2, V, "sum", chunk_size=chunk_size, dims=dl).second, unbatched)
 
 
 def mlp_hessian_diag(model: nn.Module, x: Tensor, dims=None, *, chunk_size: Optional[int] = None) -> Tensor:
@@ -146,8 +154,8 @@ def mlp_hessian_diag(model: nn.Module, x: Tensor, dims=None, *, chunk_size: Opti
     at most this many points at a time (see :func:`mlp_derivatives`).
     """
     where = "torchhessdiag.mlp_hessian_diag"
-    layers, x2, unbatched, d, V = _setup(model, x, dims, where, chunk_size)
-    return _shape_out(engine.run(layers, x2, V, "diag", chunk_size=chunk_size).second, unbatched)
+    layers, x2, unbatched, d, V, dl = _setup(model, x, dims, where, chunk_size)
+    return _shape_out(engine.run(layers, x2, V, "diag", chunk_size=chunk_size, dims=dl).second, unbatched)
 
 
 def mlp_weighted_laplacian(

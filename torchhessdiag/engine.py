@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .activations import ActivationSpec, spec_from_module
+from . import fused, ops
+from .activations import NAMES, ActivationSpec, spec_from_module
 
 Tensor = torch.Tensor
 _ops = torch.ops.torchhessdiag
@@ -191,7 +191,7 @@ def _warn_if_piecewise_linear(layers: List[Layer], stacklevel: int = 3) -> None:
 
 @dataclass
 class EngineOut:
-    value: Tensor  # (N, m)
+    value: Optional[Tensor]  # (N, m); None from the fused path when need_gradient is False
     gradient: Optional[Tensor]  # (N, m, d)
     second: Optional[Tensor]  # (N, m, K) per direction, or (N, m) summed, or (N, m, P) pairs
 
@@ -233,6 +233,97 @@ def check_chunk_size(chunk_size, where: str) -> Optional[int]:
     return chunk_size
 
 
+def fused_net(layers: List[Layer]) -> Optional[fused.Net]:
+    """The network in the fused op's form (torchhessdiag/fused.py), or None where it does not
+    fit: it must start with a Linear, have at least one activation, and every activation must
+    follow a Linear and be in the compiled table (not a registered user activation)."""
+    Ws: List[Tensor] = []
+    bs: List[Optional[Tensor]] = []
+    acts: List[int] = []
+    aa: List[float] = []
+    ab: List[float] = []
+    for layer in layers:
+        if isinstance(layer, LinearLayer):
+            Ws.append(layer.weight)
+            bs.append(layer.bias)
+            acts.append(-1)
+            aa.append(0.0)
+            ab.append(0.0)
+            continue
+        spec = layer.spec
+        if not Ws or acts[-1] >= 0 or spec.is_user:
+            return None
+        acts[-1] = NAMES.index(spec.name)
+        aa[-1] = float(spec.a)
+        ab[-1] = float(spec.b)
+    if not any(a >= 0 for a in acts):
+        return None
+    return fused.Net(tuple(Ws), tuple(bs), tuple(acts), tuple(aa), tuple(ab))
+
+
+# The fused forward sweep carries 1 + S + K rows per point (S second-order rows: 1 for a sum,
+# K for a Hessian diagonal); the reverse sweep below 2 + K (with the directions compressed to the
+# first layer's width for a sum). For a sum they carry the same rows, and the fused op does the
+# whole network in compiled code: it is used whenever its first-order rows fit (K no larger than
+# the width at the first activation, or every axis when the gradient is wanted). For a Hessian
+# diagonal it carries K - 1 more rows; measured on the CPU (benchmarks/, "pinn" preset) it is
+# still the faster one up to this many directions.
+FUSED_DIAG_MAX_K = 4
+# Off: every call takes the reverse sweep (tests compare the two paths).
+FUSED_ENABLED = True
+
+
+def _fused_plan(layers, x, V, dims, mode, need_gradient):
+    """(net, V or None, axes, sel, grad_rows) for the fused op, or None where the reverse sweep
+    is used."""
+    if not FUSED_ENABLED or mode not in ("sum", "diag") or not fused.available(x):
+        return None
+    if V is not None and V.requires_grad:
+        return None
+    net = fused_net(layers)
+    if net is None:
+        return None
+    d = x.shape[1]
+    Vf, axes = None, list(range(d))
+    if need_gradient:
+        # the first-order rows must be every axis (they are the gradient); the selected axes are
+        # the second-order ones
+        if V is not None and dims is None:
+            return None
+        sel = list(range(d)) if dims is None else list(dims)
+    elif V is None:
+        sel = list(range(d))
+    elif dims is not None:
+        axes = list(dims)
+        sel = list(range(len(axes)))
+    else:
+        Vf, axes = V, []
+        sel = list(range(V.shape[1]))
+    K = len(axes) if Vf is None else Vf.shape[1]
+    if mode == "diag" and len(sel) > FUSED_DIAG_MAX_K:
+        return None
+    if mode == "sum" and K > net.first_width:
+        return None
+    return net, Vf, axes, sel, need_gradient
+
+
+def _run_fused(plan, x, mode, chunk_size) -> EngineOut:
+    net, Vf, axes, sel, grad_rows = plan
+    diag = mode == "diag"
+    if not grad_rows:
+        # The value is not returned: the biases after the last activation only shift it, so they
+        # stay out of the op (and out of the graph -- their gradient is None, as with autograd).
+        last = max(i for i, a in enumerate(net.acts) if a >= 0)
+        net = fused.Net(net.weights, tuple(b if i <= last else None for i, b in enumerate(net.biases)),
+                        net.acts, net.act_a, net.act_b)
+    out = fused.run(net, x, Vf, axes, sel, diag, grad_rows, chunk_size)
+    S = len(sel) if diag else 1
+    value = out[0] if grad_rows else None
+    second = out[1:1 + S].permute(1, 2, 0) if diag else out[1]
+    gradient = out[1 + S:].permute(1, 2, 0) if grad_rows else None
+    return EngineOut(value, gradient, second)
+
+
 def run(
     layers: List[Layer],
     x: Tensor,
@@ -241,8 +332,13 @@ def run(
     need_gradient: bool = False,
     pairs: Optional[Tuple[Tensor, Tensor]] = None,
     chunk_size: Optional[int] = None,
+    dims: Optional[Sequence[int]] = None,
 ) -> EngineOut:
-    """The engine. x (N, d); V (d, K) directions (None: all coordinate axes).
+    """The engine. x (N, d); V (d, K) directions (None: all coordinate axes); ``dims``: the axes
+    V selects, when it is a selection of coordinate axes (lets the fused path give the gradient).
+
+    Small K (sums, and Hessian diagonals up to FUSED_DIAG_MAX_K directions): the fused forward op
+    (torchhessdiag/fused.py). Otherwise the K+2-row reverse sweep below.
 
     mode: "diag" -> v_k^T H v_k per direction (N, m, K); "sum" -> sum over k (N, m);
     "pairs" -> v_a^T H v_b for the index pairs (a_p, b_p) in ``pairs`` (N, m, P).
@@ -255,6 +351,9 @@ def run(
     blocks' differentiable results are concatenated (the transient rows of a block are bounded,
     the graph saved for backward still grows with N).
     """
+    plan = _fused_plan(layers, x, V, dims, mode, need_gradient)
+    if plan is not None:
+        return _run_fused(plan, x, mode, chunk_size)
     N = x.shape[0]
     needs_graph = torch.is_grad_enabled() and (
         x.requires_grad

@@ -1,0 +1,283 @@
+// The bodies of the CPU kernels of csrc/cpu/kernels.h, written once over a "lanes" policy:
+// Lanes<T>::V is T itself (csrc/cpu/kernels_scalar.cpp) or a SIMD vector Vec<T>
+// (kernels_avx2.cpp, kernels_avx512.cpp), and the derivative table (csrc/activations.h) is
+// evaluated on it unchanged. Included by exactly those three files, each after defining
+// THD_ISA_NS (and, for SIMD, its `#pragma GCC target`), so every symbol here is per build.
+//
+// Loops run over points i and, inside, over the width j in steps of the vector width; the last
+// step of a row takes a partial vector when w is not a multiple of it. A layer's rows of one
+// point are read and written in the same pass, so each element of the jet crosses memory once.
+#pragma once
+
+namespace thd {
+inline namespace THD_ISA_NS {
+
+// One lane: the table on plain scalars (the scalar CPU build, and the CUDA kernels, where a
+// thread handles one element).
+template <typename T_>
+struct ScalarLanes {
+  using T = T_;
+  using V = T_;
+  static constexpr int width = 1;
+  static THD_HD V load(const T* p) { return *p; }
+  static THD_HD V load(const T* p, int) { return *p; }
+  static THD_HD void store(T* p, V v) { *p = v; }
+  static THD_HD void store(T* p, V v, int) { *p = v; }
+};
+
+template <class L>
+struct Lanes {
+  using V = typename L::V;
+  using T = typename L::T;
+  static constexpr int W = L::width;
+  static THD_HD V ld(const T* p, int cnt) { return cnt == W ? L::load(p) : L::load(p, cnt); }
+  static THD_HD void st(T* p, V v, int cnt) {
+    if (cnt == W)
+      L::store(p, v);
+    else
+      L::store(p, v, cnt);
+  }
+};
+
+// ---- the derivative table over a range --------------------------------------------------------
+
+template <class L, class Act, int N>
+void derivs_body(const cpu::DerivsJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* z = static_cast<const T*>(p.z);
+  T* out = static_cast<T*>(p.out);
+  const V a = V(static_cast<T>(p.a)), b = V(static_cast<T>(p.b));
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    V d[N + 1];
+    Act::template eval<N>(X::ld(z + i, cnt), a, b, d);
+    for (int j = 0; j < p.n_orders; ++j) X::st(out + j * p.numel + i, d[p.orders[j]], cnt);
+  }
+}
+
+template <class L>
+void derivs_entry(const cpu::DerivsJob& p, int64_t begin, int64_t end) {
+  dispatch_act(static_cast<Act>(p.act), [&](auto tag) {
+    using A = decltype(tag);
+    dispatch_order(p.max_k, [&](auto n) {
+      constexpr int N = decltype(n)::value;
+      derivs_body<L, A, N>(p, begin, end);
+    });
+  });
+}
+
+// ---- one layer of the forward-mode MLP jet (csrc/mlp_ops.h) ------------------------------------
+// MODE 0: summed second-order row; 1: per-direction rows; 2: the first activation (constant
+// first-order rows C, zero second-order rows).
+
+enum { kSum = 0, kDiag = 1, kConst = 2 };
+
+// Point i, columns j..j+cnt-1 of one layer (cnt = lanes, fewer at the end of a row).
+template <class L, class Act, int MODE>
+THD_HD void mlp_forward_elem(const cpu::MlpActJob& p, int64_t i, int64_t j, int cnt) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  const int64_t w = p.w, S = p.S, K = p.K, plane = p.n * w;
+  T* Z = static_cast<T*>(p.Z);
+  T* A = static_cast<T*>(p.A);
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* C = static_cast<const T*>(p.C);
+  const T* Q = static_cast<const T*>(p.Q);
+  const V pa = V(static_cast<T>(p.a)), pb = V(static_cast<T>(p.b));
+  const bool want_J = p.a_rows > 1 + S;
+  const int64_t o = i * w + j;
+  V z = X::ld(Z + o, cnt);
+  if (bias != nullptr) z = z + X::ld(bias + j, cnt);
+  if (p.write_z) X::st(Z + o, z, cnt);
+  V d[3];
+  Act::template eval<2>(z, pa, pb, d);
+  X::st(A + o, d[0], cnt);
+  if constexpr (MODE == kConst) {
+    for (int64_t r = 0; r < S; ++r)
+      X::st(A + (1 + r) * plane + o, d[2] * X::ld(Q + r * w + j, cnt), cnt);
+    if (want_J)
+      for (int64_t k = 0; k < K; ++k)
+        X::st(A + (1 + S + k) * plane + o, d[1] * X::ld(C + k * w + j, cnt), cnt);
+  } else if constexpr (MODE == kSum) {
+    V q = V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const V Jk = X::ld(Z + (1 + S + k) * plane + o, cnt);
+      if (p.in_sum[k]) q = q + Jk * Jk;
+      if (want_J) X::st(A + (1 + S + k) * plane + o, d[1] * Jk, cnt);
+    }
+    X::st(A + plane + o, d[1] * X::ld(Z + plane + o, cnt) + d[2] * q, cnt);
+  } else {
+    for (int64_t r = 0; r < S; ++r) {
+      const V Jd = X::ld(Z + (1 + S + p.sel[r]) * plane + o, cnt);
+      X::st(A + (1 + r) * plane + o,
+            d[1] * X::ld(Z + (1 + r) * plane + o, cnt) + d[2] * Jd * Jd, cnt);
+    }
+    if (want_J)
+      for (int64_t k = 0; k < K; ++k)
+        X::st(A + (1 + S + k) * plane + o, d[1] * X::ld(Z + (1 + S + k) * plane + o, cnt), cnt);
+  }
+}
+
+template <class L, class Act, int MODE>
+void mlp_forward_body(const cpu::MlpActJob& p) {
+  constexpr int W = L::width;
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.w; j += W)
+      mlp_forward_elem<L, Act, MODE>(p, i, j, p.w - j < W ? static_cast<int>(p.w - j) : W);
+}
+
+// Backward of one layer: from Z (z with its bias in row 0) and the gradient gA of the layer's
+// output rows, the gradient gZ of its input rows; recomputes A (rows 0..a_rows-1) on the way when
+// p.A is set (the next layer's weight gradient needs it, and it is cheaper than storing it).
+//   gz   = gy s1 + s2 sum_k gJ'_k J_k + sum_r gs_r (s2 s_r + s3 q_r)
+//   gs_r = s1 gs'_r
+//   gJ_k = s1 gJ'_k + 2 s2 J_k G_k      (G_k: the gs' of the second-order rows J_k feeds)
+template <class L, class Act, int MODE>
+THD_HD void mlp_backward_elem(const cpu::MlpActJob& p, int64_t i, int64_t j, int cnt) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  const int64_t w = p.w, S = p.S, K = p.K, plane = p.n * w;
+  const T* Z = static_cast<const T*>(p.Z);
+  const T* gA = static_cast<const T*>(p.gA);
+  T* gZ = static_cast<T*>(p.gZ);
+  T* A = static_cast<T*>(p.A);
+  T* gC = static_cast<T*>(p.gC);
+  const T* C = static_cast<const T*>(p.C);
+  const T* Q = static_cast<const T*>(p.Q);
+  const V pa = V(static_cast<T>(p.a)), pb = V(static_cast<T>(p.b));
+  const bool has_gJ = p.g_rows > 1 + S;
+  const bool want_A = A != nullptr;
+  const bool want_AJ = want_A && p.a_rows > 1 + S;
+  const V two = V(T(2));
+  const int64_t o = i * w + j;
+  V d[4];
+  Act::template eval<3>(X::ld(Z + o, cnt), pa, pb, d);
+  V acc = X::ld(gA + o, cnt) * d[1];
+  if (want_A) X::st(A + o, d[0], cnt);
+  if constexpr (MODE == kConst) {
+    V gs[1] = {V(T(0))};
+    for (int64_t r = 0; r < S; ++r) {
+      const V g = X::ld(gA + (1 + r) * plane + o, cnt), Qr = X::ld(Q + r * w + j, cnt);
+      acc = acc + g * d[3] * Qr;
+      if (!p.diag) gs[0] = g;
+      if (want_A) X::st(A + (1 + r) * plane + o, d[2] * Qr, cnt);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const V Ck = X::ld(C + k * w + j, cnt);
+      V g = V(T(0));
+      if (has_gJ) {
+        const V gJ = X::ld(gA + (1 + S + k) * plane + o, cnt);
+        acc = acc + d[2] * gJ * Ck;
+        g = d[1] * gJ;
+      }
+      if (p.diag) {
+        for (int64_t r = 0; r < S; ++r)
+          if (p.sel[r] == k) g = g + two * d[2] * Ck * X::ld(gA + (1 + r) * plane + o, cnt);
+      } else if (p.in_sum[k]) {
+        g = g + two * d[2] * Ck * gs[0];
+      }
+      if (p.gC_per_point)
+        X::st(gC + (k * p.n + i) * w + j, g, cnt);
+      else
+        X::st(gC + k * w + j, X::ld(gC + k * w + j, cnt) + g, cnt);
+      if (want_AJ) X::st(A + (1 + S + k) * plane + o, d[1] * Ck, cnt);
+    }
+    X::st(gZ + o, acc, cnt);
+  } else if constexpr (MODE == kSum) {
+    const V gs = X::ld(gA + plane + o, cnt), s = X::ld(Z + plane + o, cnt);
+    X::st(gZ + plane + o, d[1] * gs, cnt);
+    V q = V(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const V Jk = X::ld(Z + (1 + S + k) * plane + o, cnt);
+      V g = V(T(0));
+      if (has_gJ) {
+        const V gJ = X::ld(gA + (1 + S + k) * plane + o, cnt);
+        acc = acc + d[2] * gJ * Jk;
+        g = d[1] * gJ;
+      }
+      if (p.in_sum[k]) {
+        q = q + Jk * Jk;
+        g = g + two * d[2] * Jk * gs;
+      }
+      X::st(gZ + (1 + S + k) * plane + o, g, cnt);
+      if (want_AJ) X::st(A + (1 + S + k) * plane + o, d[1] * Jk, cnt);
+    }
+    acc = acc + gs * (d[2] * s + d[3] * q);
+    if (want_A) X::st(A + plane + o, d[1] * s + d[2] * q, cnt);
+    X::st(gZ + o, acc, cnt);
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const V Jk = X::ld(Z + (1 + S + k) * plane + o, cnt);
+      V g = V(T(0));
+      if (has_gJ) {
+        const V gJ = X::ld(gA + (1 + S + k) * plane + o, cnt);
+        acc = acc + d[2] * gJ * Jk;
+        g = d[1] * gJ;
+      }
+      X::st(gZ + (1 + S + k) * plane + o, g, cnt);
+      if (want_AJ) X::st(A + (1 + S + k) * plane + o, d[1] * Jk, cnt);
+    }
+    for (int64_t r = 0; r < S; ++r) {
+      const int64_t jo = (1 + S + p.sel[r]) * plane + o;
+      const V gs = X::ld(gA + (1 + r) * plane + o, cnt);
+      const V s = X::ld(Z + (1 + r) * plane + o, cnt);
+      const V Jd = X::ld(Z + jo, cnt);
+      X::st(gZ + (1 + r) * plane + o, d[1] * gs, cnt);
+      acc = acc + gs * (d[2] * s + d[3] * Jd * Jd);
+      X::st(gZ + jo, X::ld(gZ + jo, cnt) + two * d[2] * Jd * gs, cnt);
+      if (want_A) X::st(A + (1 + r) * plane + o, d[1] * s + d[2] * Jd * Jd, cnt);
+    }
+    X::st(gZ + o, acc, cnt);
+  }
+}
+
+template <class L, class Act, int MODE>
+void mlp_backward_body(const cpu::MlpActJob& p) {
+  constexpr int W = L::width;
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.w; j += W)
+      mlp_backward_elem<L, Act, MODE>(p, i, j, p.w - j < W ? static_cast<int>(p.w - j) : W);
+}
+
+template <class L, bool BACKWARD>
+void mlp_entry(const cpu::MlpActJob& p) {
+  dispatch_act(static_cast<Act>(p.act), [&](auto tag) {
+    using A = decltype(tag);
+    const int mode = p.const_J ? kConst : (p.diag ? kDiag : kSum);
+    auto go = [&](auto m) {
+      constexpr int M = decltype(m)::value;
+      if constexpr (BACKWARD)
+        mlp_backward_body<L, A, M>(p);
+      else
+        mlp_forward_body<L, A, M>(p);
+    };
+    if (mode == kConst)
+      go(std::integral_constant<int, kConst>{});
+    else if (mode == kDiag)
+      go(std::integral_constant<int, kDiag>{});
+    else
+      go(std::integral_constant<int, kSum>{});
+  });
+}
+
+template <class LF, class LD>
+cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
+  cpu::KernelTable t;
+  t.isa = isa;
+  t.name = name;
+  t.derivs[0] = &derivs_entry<LF>;
+  t.derivs[1] = &derivs_entry<LD>;
+  t.mlp_act_forward[0] = &mlp_entry<LF, false>;
+  t.mlp_act_forward[1] = &mlp_entry<LD, false>;
+  t.mlp_act_backward[0] = &mlp_entry<LF, true>;
+  t.mlp_act_backward[1] = &mlp_entry<LD, true>;
+  return t;
+}
+
+}  // namespace THD_ISA_NS
+}  // namespace thd
