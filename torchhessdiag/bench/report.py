@@ -146,7 +146,9 @@ def block_markdown(rec: dict, env: dict) -> str:
         lines.append("- n x c: n samples of c calls each (calls under --min-sample-ms), times per "
                      "call")
     for k, c in rec.get("compile_s", {}).items():
-        lines.append(f"- {label(k)}: compiled in {c:.1f} s before its warm-up (not in its times)")
+        lines.append(f"- {label(k)}: " + (f"compiled in {c:.1f} s before its warm-up (not in its "
+                                           f"times)" if c > 0 else "its graph (dynamic in N) was "
+                                           "compiled in an earlier block"))
     lines.append("- / best peer: over the fastest other method of the same task that is not "
                  "torchhessdiag's and not a floor")
     lines.append(f"- load average (1 min) {rec.get('loadavg_before', ['?'])[0]} before, "
