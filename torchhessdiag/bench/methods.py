@@ -334,6 +334,13 @@ def _nograd(fn: Callable, *args, **kw):
         return fn(*args, **kw)
 
 
+def _detached(fn: Callable, *args, **kw):
+    """torch.func's transforms in inference: not under no_grad, where torch 2.13's
+    forward-over-reverse of SiLU/GELU raises ("forward AD with aten::silu_backward"); the
+    inference model's weights do not require grad, so no graph is kept either way."""
+    return tuple(t.detach() for t in fn(*args, **kw))
+
+
 @dataclass
 class Method:
     """One way to get the Hessian diagonal and/or the Laplacian (and maybe value and gradient)."""
@@ -423,11 +430,11 @@ _register(Method(
     laplacian=lambda c, x: lambda: nested_autograd(c.dropin, x, create_graph=True)[1]))
 _register(Method(
     "func_hessian", "torch.func vmap(hessian)", "both", ("inference", "train"),
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _nograd(func_hessian, c.model, x))),
+    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _detached(func_hessian, c.model, x))),
     laplacian=lambda c, x: lambda: func_hessian(c.model, x)[1]))
 _register(Method(
     "func_jvp", "torch.func vmap(jvp of grad)", "both", ("inference", "train"),
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _nograd(func_jvp_grad, c.model, x))),
+    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _detached(func_jvp_grad, c.model, x))),
     laplacian=lambda c, x: lambda: func_jvp_grad(c.model, x)[1]))
 _register(Method(
     "fwd_diag", "plain fwd Hessian diag", "diag", ("inference",),
@@ -445,13 +452,24 @@ _register(Method(
     available=_compile_available, probe_as="fwd_lap"))
 
 
+def _jet_traced(make: Callable, *args):
+    """Trace with jet; an operation jet has no rule for (jet-for-pytorch 1.0.0: SiLU, GELU,
+    Softplus) makes the method unavailable for this model, not wrong."""
+    try:
+        return make(*args)
+    except NotImplementedError as e:
+        if "jet rule" in str(e):
+            raise MethodUnavailable(f"jet-for-pytorch: {str(e).strip().splitlines()[0][:120]}")
+        raise
+
+
 def _jet_method(key: str, label: str, collapsed: bool) -> Method:
     def inf(c, x):
-        f = jet_laplacian(c.model, x, collapsed)
+        f = _jet_traced(jet_laplacian, c.model, x, collapsed)
         return lambda: {"lap": _nograd(f, x)}
 
     def lap(c, x):
-        f = jet_laplacian(c.model, x, collapsed)
+        f = _jet_traced(jet_laplacian, c.model, x, collapsed)
         return lambda: f(x)
 
     return Method(key, label, "lap", ("inference", "train"), inference=inf, laplacian=lap,
@@ -459,7 +477,7 @@ def _jet_method(key: str, label: str, collapsed: bool) -> Method:
 
 
 def _jet_deriv(c, x):
-    f = jet_derivatives(c.model, x)
+    f = _jet_traced(jet_derivatives, c.model, x)
     return lambda: _nograd(f, x)
 
 
