@@ -131,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the raw JSON to PATH")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--verbose", action="store_true", help="tracebacks of failing methods")
+    p.add_argument("--plan", action="store_true",
+                   help="print the blocks and a rough duration estimate (a cost model, see "
+                        "torchhessdiag/bench/plan.py), run nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -301,6 +304,12 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     blocks = grid(a)
+    if a.plan:
+        from .plan import plan_markdown
+
+        keys = [k for k in (a.methods or list(METHODS)) if k not in a.exclude]
+        print(plan_markdown(blocks, keys, a))
+        return 0
     devices = sorted({b["device"] for b in blocks})
     out = a.out or os.path.join("bench-results", f"{a.preset}-{devices[0].replace(':', '')}-"
                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
