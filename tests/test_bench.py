@@ -384,15 +384,16 @@ def test_n16_block_is_timed_in_batches_and_reported_per_call(tmp_path, single_th
     # one thread: with two on a loaded 2-core machine OpenMP's spin-waiting can make these tiny
     # calls take ~30 ms (see the single_thread fixture), and then they need no batching
     assert _run(tmp_path, "--d", "2", "--n", "16", "--modes", "inference", "train",
-                "--min-sample-ms", "10", methods_=["thd_lap", "nested", "fwd_lap"]) == 0
+                "--min-sample-ms", "40", methods_=["thd_lap", "nested", "fwd_lap"]) == 0
     for rec in _records(tmp_path)["records"]:
         reps = rec["calls_per_sample"]
         assert reps.get("fwd_lap", 1) > 1, reps  # a ~0.1-1 ms call
-        # per call: a batch of reps calls took >= ~10 ms, the reported time is that / reps
+        # per call: a batch of reps calls took ~40 ms (>= 10 ms even if the calibration calls
+        # were slowed 4x on a loaded machine); the reported time is that / reps
         for k, ts in rec["times_s"].items():
             if reps.get(k, 1) > 1:
-                assert all(t * reps[k] >= 0.005 for t in ts), (k, ts, reps[k])
-                assert rec["stats_s"][k]["median"] < 0.01
+                assert all(t * reps[k] >= 0.01 for t in ts), (k, ts, reps[k])
+                assert rec["stats_s"][k]["median"] < 0.04
     assert re.search(r"\| \d+x\d+ +\|", (tmp_path / "report.md").read_text())  # n x calls
 
 

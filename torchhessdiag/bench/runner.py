@@ -209,13 +209,14 @@ MAX_CALLS_PER_SAMPLE = 100000
 def calls_per_sample(fns: Dict[str, Callable], device, min_sample_s: float,
                      skip=(), known: Optional[Dict[str, float]] = None) -> Dict[str, int]:
     """How many calls make one timed sample of at least ``min_sample_s`` (absent: 1, calls that
-    long already): from the shortest of two more calls of each whose ``known`` time (its warm-up)
-    is under 5 x min_sample_s."""
+    long already): from the shortest of three more calls of each whose ``known`` time (its
+    warm-up) is under 5 x min_sample_s (three: one call stalled on a shared machine must not
+    decide)."""
     reps = {}
     for k, f in fns.items():
         if k in skip or min_sample_s <= 0 or (known or {}).get(k, 0.0) >= 5 * min_sample_s:
             continue
-        t = min(M.time_once(f, device), M.time_once(f, device))
+        t = min(M.time_once(f, device) for _ in range(3))
         if t < min_sample_s:
             reps[k] = int(min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(t, 1e-7))))
     return reps
