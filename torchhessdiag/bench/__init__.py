@@ -5,13 +5,14 @@ points N, in two modes -- inference (the Hessian diagonal and/or the Laplacian o
 and a training step (a PINN-style loss mean((lap - 1)^2) and its backward to the weights) --
 comparing, in one process on the same weights and points:
 
-* ``thd.mlp_hessian_diag`` and ``thd.mlp_laplacian`` (the engine), and the general
-  ``thd.laplacian(f, x)`` wherever this version has it;
+* ``thd.mlp_hessian_diag``, ``thd.mlp_laplacian`` and ``thd.mlp_derivatives`` (the engine), and
+  the general ``thd.laplacian(f, x)`` wherever this version has it;
 * nested autograd with torch.nn activations, and with the ``torchhessdiag.nn`` drop-ins;
 * torch.func: vmap of hessian, and vmap of jvp-of-grad (vector-Hessian-vector products);
-* a plain-PyTorch forward Laplacian / Hessian diagonal written in the benchmark;
-* jet-for-pytorch (collapsed and standard Taylor mode) where it imports (the ``bench`` extra;
-  it needs Python >= 3.12);
+* a plain-PyTorch forward Laplacian / Hessian diagonal (and value + gradient + Laplacian) as
+  fast as plain PyTorch allows (:mod:`torchhessdiag.bench.fwdlap`), also under torch.compile;
+* jet-for-pytorch (collapsed and standard Taylor mode, and its collapsed value + gradient +
+  Laplacian) where it imports (it needs Python >= 3.12: ``scripts/bench_env.sh``);
 * the GEMM floor: the engine's GEMMs alone.
 
 Every method is checked against float64 torch.func before it is timed (a mismatch is reported as
@@ -24,7 +25,10 @@ the git commit), PNG plots (time and memory vs d per method, log scale). See
 Presets: ``--quick`` (about a minute on a 2-core CPU), ``--preset cpu`` (the README's CPU
 setting), ``--preset taylor`` (the Taylor-mode paper's setting: d=50, tanh
 50-768-768-512-512-1, float64), ``--preset gpu`` (the full GPU grid, N up to 65536, d up to 1000
-for the Laplacian; resumable in pieces with ``--out DIR --resume --max-minutes 8``).
+for the Laplacian; resumable in pieces with ``--out DIR --resume --max-minutes 8``), ``--preset
+pinn`` (issue 13's PINN grid, CPU, 2 threads; parts pinn-train, pinn-train64, pinn-infer,
+pinn-infer64, pinn-overhead, and pinn-tiny as a smoke run). ``--plan`` prints a preset's blocks and
+a rough duration (:mod:`torchhessdiag.bench.plan`).
 """
 
 __all__ = ["main"]

@@ -19,6 +19,36 @@ from . import report as R
 from .methods import METHODS, build, build_base, make_input, model_as, Context
 from .runner import block_key, run_block
 
+# ---- the PINN presets (issue 13) -------------------------------------------------------------------
+# a group is a product grid: dtype x d x arch (width, depth) x N x mode
+_F32, _F64 = ["float32"], ["float64"]
+_TRAIN_LOW = dict(d=[1, 2, 3], archs=[(32, 3), (64, 3), (64, 4), (128, 4)], n=[512, 4096, 8192],
+                  modes=["train"])  # target 1: >= 2x nested autograd
+_TRAIN_HIGH = dict(d=[5, 8], archs=[(32, 3), (64, 4), (128, 4)], n=[512, 4096, 8192],
+                   modes=["train"])  # target 1: >= 1.3x the best other method for d <= 8
+_INFER = dict(d=[1, 2, 3, 5, 8, 16, 32, 100],
+              archs=[(32, 3), (64, 3), (64, 4), (128, 4), (256, 4)], n=[512, 4096],
+              modes=["inference"])  # target 2: widths 32-256, N 512 and 4096
+_OVERHEAD = dict(d=[2], archs=[(32, 3)], n=[16], modes=["inference", "train"])  # target 3
+PINN_GROUPS = {
+    "train": [dict(_TRAIN_LOW, dtype=_F32), dict(_TRAIN_HIGH, dtype=_F32)],
+    "train64": [dict(_TRAIN_LOW, dtype=_F64), dict(_TRAIN_HIGH, dtype=_F64)],
+    "infer": [dict(_INFER, dtype=_F32)],
+    "infer64": [dict(_INFER, dtype=_F64)],
+    "overhead": [dict(_OVERHEAD, dtype=_F32 + _F64)],
+    "tiny": [dict(d=[2], archs=[(32, 3)], n=[512], modes=["inference", "train"], dtype=_F32),
+             dict(_OVERHEAD, dtype=_F32)],
+}
+PINN_PRESETS = {
+    "pinn": [g for k in ("overhead", "train", "infer", "train64", "infer64") for g in PINN_GROUPS[k]],
+    **{f"pinn-{k}": v for k, v in PINN_GROUPS.items()},
+}
+# issue 13's methods: the engine, nested autograd, torch.func, the plain forward Laplacian (and
+# compiled), jet-for-pytorch (collapsed, standard, and its value/grad/lap); the floor is always timed
+PINN_METHODS = ["thd_diag", "thd_lap", "thd_deriv", "nested", "func_hessian", "func_jvp",
+                "fwd_diag", "fwd_lap", "fwd_deriv", "fwd_lap_compiled", "jet", "jet_std",
+                "jet_deriv"]
+
 PRESETS = {
     # about a minute on a 2-core CPU: every method, both modes, d < and > the width
     "quick": dict(device=["auto"], dtype=["float32"], d=[4, 40], width=[32], depth=[2],
@@ -29,6 +59,12 @@ PRESETS = {
     # the Taylor-mode paper's setting: d=50, tanh 768-768-512-512, float64
     "taylor": dict(device=["auto"], dtype=["float64"], d=[50], widths="768,768,512,512",
                    n=None, repeats=5, budget=60.0, method_budget=30.0),
+    # issue 13, the PINN regime (CPU, 2 threads): pinn-train, pinn-train64, pinn-infer, pinn-infer64,
+    # pinn-overhead; "pinn" is all of them (in resumable pieces with --out DIR --resume
+    # --max-minutes M); pinn-tiny a smoke run. Grids in PINN_GROUPS below.
+    **{name: dict(device=["cpu"], groups=groups, repeats=5, budget=20.0, method_budget=10.0,
+                  threads=2, methods=PINN_METHODS)
+       for name, groups in PINN_PRESETS.items()},
     # the GPU grid (runs in resumable pieces; see --max-minutes)
     "gpu": dict(device=["cuda"], dtype=["float32", "float64"], d=[2, 16, 100, 1000],
                 width=[256], depth=[4], n=[4096, 65536], repeats=10, budget=30.0,
@@ -46,7 +82,9 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a grid: quick (~1 min on 2 CPU cores), cpu (the README setting), "
-                        "taylor (the Taylor-mode paper's setting), gpu (the full GPU grid). "
+                        "taylor (the Taylor-mode paper's setting), gpu (the full GPU grid), "
+                        "pinn (issue 13's PINN grid; its parts pinn-train, pinn-train64, "
+                        "pinn-infer, pinn-infer64, pinn-overhead; pinn-tiny: a smoke run). "
                         "Default: gpu where CUDA is available, else cpu. Explicit options below "
                         "override the preset's values.")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -60,8 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, nargs="+", help="numbers of points N")
     p.add_argument("--activation", nargs="+", default=["tanh"],
                    choices=["tanh", "sigmoid", "silu", "gelu", "softplus"])
-    p.add_argument("--modes", nargs="+", default=["inference", "train"],
-                   choices=["inference", "train"])
+    p.add_argument("--modes", nargs="+", choices=["inference", "train"],
+                   help="default: both (a pinn preset: each group's own)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help="only these methods (default: all)")
     p.add_argument("--exclude", nargs="+", default=[], choices=list(METHODS),
@@ -76,7 +114,10 @@ def parse_args(argv=None):
                    help="skip Hessian-diagonal-only methods above this d")
     p.add_argument("--check-n", type=int, default=None, help="N of the float64 check (16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; the pinn presets: 2)")
+    p.add_argument("--min-sample-ms", type=float, default=20.0,
+                   help="a method whose call takes less is timed in batches of calls of at least "
+                        "this many ms per sample, and reported per call")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory call")
     p.add_argument("--rss", action="store_true",
@@ -90,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the raw JSON to PATH")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--verbose", action="store_true", help="tracebacks of failing methods")
+    p.add_argument("--plan", action="store_true",
+                   help="print the blocks and a rough duration estimate (a cost model, see "
+                        "torchhessdiag/bench/plan.py), run nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -97,12 +141,22 @@ def parse_args(argv=None):
     if a.preset is None:
         a.preset = "gpu" if torch.cuda.is_available() else "cpu"
     pre = dict(PRESETS[a.preset])
+    a.groups = pre.get("groups")
+    if a.groups:  # explicit grid options replace that dimension in every group (see grid())
+        a.grid_override = {k: getattr(a, k) for k in ("dtype", "d", "width", "depth", "widths",
+                                                      "n", "modes") if getattr(a, k) is not None}
     if a.widths is None and pre.get("widths") and a.width is None and a.depth is None:
         a.widths = pre["widths"]
     for k in ("device", "dtype", "d", "width", "depth", "n", "repeats", "budget",
-              "method_budget", "diag_max_d", "check_n"):
+              "method_budget", "diag_max_d", "check_n", "threads", "methods"):
         if getattr(a, k) is None:
             setattr(a, k, pre.get(k))
+    if a.modes is None:
+        a.modes = ["inference", "train"]
+    if a.dtype is None:
+        a.dtype = ["float32"]
+    if a.d is None:
+        a.d = [8]
     a.extra_taylor = pre.get("extra_taylor", False)
     a.check_n = a.check_n or 16
     a.diag_max_d = a.diag_max_d or 10**9
@@ -122,9 +176,36 @@ def parse_args(argv=None):
     return a
 
 
+def _group_blocks(a, devs) -> List[dict]:
+    """The blocks of a preset made of groups (the pinn presets): each group a product grid; an
+    explicit --dtype/--d/--width/--depth/--widths/--n/--modes replaces that dimension in every
+    group (so ``--preset pinn --d 2 --width 32 --depth 3 --n 512`` runs that setting in each
+    mode and dtype of the preset); duplicates are dropped, the order kept."""
+    ov = getattr(a, "grid_override", {})
+    out, seen = [], set()
+    for g in a.groups:
+        archs = [[w] * L for w, L in g["archs"]]
+        if "widths" in ov:
+            archs = [[int(w) for w in ov["widths"].split(",")]]
+        elif "width" in ov or "depth" in ov:
+            ws = ov.get("width") or sorted({w for w, _ in g["archs"]})
+            ls = ov.get("depth") or sorted({L for _, L in g["archs"]})
+            archs = [[w] * L for w in ws for L in ls]
+        for dev, dt, act, arch, d, n, mode in itertools.product(
+                devs, ov.get("dtype", g["dtype"]), a.activation, archs, ov.get("d", g["d"]),
+                ov.get("n", g["n"]), ov.get("modes", g["modes"])):
+            b = dict(device=dev, dtype=dt, activation=act, d=d, widths=arch, N=n, mode=mode)
+            if block_key(b) not in seen:
+                seen.add(block_key(b))
+                out.append(b)
+    return out
+
+
 def grid(a) -> List[dict]:
     """The blocks, in order."""
     devs = [str(M.pick_device(x)) for x in a.device]
+    if getattr(a, "groups", None):
+        return _group_blocks(a, devs)
     archs = ([[int(w) for w in a.widths.split(",")]] if a.widths else
              [[w] * L for w in a.width for L in a.depth])
     out = []
@@ -223,6 +304,12 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     blocks = grid(a)
+    if a.plan:
+        from .plan import plan_markdown
+
+        keys = [k for k in (a.methods or list(METHODS)) if k not in a.exclude]
+        print(plan_markdown(blocks, keys, a))
+        return 0
     devices = sorted({b["device"] for b in blocks})
     out = a.out or os.path.join("bench-results", f"{a.preset}-{devices[0].replace(':', '')}-"
                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -254,8 +341,9 @@ def main(argv=None) -> int:
             break
         rec = run_block(spec, keys, a, check_cache, bar, worker_cmd)
         rec["env"] = {"device_label": M.device_label(torch.device(spec["device"])),
-                      "torch": torch.__version__, "git": env["git"].get("commit"),
-                      "threads": torch.get_num_threads(), "jet": env.get("jet")}
+                      "torch": torch.__version__, "python": env.get("python"),
+                      "git": env["git"].get("commit"), "threads": torch.get_num_threads(),
+                      "jet": env.get("jet")}
         new.append(rec)
         with open(jsonl, "a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
@@ -275,6 +363,7 @@ def main(argv=None) -> int:
         R.write_json(a.json, env, records, extra)
     R.write_markdown(os.path.join(out, "report.md"), env, records, HOW)
     plots = R.write_plots(out, records)
+    print(R.thd_summary_markdown(records))
     print(R.summary_markdown(records))
     pm = R.paper_markdown(records)
     if pm:

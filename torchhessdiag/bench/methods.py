@@ -12,14 +12,21 @@ model and the points x:
   ``mean((lap - 1)^2)`` from the method's Laplacian and runs ``loss.backward()`` to the weights;
   :func:`flat_grads` then reads the gradients of the model the method used.
 
-The plain forward Laplacian / Hessian diagonal is written here in plain PyTorch as a yardstick.
-It takes sigma, sigma', sigma'' of the activation from torch's own forward-mode AD of the torch.nn
-module (``torch.func.jvp`` nested twice), so no derivative formula is written in the benchmark.
+Inference calls may also return ``"value"`` (N,) and ``"grad"`` (N, d) (what
+``thd.mlp_derivatives`` gives); ``Method.gives`` says which: "diag", "lap", "both" (diag + lap),
+"deriv" (value + grad + lap) or "all" (value + grad + diag + lap). :data:`TASK_GIVES` says which
+methods compete in which task.
+
+The plain forward Laplacian / Hessian diagonal (the yardstick, as fast as plain PyTorch allows:
+rows stacked per layer, the constant first-layer Jacobian, buffers reused, sigma' and sigma'' from
+the activation's output) is in :mod:`torchhessdiag.bench.fwdlap`; also under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import copy
+import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -28,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchhessdiag as thd
+
+from . import fwdlap
 
 Tensor = torch.Tensor
 
@@ -125,54 +134,141 @@ def func_jvp_grad(model: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     return diag, diag.sum(1)
 
 
-def act_derivs(act: nn.Module, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """sigma(h), sigma'(h), sigma''(h) of an elementwise torch.nn activation, by torch's own
-    forward-mode AD (jvp of jvp along ones): no formula written here."""
-    ones = torch.ones_like(h)
-
-    def first(u):
-        return torch.func.jvp(act, (u,), (ones,))  # (sigma(u), sigma'(u))
-
-    (y, d1), (_, d2) = torch.func.jvp(first, (h,), (ones,))
-    return y, d1, d2
+act_derivs = fwdlap.act_derivs
 
 
 def plain_forward(model: nn.Sequential, x: Tensor, per_direction: bool) -> Tensor:
-    """The plain-PyTorch forward Laplacian (N,) or, per_direction, Hessian diagonal (N, d).
+    """The plain-PyTorch forward Laplacian (N,) or, per_direction, Hessian diagonal (N, d) of a
+    one-output model: :func:`torchhessdiag.bench.fwdlap.forward_laplacian` (differentiable)."""
+    out = fwdlap.forward_laplacian(model, x, "diag" if per_direction else "lap")
+    return out["diag"][:, 0] if per_direction else out["lap"][:, 0]
 
-    Carries the value h (N, w), the Jacobian rows J (N, d, w) and the summed second derivative
-    s (N, w) (per direction: S (N, d, w)) through the layers -- linear: h = h W^T + b, J = J W^T,
-    s = s W^T; activation: s = sigma' s + sigma'' sum_i J_i^2 (S = sigma' S + sigma'' J^2),
-    J = sigma' J. J starts as W1^T after the first layer (no GEMM on the identity) and is not
-    formed after the last activation.
-    """
-    mods = list(model)
-    acts = [i for i, m in enumerate(mods) if not isinstance(m, nn.Linear)]
-    last_act = max(acts)
-    h, J, s = x, None, None  # J None: the identity; s None: zero
-    for i, m in enumerate(mods):
-        if isinstance(m, nn.Linear):
-            W = m.weight
-            h = F.linear(h, W, m.bias)
-            if i < last_act:
-                # contiguous(): a transposed view would make sigma' * J non-contiguous and the
-                # next matmul fall back to a slower bmm
-                J = W.t().contiguous() if J is None else torch.matmul(J, W.t())
-            if s is not None:
-                s = torch.matmul(s, W.t())
+
+class MethodUnavailable(RuntimeError):
+    """Raised by a method's build when it cannot run here (the runner skips it with the reason)."""
+
+
+def nested_all(model: nn.Module, x: Tensor, create_graph: bool = False) -> Dict[str, Tensor]:
+    """Value (N,), gradient (N, d), Hessian diagonal (N, d), Laplacian (N,) by nested reverse
+    mode (see :func:`nested_autograd`): the value and the gradient come with it."""
+    x = x.detach().requires_grad_(True)
+    u = model(x)
+    (g,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    cols = []
+    for i in range(x.shape[1]):
+        (h,) = torch.autograd.grad(g[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
+        cols.append(h[:, i])
+    diag = torch.stack(cols, dim=1)
+    if not create_graph:
+        u, g = u.detach(), g.detach()
+    return {"value": u.squeeze(-1), "grad": g, "diag": diag, "lap": diag.sum(1)}
+
+
+def value_and_grad(model: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reference value (N,) and input gradient (N, d): the model, and vmap of torch.func.grad."""
+    with torch.no_grad():
+        u = model(x).squeeze(-1)
+    g = torch.func.vmap(torch.func.grad(_scalar_fn(model)))(x)
+    return u, g.detach()
+
+
+# ---- the plain forward Laplacian (torchhessdiag/bench/fwdlap.py) ---------------------------------
+
+
+def _fwd_inference(second: str, value: bool) -> Callable:
+    def build_(c, x):
+        fl = fwdlap.ForwardLaplacian(c.model, x.shape[0], second, value)
+
+        def call():
+            out = fl(x)
+            return _squeeze_out(out)
+
+        return call
+
+    return build_
+
+
+def _squeeze_out(out: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """fwdlap's (N, 1) / (N, 1, K) / (N, 1, d) outputs of a one-output model -> (N,), (N, d)."""
+    return {k: v[:, 0] for k, v in out.items()}
+
+
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def _fresh_function(fn: Callable, tag: str) -> Callable:
+    """A copy of fn with its own code object, so that torch.compile (dynamo caches per code
+    object, with a recompile limit) gives every (shape, dtype, mode) its own compiled entry."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _compiled_fwd(ctx: "Context", x: Tensor, second: str = "lap") -> Callable:
+    """The forward Laplacian under torch.compile (inductor, fullgraph), compiled here -- before
+    the returned call is ever timed -- for this model's architecture, x's dtype and the mode,
+    with the number of points dynamic (one graph serves every N). The compile time is kept on
+    the returned function as ``compile_s`` (0 where an earlier build compiled the graph):
+    excluded from the timing, reported. Raises MethodUnavailable with torch's reason where
+    compiling fails."""
+    model = ctx.model
+    lins, acts = fwdlap.parse_modules(model)
+    rules = [fwdlap.act_rules(a)[1] for a in acts]
+    names = tuple(fwdlap.act_rules(a)[0] for a in acts)
+    train = ctx.mode == "train"
+    # one graph per architecture, dtype, device and mode, dynamic in the number of points N (a
+    # graph per N would cost a compile per block and per probe size: 10-30 s each on 2 cores)
+    key = (second, names, tuple(tuple(m.weight.shape) for m in lins), x.dtype, str(x.device),
+           train)
+
+    def entry(Ws, bs, xx):
+        return fwdlap.forward_derivatives(Ws, bs, rules, xx, second)[second]
+
+    def params():
+        return [m.weight for m in lins], [m.bias for m in lins]
+
+    new = key not in _COMPILED
+    if new:
+        tag = f"{len(_COMPILED)}"
+        _COMPILED[key] = torch.compile(_fresh_function(entry, tag), fullgraph=True)
+    fn = _COMPILED[key]
+    if x.shape[0] > 1:
+        torch._dynamo.mark_dynamic(x, 0)
+    t0 = time.perf_counter()
+    try:
+        Ws, bs = params()
+        if train:
+            out = fn(Ws, bs, x)
+            out.sum().backward()  # compiles the backward too
+            for m in lins:
+                m.weight.grad = None
+                if m.bias is not None:
+                    m.bias.grad = None
         else:
-            y, d1, d2 = act_derivs(m, h)
-            J2 = J * J  # (d, w) after layer 1 (the same for every point), else (N, d, w)
-            if per_direction:
-                new = d2.unsqueeze(1) * J2
-                s = new if s is None else d1.unsqueeze(1) * s + new
-            else:
-                new = d2 * J2.sum(-2)
-                s = new if s is None else d1 * s + new
-            if i < last_act:
-                J = d1.unsqueeze(1) * J
-            h = y
-    return s.squeeze(-1)  # (N,) or (N, d)
+            with torch.no_grad():
+                fn(Ws, bs, x)
+    except Exception as e:  # inductor/dynamo failure on this torch: not a wrong method
+        _COMPILED.pop(key, None)
+        raise MethodUnavailable(f"torch.compile failed: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+    compile_s = time.perf_counter() - t0 if new else 0.0
+
+    if train:
+        def call():
+            Ws, bs = params()
+            return fn(Ws, bs, x)[:, 0]
+    else:
+        def call():
+            Ws, bs = params()
+            with torch.no_grad():
+                return {second: fn(Ws, bs, x)[:, 0]}
+    call.compile_s = compile_s
+    return call
+
+
+def _compile_available() -> Optional[str]:
+    if not hasattr(torch, "compile"):
+        return "torch.compile is not in this torch"
+    return None
 
 
 def _jet_available() -> Optional[str]:
@@ -199,6 +295,34 @@ def jet_laplacian(model: nn.Module, x: Tensor, collapsed: bool) -> Callable[[Ten
     return lambda xx: vm(xx).reshape(xx.shape[0])
 
 
+def jet_derivatives(model: nn.Module, x: Tensor) -> Callable[[Tensor], Dict[str, Tensor]]:
+    """jet-for-pytorch's collapsed Taylor mode returning what thd.mlp_derivatives gives: its jet
+    of the one-point function along the d unit directions gives the value (order 0), the d
+    first-order coefficients (the gradient) and the collapsed second-order one (the Laplacian);
+    traced, CSE and vmap over the points as in :func:`jet_laplacian`."""
+    import jet
+
+    x0 = x[0]
+    d = x0.numel()
+    cjet = jet.jet(model, (x0,), collapsed=True)
+
+    def f(xi):
+        V = torch.eye(d, dtype=xi.dtype, device=xi.device)
+        return cjet((xi, V, torch.zeros_like(xi)))
+
+    g, _ = jet.capture_graph(f, (x0,))
+    jet.common_subexpression_elimination(g.graph)
+    g.recompile()
+    vm = torch.func.vmap(g)
+
+    def call(xx):
+        f0, f1, f2 = vm(xx)  # (N, 1), (N, d, 1), (N, 1)
+        n = xx.shape[0]
+        return {"value": f0.reshape(n), "grad": f1.reshape(n, d), "lap": f2.reshape(n)}
+
+    return call
+
+
 def _thd_general_available() -> Optional[str]:
     if callable(getattr(thd, "laplacian", None)):
         return None
@@ -210,19 +334,57 @@ def _nograd(fn: Callable, *args, **kw):
         return fn(*args, **kw)
 
 
+def _detached(fn: Callable, *args, **kw):
+    """torch.func's transforms in inference: not under no_grad, where torch 2.13's
+    forward-over-reverse of SiLU/GELU raises ("forward AD with aten::silu_backward"); the
+    inference model's weights do not require grad, so no graph is kept either way."""
+    return tuple(t.detach() for t in fn(*args, **kw))
+
+
 @dataclass
 class Method:
-    """One way to get the Hessian diagonal and/or the Laplacian."""
+    """One way to get the Hessian diagonal and/or the Laplacian (and maybe value and gradient)."""
 
     key: str
     label: str
-    gives: str  # "diag", "lap" or "both"
+    gives: str  # "diag", "lap", "both" (diag + lap), "deriv" (value, grad, lap), "all"
     modes: Tuple[str, ...]
-    inference: Optional[Callable] = None  # (ctx, x) -> () -> {"diag"/"lap": Tensor}
+    inference: Optional[Callable] = None  # (ctx, x) -> () -> {"diag"/"lap"/...: Tensor}
     laplacian: Optional[Callable] = None  # (ctx, x) -> () -> (N,) with a graph (training)
     available: Callable[[], Optional[str]] = lambda: None  # reason it cannot run, or None
     uses_dropin: bool = False
     is_thd: bool = False
+    # the method whose call on N/8 points stands in for this one in the budget probe (the
+    # compiled forward Laplacian would otherwise compile once more for each probe size)
+    probe_as: Optional[str] = None
+
+
+#: which ``gives`` compete in which inference task (training: every method, task "train")
+TASK_GIVES = {"diag": ("diag", "both", "all"), "lap": ("lap", "both", "deriv", "all"),
+              "deriv": ("deriv", "all")}
+#: the thd method of each task
+THD_OF_TASK = {"diag": "thd_diag", "lap": "thd_lap", "deriv": "thd_deriv", "train": "thd_lap"}
+
+
+def quantities(gives: str) -> Tuple[str, ...]:
+    return {"diag": ("diag",), "lap": ("lap",), "both": ("diag", "lap"),
+            "deriv": ("value", "grad", "lap"), "all": ("value", "grad", "diag", "lap")}[gives]
+
+
+def primary_task(key: str, mode: str) -> str:
+    """The task a method's row is compared in: training -> "train"; else its own kind (methods
+    giving the diagonal and more are compared as diagonals, as the thd column always did)."""
+    if mode == "train":
+        return "train"
+    g = METHODS[key].gives
+    return {"diag": "diag", "both": "diag", "all": "diag", "lap": "lap", "deriv": "deriv"}[g]
+
+
+def serves(key: str, task: str, mode: str) -> bool:
+    m = METHODS[key]
+    if mode == "train":
+        return task == "train" and "train" in m.modes
+    return task in TASK_GIVES and m.gives in TASK_GIVES[task]
 
 
 METHODS: Dict[str, Method] = {}
@@ -232,6 +394,15 @@ def _register(m: Method) -> None:
     METHODS[m.key] = m
 
 
+def _thd_deriv(c, x):
+    def call():
+        with torch.no_grad():
+            r = thd.mlp_derivatives(c.model, x)
+        return {"value": r.value[:, 0], "grad": r.gradient[:, 0], "lap": r.second[:, 0]}
+
+    return call
+
+
 _register(Method(
     "thd_diag", "thd.mlp_hessian_diag", "diag", ("inference",), is_thd=True,
     inference=lambda c, x: lambda: {"diag": _nograd(thd.mlp_hessian_diag, c.model, x).squeeze(1)}))
@@ -239,6 +410,9 @@ _register(Method(
     "thd_lap", "thd.mlp_laplacian", "lap", ("inference", "train"), is_thd=True,
     inference=lambda c, x: lambda: {"lap": _nograd(thd.mlp_laplacian, c.model, x).squeeze(1)},
     laplacian=lambda c, x: lambda: thd.mlp_laplacian(c.model, x).squeeze(1)))
+_register(Method(
+    "thd_deriv", "thd.mlp_derivatives (value, grad, lap)", "deriv", ("inference",), is_thd=True,
+    inference=_thd_deriv))
 # the hook for the general thd.laplacian(f, x) of issue 4: runs wherever it exists
 _register(Method(
     "thd_general", "thd.laplacian (general)", "lap", ("inference", "train"), is_thd=True,
@@ -246,49 +420,74 @@ _register(Method(
     inference=lambda c, x: lambda: {"lap": _nograd(thd.laplacian, c.model, x).reshape(x.shape[0])},
     laplacian=lambda c, x: lambda: thd.laplacian(c.model, x).reshape(x.shape[0])))
 _register(Method(
-    "nested", "nested autograd (torch.nn)", "both", ("inference", "train"),
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), nested_autograd(c.model, x))),
+    "nested", "nested autograd (torch.nn)", "all", ("inference", "train"),
+    inference=lambda c, x: lambda: nested_all(c.model, x),
     laplacian=lambda c, x: lambda: nested_autograd(c.model, x, create_graph=True)[1]))
 _register(Method(
-    "nested_dropin", "nested autograd (thd.nn drop-ins)", "both", ("inference", "train"),
+    "nested_dropin", "nested autograd (thd.nn drop-ins)", "all", ("inference", "train"),
     uses_dropin=True,
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), nested_autograd(c.dropin, x))),
+    inference=lambda c, x: lambda: nested_all(c.dropin, x),
     laplacian=lambda c, x: lambda: nested_autograd(c.dropin, x, create_graph=True)[1]))
 _register(Method(
     "func_hessian", "torch.func vmap(hessian)", "both", ("inference", "train"),
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _nograd(func_hessian, c.model, x))),
+    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _detached(func_hessian, c.model, x))),
     laplacian=lambda c, x: lambda: func_hessian(c.model, x)[1]))
 _register(Method(
     "func_jvp", "torch.func vmap(jvp of grad)", "both", ("inference", "train"),
-    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _nograd(func_jvp_grad, c.model, x))),
+    inference=lambda c, x: lambda: dict(zip(("diag", "lap"), _detached(func_jvp_grad, c.model, x))),
     laplacian=lambda c, x: lambda: func_jvp_grad(c.model, x)[1]))
 _register(Method(
     "fwd_diag", "plain fwd Hessian diag", "diag", ("inference",),
-    inference=lambda c, x: lambda: {"diag": _nograd(plain_forward, c.model, x, True)}))
+    inference=_fwd_inference("diag", False)))
 _register(Method(
     "fwd_lap", "plain fwd Laplacian", "lap", ("inference", "train"),
-    inference=lambda c, x: lambda: {"lap": _nograd(plain_forward, c.model, x, False)},
-    laplacian=lambda c, x: lambda: plain_forward(c.model, x, False)))
+    inference=_fwd_inference("lap", False),
+    laplacian=lambda c, x: lambda: fwdlap.forward_laplacian(c.model, x, "lap")["lap"][:, 0]))
+_register(Method(
+    "fwd_deriv", "plain fwd Laplacian (value, grad, lap)", "deriv", ("inference",),
+    inference=_fwd_inference("lap", True)))
+_register(Method(
+    "fwd_lap_compiled", "plain fwd Laplacian, torch.compile", "lap", ("inference", "train"),
+    inference=lambda c, x: _compiled_fwd(c, x), laplacian=lambda c, x: _compiled_fwd(c, x),
+    available=_compile_available, probe_as="fwd_lap"))
+
+
+def _jet_traced(make: Callable, *args):
+    """Trace with jet; an operation jet has no rule for (jet-for-pytorch 1.0.0: SiLU, GELU,
+    Softplus) makes the method unavailable for this model, not wrong."""
+    try:
+        return make(*args)
+    except NotImplementedError as e:
+        if "jet rule" in str(e):
+            raise MethodUnavailable(f"jet-for-pytorch: {str(e).strip().splitlines()[0][:120]}")
+        raise
 
 
 def _jet_method(key: str, label: str, collapsed: bool) -> Method:
     def inf(c, x):
-        f = jet_laplacian(c.model, x, collapsed)
+        f = _jet_traced(jet_laplacian, c.model, x, collapsed)
         return lambda: {"lap": _nograd(f, x)}
 
     def lap(c, x):
-        f = jet_laplacian(c.model, x, collapsed)
+        f = _jet_traced(jet_laplacian, c.model, x, collapsed)
         return lambda: f(x)
 
     return Method(key, label, "lap", ("inference", "train"), inference=inf, laplacian=lap,
                   available=_jet_available)
 
 
+def _jet_deriv(c, x):
+    f = _jet_traced(jet_derivatives, c.model, x)
+    return lambda: _nograd(f, x)
+
+
 _register(_jet_method("jet", "jet-for-pytorch (collapsed Taylor)", True))
 _register(_jet_method("jet_std", "jet-for-pytorch (standard Taylor)", False))
+_register(Method("jet_deriv", "jet-for-pytorch (collapsed; value, grad, lap)", "deriv",
+                 ("inference",), inference=_jet_deriv, available=_jet_available))
 
-DIAG_KEYS = [k for k, m in METHODS.items() if m.gives in ("diag", "both")]
-LAP_KEYS = [k for k, m in METHODS.items() if m.gives in ("lap", "both")]
+DIAG_KEYS = [k for k, m in METHODS.items() if m.gives in TASK_GIVES["diag"]]
+LAP_KEYS = [k for k, m in METHODS.items() if m.gives in TASK_GIVES["lap"]]
 
 
 def build(key: str, ctx: Context, x: Tensor) -> Callable:
@@ -306,6 +505,8 @@ def build(key: str, ctx: Context, x: Tensor) -> Callable:
         loss.backward()
         return loss.detach()
 
+    if hasattr(lap, "compile_s"):
+        step.compile_s = lap.compile_s
     return step
 
 

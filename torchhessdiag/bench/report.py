@@ -8,7 +8,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 from . import measure as M
-from .methods import METHODS
+from .methods import METHODS, THD_OF_TASK, primary_task, serves
 
 # the Taylor-mode paper's setting and its published per-datum figures (another device)
 PAPER = {
@@ -29,7 +29,7 @@ def _floor_for(k: str, rec: dict) -> Optional[str]:
     st = rec.get("stats_s", {})
     if rec["setting"]["mode"] == "train":
         return "floor_train" if "floor_train" in st else None
-    if METHODS[k].gives == "lap" and "floor_lap" in st:
+    if METHODS[k].gives in ("lap", "deriv") and "floor_lap" in st:
         return "floor_lap"
     return "floor_diag" if "floor_diag" in st else None
 
@@ -39,7 +39,33 @@ def _thd_for(k: str, rec: dict) -> Optional[str]:
     gives = METHODS[k].gives
     if rec["setting"]["mode"] == "train" or gives == "lap":
         return "thd_lap" if "thd_lap" in st else None
+    if gives == "deriv":
+        return "thd_deriv" if "thd_deriv" in st else None
     return "thd_diag" if "thd_diag" in st else ("thd_lap" if "thd_lap" in st else None)
+
+
+def best_peer(rec: dict, task: str, exclude: str = "") -> Optional[str]:
+    """The fastest (median) method of ``task`` in the block that is not torchhessdiag's, not a
+    floor, and not ``exclude`` (every method here passed the exactness checks)."""
+    st, mode = rec.get("stats_s", {}), rec["setting"]["mode"]
+    cands = [k for k in st if k in METHODS and not METHODS[k].is_thd and k != exclude
+             and serves(k, task, mode)]
+    return min(cands, key=lambda k: st[k]["median"]) if cands else None
+
+
+def tasks_of(rec: dict) -> List[str]:
+    """The tasks of a block that have a thd method timed in it (training: "train")."""
+    if rec["setting"]["mode"] == "train":
+        return ["train"]
+    st = rec.get("stats_s", {})
+    return [t for t in ("lap", "diag", "deriv") if THD_OF_TASK[t] in st or any(
+        k in METHODS and serves(k, t, "inference") for k in st)]
+
+
+def _fmt(seconds: float) -> str:
+    """ms with 3 significant digits at least (N = 16 calls take ~0.1 ms)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 10 else (f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}")
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
@@ -78,18 +104,25 @@ def block_markdown(rec: dict, env: dict) -> str:
     mem_head = "peak MiB (CUDA)" if s["device"].startswith("cuda") else "peak MiB (tensors)"
     rss = any("rss" in v for v in mem.values())
     headers = ["method", "gives", "n", "median ms", "min-max ms", "IQR ms", "/ floor",
-               "/ thd", mem_head] + (["peak RSS MiB"] if rss else [])
+               "/ thd", "/ nested", "/ best peer", mem_head] + (["peak RSS MiB"] if rss else [])
     rows = []
+    reps = rec.get("calls_per_sample", {})
+    nested = st.get("nested", {}).get("median")
     for k in METHODS:
         if k not in st:
             continue
         x = st[k]
         fl, th = _floor_for(k, rec), _thd_for(k, rec)
+        bp = best_peer(rec, primary_task(k, mode), exclude=k)
         n = f"{x['n']}{'*' if k in rec.get('warmup_counted', ()) else ''}"
-        row = [label(k), METHODS[k].gives if mode == "inference" else "lap", n, M.fmt_ms(x["median"]),
-               f"{M.fmt_ms(x['min'])}-{M.fmt_ms(x['max'])}", M.fmt_ms(x["iqr"]),
+        if reps.get(k, 1) > 1:
+            n += f"x{reps[k]}"
+        row = [label(k), METHODS[k].gives if mode == "inference" else "lap", n, _fmt(x["median"]),
+               f"{_fmt(x['min'])}-{_fmt(x['max'])}", _fmt(x["iqr"]),
                _ratio(x["median"], st[fl]["median"] if fl else None),
-               _ratio(x["median"], st[th]["median"] if th else None), _mib(mem, k)]
+               _ratio(x["median"], st[th]["median"] if th else None),
+               _ratio(x["median"], nested if k != "nested" else None),
+               _ratio(x["median"], st[bp]["median"] if bp else None), _mib(mem, k)]
         if rss:
             r = mem.get(k, {}).get("rss", {})
             row.append(M.fmt_mib(r["peak_bytes"]) if "peak_bytes" in r else "")
@@ -97,9 +130,10 @@ def block_markdown(rec: dict, env: dict) -> str:
     for fk in ("floor_diag", "floor_lap", "floor_train"):
         if fk in st:
             x = st[fk]
-            rows.append([label(fk), "GEMMs", x["n"], M.fmt_ms(x["median"]),
-                         f"{M.fmt_ms(x['min'])}-{M.fmt_ms(x['max'])}", M.fmt_ms(x["iqr"]),
-                         "1.00x", "", ""] + ([""] if rss else []))
+            n = f"{x['n']}" + (f"x{reps[fk]}" if reps.get(fk, 1) > 1 else "")
+            rows.append([label(fk), "GEMMs", n, _fmt(x["median"]),
+                         f"{_fmt(x['min'])}-{_fmt(x['max'])}", _fmt(x["iqr"]),
+                         "1.00x", "", "", "", ""] + ([""] if rss else []))
     lines.append(M.markdown_table(headers, rows))
     lines.append("")
     for k, why in rec.get("failed", {}).items():
@@ -108,6 +142,15 @@ def block_markdown(rec: dict, env: dict) -> str:
         lines.append(f"- skipped {label(k)}: {why}")
     if rec.get("warmup_counted"):
         lines.append("- n*: the warm-up call (over half the method budget) is one of the samples")
+    if any(v > 1 for v in reps.values()):
+        lines.append("- n x c: n samples of c calls each (calls under --min-sample-ms), times per "
+                     "call")
+    for k, c in rec.get("compile_s", {}).items():
+        lines.append(f"- {label(k)}: " + (f"compiled in {c:.1f} s before its warm-up (not in its "
+                                           f"times)" if c > 0 else "its graph (dynamic in N) was "
+                                           "compiled in an earlier block"))
+    lines.append("- / best peer: over the fastest other method of the same task that is not "
+                 "torchhessdiag's and not a floor")
     lines.append(f"- load average (1 min) {rec.get('loadavg_before', ['?'])[0]} before, "
                  f"{rec.get('loadavg_after', ['?'])[0]} after; {rec.get('threads')} threads; "
                  f"{rec.get('elapsed_s', 0):.0f} s")
@@ -145,7 +188,7 @@ def summary_markdown(records: List[dict]) -> str:
             row = [r["setting"]["d"]]
             for k in keys:
                 if k in st:
-                    row.append(M.fmt_ms(st[k]["median"]))
+                    row.append(_fmt(st[k]["median"]))
                 elif k in r.get("failed", {}):
                     row.append("FAILED")
                 elif k in r.get("skipped", {}):
@@ -155,6 +198,57 @@ def summary_markdown(records: List[dict]) -> str:
             rows.append(row)
         out.append(M.markdown_table(["d"] + [label(k) for k in keys], rows))
         out.append("")
+    return "\n".join(out)
+
+
+def thd_vs_peers(records: List[dict]) -> List[dict]:
+    """One row per block and task: torchhessdiag's method, nested autograd and the best other
+    method (medians) -- what issue 13's targets are about."""
+    rows = []
+    for r in records:
+        st, s = r.get("stats_s", {}), r["setting"]
+        for t in tasks_of(r):
+            th = THD_OF_TASK[t]
+            bp = best_peer(r, t)
+            fl = "floor_train" if t == "train" else ("floor_diag" if t == "diag" else
+                                                     ("floor_lap" if "floor_lap" in st else
+                                                      "floor_diag"))
+            rows.append(dict(
+                setting=s, task=t, thd=th if th in st else None,
+                thd_s=st[th]["median"] if th in st else None, peer=bp,
+                peer_s=st[bp]["median"] if bp else None,
+                nested_s=st["nested"]["median"] if "nested" in st else None,
+                floor_s=st[fl]["median"] if fl in st else None,
+                thd_status=("FAILED" if th in r.get("failed", {}) else
+                            "skipped" if th in r.get("skipped", {}) else None)))
+    return rows
+
+
+def thd_summary_markdown(records: List[dict]) -> str:
+    """The table of torchhessdiag vs the best peer across the grid (and vs nested autograd)."""
+    rows = thd_vs_peers(records)
+    if not rows:
+        return ""
+    out = ["### torchhessdiag vs the best other exact method (median ms per call)", "",
+           "speed-up = peer / thd (> 1: thd faster). Best peer: the fastest method of the task that "
+           "is not torchhessdiag's and not the GEMM floor, in the same block.", ""]
+    table = []
+    for x in rows:
+        s = x["setting"]
+        w = s["widths"]
+        ws = f"{w[0]}x{len(w)}" if len(set(w)) == 1 else "-".join(map(str, w))
+        thd = _fmt(x["thd_s"]) if x["thd_s"] else (x["thd_status"] or "-")
+        table.append([
+            s["mode"], x["task"], s["dtype"], s["d"], ws, s["N"], thd,
+            f"{label(x['peer'])}: {_fmt(x['peer_s'])}" if x["peer"] else "-",
+            f"{x['peer_s'] / x['thd_s']:.2f}x" if x["peer_s"] and x["thd_s"] else "",
+            _fmt(x["nested_s"]) if x["nested_s"] else "-",
+            f"{x['nested_s'] / x['thd_s']:.2f}x" if x["nested_s"] and x["thd_s"] else "",
+            f"{x['thd_s'] / x['floor_s']:.2f}x" if x["floor_s"] and x["thd_s"] else ""])
+    out.append(M.markdown_table(["mode", "task", "dtype", "d", "widths", "N", "thd ms",
+                                 "best peer ms", "speed-up vs best peer", "nested ms",
+                                 "speed-up vs nested", "thd / floor"], table))
+    out.append("")
     return "\n".join(out)
 
 
@@ -187,7 +281,7 @@ def write_markdown(path: str, env: dict, records: List[dict], how: str) -> str:
     pm = paper_markdown(records)
     if pm:
         parts += [pm]
-    parts += [summary_markdown(records), "## Blocks", ""]
+    parts += [thd_summary_markdown(records), summary_markdown(records), "## Blocks", ""]
     parts += [block_markdown(r, env) for r in records]
     text = "\n".join(parts)
     with open(path, "w") as f:
@@ -202,7 +296,7 @@ def env_markdown(env: dict) -> str:
             ["git commit", env.get("git", {}).get("commit")],
             ["threads (torch)", env.get("threads")], ["cpu", f"{env.get('cpu')} "
                                                                f"({env.get('cpu_count')} cores)"],
-            ["python", env.get("python")]]
+            ["python", env.get("python")], ["jet-for-pytorch", env.get("jet") or "not installed"]]
     if env.get("git", {}).get("dirty_files"):
         rows.append(["uncommitted changes", ", ".join(env["git"]["dirty_files"])[:300]])
     return M.markdown_table(["", ""], rows)

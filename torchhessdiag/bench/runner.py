@@ -27,6 +27,7 @@ Steps, in this order (see torchhessdiag/bench/__init__.py for the rationale):
 from __future__ import annotations
 
 import gc
+import math
 import time
 import traceback
 from typing import Callable, Dict, List, Optional
@@ -34,8 +35,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import measure as M
-from .methods import (METHODS, Context, build, build_base, flat_grads, floor_fn, func_hessian,
-                      make_input, method_model, model_as, nested_autograd, rel_err)
+from .methods import (METHODS, Context, MethodUnavailable, build, build_base, flat_grads,
+                      floor_fn, func_hessian, make_input, method_model, model_as, nested_all,
+                      quantities, rel_err, value_and_grad)
 
 TOL64 = 1e-10
 S_ROWS = 32  # points of the full-size float64 spot check
@@ -73,9 +75,13 @@ def check_float64(spec: dict, keys: List[str], seed: int, check_n: int, device) 
     m64.requires_grad_(mode == "train")
     ctx = Context(m64, mode)
     x = make_input(check_n, spec["d"], device, torch.float64, seed + 7)
-    out = {"n": check_n, "tol": TOL64, "errors": {}, "failures": {}}
-    with torch.no_grad():
-        ref_diag, ref_lap = func_hessian(m64, x)
+    out = {"n": check_n, "tol": TOL64, "errors": {}, "failures": {}, "unavailable": {}}
+    # not under no_grad: torch 2.13's forward-over-reverse of SiLU (and GELU) fails there
+    # ("forward AD with aten::silu_backward"); torch.func does not need it
+    ref_diag, ref_lap = (t.detach() for t in func_hessian(m64, x))
+    refs = {"diag": ref_diag, "lap": ref_lap}
+    if mode == "inference" and any("value" in quantities(METHODS[k].gives) for k in keys):
+        refs["value"], refs["grad"] = value_and_grad(m64, x)
     if mode == "train":
         ctx_ref = Context(m64, mode)
         ref_step = build("func_hessian", ctx_ref, x)
@@ -86,10 +92,15 @@ def check_float64(spec: dict, keys: List[str], seed: int, check_n: int, device) 
             fn = build(k, ctx, x)
             r = fn()
             if mode == "inference":
+                missing = set(quantities(METHODS[k].gives)) - set(r)
+                if missing:
+                    raise RuntimeError(f"returned {sorted(r)}, not {sorted(missing)}")
                 for q, v in r.items():
-                    out["errors"][f"{k}:{q}"] = rel_err(v, ref_diag if q == "diag" else ref_lap)
+                    out["errors"][f"{k}:{q}"] = rel_err(v, refs[q])
             else:
                 out["errors"][k] = rel_err(flat_grads(method_model(k, ctx)), ref_g)
+        except MethodUnavailable as e:  # e.g. torch.compile fails here: skipped, with the reason
+            out["unavailable"][k] = str(e)
         except Exception as e:  # a method that raises is a failed method, not a crashed run
             out["failures"][k] = _err_text(e)
     bad = {k: v for k, v in out["errors"].items() if not v <= TOL64}
@@ -192,6 +203,34 @@ def time_budgeted(fns: Dict[str, Callable], first: Dict[str, List[float]],
     return times
 
 
+MAX_CALLS_PER_SAMPLE = 100000
+
+
+def calls_per_sample(fns: Dict[str, Callable], device, min_sample_s: float,
+                     skip=(), known: Optional[Dict[str, float]] = None) -> Dict[str, int]:
+    """How many calls make one timed sample of at least ``min_sample_s`` (absent: 1, calls that
+    long already): from the shortest of three more calls of each whose ``known`` time (its
+    warm-up) is under 5 x min_sample_s (three: one call stalled on a shared machine must not
+    decide)."""
+    reps = {}
+    for k, f in fns.items():
+        if k in skip or min_sample_s <= 0 or (known or {}).get(k, 0.0) >= 5 * min_sample_s:
+            continue
+        t = min(M.time_once(f, device) for _ in range(3))
+        if t < min_sample_s:
+            reps[k] = int(min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(t, 1e-7))))
+    return reps
+
+
+def batched(fn: Callable, n: int) -> Callable:
+    """A call of fn n times (one timed sample of n calls)."""
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
+
+
 # ---- the block ------------------------------------------------------------------------------------
 
 
@@ -235,7 +274,9 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
                             f"float64 check: rel. error "
                             f"{max(v for q, v in chk['errors'].items() if q.split(':')[0] == k):.1e}"
                             f" > {TOL64:g}")
-    runnable = [k for k in runnable if k not in rec["failed"]]
+    for k, why in chk.get("unavailable", {}).items():
+        rec["skipped"][k] = why
+    runnable = [k for k in runnable if k not in rec["failed"] and k not in rec["skipped"]]
 
     # the full-size problem
     base = build_base(d, widths, spec["activation"], opts.seed)
@@ -252,7 +293,14 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
     for k in list(runnable):
         note(f"probe {k}")
         try:
-            pr = probe(make(k), x, device, not METHODS[k].is_thd, opts.budget)
+            pk = METHODS[k].probe_as or k
+            pr = probe(make(pk), x, device, not METHODS[pk].is_thd, opts.budget)
+            if pk != k:
+                pr["as"] = pk
+        except MethodUnavailable as e:
+            rec["skipped"][k] = str(e)
+            runnable.remove(k)
+            continue
         except Exception as e:
             if _is_oom(e):
                 rec["skipped"][k] = "out of memory in the budget probe (N/8 points)"
@@ -273,6 +321,8 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
         note(f"warm-up {k}")
         try:
             fns[k] = make(k)(x)
+            if getattr(fns[k], "compile_s", None) is not None:
+                rec.setdefault("compile_s", {})[k] = fns[k].compile_s
             warm[k] = []
             for w in range(max(1, opts.warmup)):
                 M.synchronize(device)
@@ -283,6 +333,12 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
                 if w == 0:
                     outs[k] = r if mode == "inference" else flat_grads(method_model(k, ctx)).clone()
                 del r
+        except MethodUnavailable as e:
+            rec["skipped"][k] = str(e)
+            runnable.remove(k)
+            fns.pop(k, None)
+            outs.pop(k, None)
+            continue
         except Exception as e:
             if _is_oom(e):
                 rec["skipped"][k] = "out of memory at full size"
@@ -320,10 +376,19 @@ def run_block(spec: dict, keys: List[str], opts, check_cache: dict, progress=Non
     # of the slowest methods; its one-time costs are small next to its length)
     first = {k: v[:1] for k, v in warm.items() if k in fns and v[0] > opts.method_budget / 2}
     rec["warmup_counted"] = sorted(first)
+    # calls shorter than --min-sample-ms (N = 16: ~0.1-1 ms, where the clock and the loop would
+    # be a visible part): a sample is a batch of calls, reported per call
+    known = {k: min(v) for k, v in warm.items() if k in timed and v}
+    known.update({k: spent[k] for k in timed if k.startswith("floor")})
+    reps = calls_per_sample(timed, device, getattr(opts, "min_sample_ms", 20.0) / 1e3,
+                            skip=set(first), known=known)
+    rec["calls_per_sample"] = reps
+    timed = {k: batched(f, reps[k]) if reps.get(k, 1) > 1 else f for k, f in timed.items()}
     min_calls = {k: min(opts.repeats, 3) for k in timed
                  if k.startswith("floor") or METHODS.get(k, None) and METHODS[k].is_thd}
     times = time_budgeted(timed, first, spent, device, opts.repeats, opts.method_budget,
                           min_calls, progress)
+    times = {k: [t / reps.get(k, 1) for t in v] for k, v in times.items()}
     rec["times_s"] = times
     rec["stats_s"] = {k: M.summarize(v) for k, v in times.items() if v}
 
@@ -368,10 +433,11 @@ def full_check(spec, model, ctx, x, outs, opts, device, dtype) -> dict:
     xs64 = xs.to(torch.float64)
     # torch's own error in this dtype, at the same points: nested autograd with torch.nn
     if mode == "inference":
-        with torch.no_grad():
-            ref_diag, ref_lap = func_hessian(m64.requires_grad_(False), xs64)
-        t_diag, t_lap = nested_autograd(model, xs)
-        e_torch = max(rel_err(t_diag, ref_diag), rel_err(t_lap, ref_lap))
+        ref_diag, ref_lap = func_hessian(m64.requires_grad_(False), xs64)  # see check_float64
+        refs = {"diag": ref_diag, "lap": ref_lap}
+        refs["value"], refs["grad"] = value_and_grad(m64, xs64)
+        t = nested_all(model, xs)
+        e_torch = max(rel_err(t[q], refs[q]) for q in refs)
     else:
         m64.requires_grad_(True)
         build("func_hessian", Context(m64, "train"), xs64)()
@@ -387,7 +453,7 @@ def full_check(spec, model, ctx, x, outs, opts, device, dtype) -> dict:
         res["against"] = "float64 torch.func at the spot-check points"
         for k, r in outs.items():
             for q, v in r.items():
-                e = rel_err(v[idx], ref_diag if q == "diag" else ref_lap)
+                e = rel_err(v[idx], refs[q])
                 res["errors"][f"{k}:{q}"] = e
                 if not e <= tol:
                     res["failed"][k] = f"full-size {spec['dtype']} check: {q} rel. error {e:.1e} > {tol:.1e}"
