@@ -3,7 +3,9 @@
 #include "mlp_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -335,15 +337,16 @@ void backward_cpu(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
   }
   const int64_t offC = tot;
   tot += gC.numel();
-  at::Tensor acc = at::zeros({std::max(nthreads, 1), tot}, x.options());
-  T* accp = acc.data_ptr<T>();
+  // per-thread accumulators, summed into the outputs at the end (plain loops: no ATen op per
+  // layer on the path of a small network's training step)
+  std::vector<std::vector<T>> accs(std::max(nthreads, 1), std::vector<T>(tot, T(0)));
   const int64_t scratch = prog.scratch_elems(P.chunk);
   const T* gop = gout.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* gxp = gx.numel() ? gx.data_ptr<T>() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int t = std::min(at::get_thread_num(), std::max(nthreads, 1) - 1);
-    T* a = accp + t * tot;
+    T* a = accs[t].data();
     std::vector<T*> gWp(L), gbp(L);
     for (int l = 0; l < L; ++l) {
       gWp[l] = a + offW[l];
@@ -356,12 +359,14 @@ void backward_cpu(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
       prog.backward_chunk(n0, n, gop, xp, sp, gxp, gWp, gbp, a + offC, s);
     }
   });
-  at::Tensor total = nthreads > 1 ? acc.sum(0) : acc[0];
+  for (size_t t = 1; t < accs.size(); ++t)
+    for (int64_t i = 0; i < tot; ++i) accs[0][i] += accs[t][i];
+  const T* total = accs[0].data();
   for (int l = 0; l < L; ++l) {
-    gW[l].copy_(total.narrow(0, offW[l], P.L[l].out * P.L[l].in).view({P.L[l].out, P.L[l].in}));
-    if (P.L[l].b != nullptr) gb[l].copy_(total.narrow(0, offb[l], P.L[l].out));
+    std::memcpy(gW[l].data_ptr<T>(), total + offW[l], sizeof(T) * P.L[l].out * P.L[l].in);
+    if (P.L[l].b != nullptr) std::memcpy(gb[l].data_ptr<T>(), total + offb[l], sizeof(T) * P.L[l].out);
   }
-  if (gC.numel()) gC.copy_(total.narrow(0, offC, gC.numel()).view(gC.sizes()));
+  if (gC.numel()) std::memcpy(gC.data_ptr<T>(), total + offC, sizeof(T) * gC.numel());
 }
 
 // The constant first-order rows' share of the weight gradients: C_l = C_{l-1} W_l^T for
@@ -374,7 +379,7 @@ void const_rows_backward(const MlpPlan& P, const at::TensorList& Ws, at::Tensor 
     else if (P.VT.defined())
       gW[0].addmm_(gC.t(), P.VT);
     else
-      gW[0].index_add_(1, P.axes_t, gC.t());
+      for (size_t k = 0; k < P.axes.size(); ++k) gW[0].select(1, P.axes[k]).add_(gC[k]);
     if (l > 0) gC = at::mm(gC, Ws[l]);
   }
 }
@@ -435,13 +440,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
     saved.push_back(t);
   }
   const at::Tensor gout = gout_.contiguous();
-  at::Tensor gx = need_gx ? at::zeros({P.N, P.d}, x.options()) : at::empty({0}, x.options());
+  // CPU: every element is written by the program (gx row by row, the rest from the summed
+  // accumulators); CUDA accumulates into them
+  auto alloc = [&](at::IntArrayRef shape) {
+    return x.is_cpu() ? at::empty(shape, x.options()) : at::zeros(shape, x.options());
+  };
+  at::Tensor gx = need_gx ? alloc({P.N, P.d}) : at::empty({0}, x.options());
   std::vector<at::Tensor> gW, gb;
   for (size_t l = 0; l < P.L.size(); ++l) {
-    gW.push_back(at::zeros({P.L[l].out, P.L[l].in}, x.options()));
-    gb.push_back(at::zeros({P.L[l].b != nullptr ? P.L[l].out : 0}, x.options()));
+    gW.push_back(alloc({P.L[l].out, P.L[l].in}));
+    gb.push_back(P.L[l].b != nullptr ? alloc({P.L[l].out}) : at::empty({0}, x.options()));
   }
-  at::Tensor gC = at::zeros({P.K, P.L[P.first_act].out}, x.options());
+  at::Tensor gC = alloc({P.K, P.L[P.first_act].out});
   if (P.N > 0) {
     if (x.is_cuda()) {
 #ifdef THD_WITH_CUDA
@@ -452,14 +462,204 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
     } else {
       backward_cpu<float>(P, gout, x, saved, gx, gW, gb, gC);
     }
+  } else {  // no points: zero gradients
+    for (auto& t : gW) t.zero_();
+    for (auto& t : gb) t.zero_();
+    gC.zero_();
   }
   const_rows_backward(P, Ws, gC, gW);
   return {gx, gW, gb};
 }
 
+// ---- autograd (C++: no Python on the training path) ----------------------------------------------
+//
+// The forward runs the op below autograd and saves its inputs and the saved rows; the backward is
+// mlp_jet_backward. When the backward itself is being recorded (create_graph=True), it calls
+// mlp_jet_backward through the dispatcher with autograd on, whose (Python) derivative in
+// torchhessdiag/fused.py recomputes the jet with torch ops and differentiates it: every order stays
+// exact, and only double backward pays for Python.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using JetSig = std::tuple<at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>,
+    at::ArrayRef<double>, const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, bool,
+    bool, int64_t, bool);
+using JetBackwardSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef,
+    at::ArrayRef<double>, at::ArrayRef<double>, const c10::optional<at::Tensor>&, at::IntArrayRef,
+    at::IntArrayRef, bool, bool, int64_t, at::TensorList, bool);
+
+const c10::TypedOperatorHandle<JetSig>& jet_handle() {
+  static const auto h = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("torchhessdiag::mlp_jet", "")
+                            .typed<JetSig>();
+  return h;
+}
+
+const c10::TypedOperatorHandle<JetBackwardSig>& jet_backward_handle() {
+  static const auto h = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("torchhessdiag::mlp_jet_backward", "")
+                            .typed<JetBackwardSig>();
+  return h;
+}
+
+struct MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList Ws,
+                               at::TensorList bs, const c10::optional<at::Tensor>& V,
+                               std::vector<int64_t> acts, std::vector<double> act_a,
+                               std::vector<double> act_b, std::vector<int64_t> axes,
+                               std::vector<int64_t> sel, bool diag, bool grad_rows,
+                               int64_t chunk) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto res = jet_handle().call(x, Ws, bs, acts, act_a, act_b, V, axes, sel, diag, grad_rows,
+                                 chunk, /*save=*/true);
+    at::Tensor out = std::get<0>(res);
+    std::vector<at::Tensor>& saved = std::get<1>(res);
+    const bool has_V = V.has_value() && V->defined();
+    variable_list keep{x};
+    if (has_V) keep.push_back(*V);
+    keep.insert(keep.end(), Ws.begin(), Ws.end());
+    keep.insert(keep.end(), bs.begin(), bs.end());
+    keep.insert(keep.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["L"] = static_cast<int64_t>(Ws.size());
+    ctx->saved_data["has_V"] = has_V;
+    ctx->saved_data["acts"] = acts;
+    ctx->saved_data["act_a"] = act_a;
+    ctx->saved_data["act_b"] = act_b;
+    ctx->saved_data["axes"] = axes;
+    ctx->saved_data["sel"] = sel;
+    ctx->saved_data["diag"] = diag;
+    ctx->saved_data["grad_rows"] = grad_rows;
+    ctx->saved_data["chunk"] = chunk;
+    ctx->set_materialize_grads(false);
+    variable_list outs{out};
+    outs.insert(outs.end(), saved.begin(), saved.end());
+    ctx->mark_non_differentiable(variable_list(saved.begin(), saved.end()));
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t L = ctx->saved_data["L"].toInt();
+    const bool has_V = ctx->saved_data["has_V"].toBool();
+    // one gradient per forward argument: x, the L weights, the L biases, V, and the 8 others
+    variable_list result(1 + 2 * L + 1 + 8);
+    const at::Tensor& gout = grads[0];
+    if (!gout.defined()) return result;
+    const variable_list t = ctx->get_saved_variables();
+    size_t i = 0;
+    const at::Tensor x = t[i++];
+    c10::optional<at::Tensor> V;
+    if (has_V) V = t[i++];
+    const std::vector<at::Tensor> Ws(t.begin() + i, t.begin() + i + L);
+    i += L;
+    const std::vector<at::Tensor> bs(t.begin() + i, t.begin() + i + L);
+    i += L;
+    const std::vector<at::Tensor> saved(t.begin() + i, t.end());
+    const auto acts = ctx->saved_data["acts"].toIntVector();
+    const auto act_a = ctx->saved_data["act_a"].toDoubleVector();
+    const auto act_b = ctx->saved_data["act_b"].toDoubleVector();
+    const auto axes = ctx->saved_data["axes"].toIntVector();
+    const auto sel = ctx->saved_data["sel"].toIntVector();
+    const bool diag = ctx->saved_data["diag"].toBool();
+    const bool grad_rows = ctx->saved_data["grad_rows"].toBool();
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const bool need_gx = x.requires_grad();
+    std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> g;
+    if (at::GradMode::is_enabled()) {  // double backward: through the op's own autograd
+      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes,
+                                     sel, diag, grad_rows, chunk, saved, need_gx);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below;
+      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes,
+                                     sel, diag, grad_rows, chunk, saved, need_gx);
+    }
+    if (need_gx) result[0] = std::get<0>(g);
+    for (int64_t l = 0; l < L; ++l) {
+      if (Ws[l].requires_grad()) result[1 + l] = std::get<1>(g)[l];
+      if (bs[l].numel() > 0 && bs[l].requires_grad()) result[1 + L + l] = std::get<2>(g)[l];
+    }
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_jet_autograd(
+    const at::Tensor& x, at::TensorList Ws, at::TensorList bs, at::IntArrayRef acts,
+    at::ArrayRef<double> act_a, at::ArrayRef<double> act_b, const c10::optional<at::Tensor>& V,
+    at::IntArrayRef axes, at::IntArrayRef sel, bool diag, bool grad_rows, int64_t chunk,
+    bool save) {
+  bool needs = false;
+  if (at::GradMode::is_enabled()) {
+    needs = x.requires_grad();
+    for (const auto& W : Ws) needs = needs || W.requires_grad();
+    for (const auto& b : bs) needs = needs || b.requires_grad();
+  }
+  if (!needs) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return jet_handle().call(x, Ws, bs, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk,
+                             save);
+  }
+  variable_list outs = MlpJetFunction::apply(x, Ws, bs, V, acts.vec(), act_a.vec(), act_b.vec(),
+                                             axes.vec(), sel.vec(), diag, grad_rows, chunk);
+  return {outs[0], std::vector<at::Tensor>(outs.begin() + 1, outs.end())};
+}
+
 }  // namespace
 
 // ---- the plan (argument checks, rows per layer, constant rows) --------------------------------
+
+namespace {
+
+// The constant rows on the CPU with plain loops into one buffer (small matrices: K x width; on the
+// path of every call, where a handful of ATen ops would cost more than the whole network at
+// small N). C_0 = columns `axes` of W_0 (or V^T W_0^T), C_l = C_{l-1} W_l^T, Q from C_first.
+template <typename T>
+void cpu_constants(MlpPlan& P, const at::TensorList& Ws) {
+  const int64_t K = P.K, f = P.first_act;
+  int64_t total = P.S * P.L[f].out;
+  for (int64_t l = 0; l <= f; ++l) total += K * P.L[l].out;
+  at::Tensor buf = at::empty({total}, at::TensorOptions().dtype(P.dtype));
+  T* p = buf.data_ptr<T>();
+  int64_t off = 0;
+  const T* prev = nullptr;
+  int64_t prev_w = P.d;
+  for (int64_t l = 0; l <= f; ++l) {
+    const int64_t w = P.L[l].out, win = P.L[l].in;
+    const T* W = static_cast<const T*>(P.L[l].W);
+    T* C = p + off;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < w; ++j) {
+        T acc = T(0);
+        if (l == 0 && !P.VT.defined()) {
+          acc = W[j * win + P.axes[k]];
+        } else {
+          const T* a = l == 0 ? P.VT.data_ptr<T>() + k * P.d : prev + k * prev_w;
+          for (int64_t i = 0; i < win; ++i) acc += a[i] * W[j * win + i];
+        }
+        C[k * w + j] = acc;
+      }
+    P.Cs.push_back(buf.narrow(0, off, K * w).view({K, w}));
+    off += K * w;
+    prev = C;
+    prev_w = w;
+  }
+  const int64_t wf = P.L[f].out;
+  T* Q = p + off;
+  for (int64_t r = 0; r < P.S; ++r)
+    for (int64_t j = 0; j < wf; ++j) {
+      T q = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const bool in = P.diag ? P.sel[r] == k : P.in_sum[k] != 0;
+        if (in) q += prev[k * wf + j] * prev[k * wf + j];
+      }
+      Q[r * wf + j] = q;
+    }
+  P.Q = buf.narrow(0, off, P.S * wf).view({P.S, wf});
+}
+
+}  // namespace
 
 MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::TensorList& bs,
                       at::IntArrayRef acts, at::ArrayRef<double> act_a,
@@ -568,9 +768,16 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
   // the constant first-order rows before (and at) the first activation. Along coordinate axes
   // the first layer's rows are columns of W_0 (taken, not multiplied by the identity: an inf in
   // W_0 must not turn the other directions' rows into NaN through 0 * inf).
+  if (has_V) P.VT = V_->t().contiguous();
+  if (x.is_cpu()) {
+    if (P.dtype == at::kDouble)
+      cpu_constants<double>(P, Ws);
+    else
+      cpu_constants<float>(P, Ws);
+    return P;
+  }
   at::Tensor C;
   if (has_V) {
-    P.VT = V_->t().contiguous();
     C = at::mm(P.VT, Ws[0].t()).contiguous();
   } else {
     P.axes_t = at::tensor(P.axes, at::TensorOptions().dtype(at::kLong)).to(x.device());
@@ -581,15 +788,10 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
     C = at::mm(C, Ws[l].t()).contiguous();
     P.Cs.push_back(C);
   }
-  if (diag) {
-    at::Tensor idx = at::tensor(std::vector<int64_t>(sel.begin(), sel.end()),
-                                at::TensorOptions().dtype(at::kLong)).to(x.device());
-    P.Q = C.index_select(0, idx).square().contiguous();
-  } else {
-    at::Tensor mask = at::tensor(std::vector<int64_t>(sel.begin(), sel.end()),
-                                 at::TensorOptions().dtype(at::kLong)).to(x.device());
-    P.Q = C.index_select(0, mask).square().sum(0, true).contiguous();
-  }
+  at::Tensor idx = at::tensor(diag ? P.sel : std::vector<int64_t>(sel.begin(), sel.end()),
+                              at::TensorOptions().dtype(at::kLong)).to(x.device());
+  P.Q = diag ? C.index_select(0, idx).square().contiguous()
+             : C.index_select(0, idx).square().sum(0, true).contiguous();
   return P;
 }
 
@@ -610,6 +812,8 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("mlp_jet", &thd::mlp_jet_op);
   m.impl("mlp_jet_backward", &thd::mlp_jet_backward_op);
 }
+
+TORCH_LIBRARY_IMPL(torchhessdiag, Autograd, m) { m.impl("mlp_jet", &thd::mlp_jet_autograd); }
 
 #ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {

@@ -184,14 +184,23 @@ def test_every_mlp_function_fullgraph_inductor(device, grad):
 
 
 def test_dynamic_batch_size_compiles_once(device):
-    """dynamic=True: one graph for every N (no recompilation per batch size), same numbers."""
+    """dynamic=True: one graph for every N (no recompilation per batch size), same numbers.
+
+    (The first compile may restart its analysis once: the activation parameters reach the op as a
+    list of floats, which dynamo first traces as symbolic and then specialises. A restart can hand
+    the backend an empty graph; what matters is that only one graph holds the computation and that
+    no later N compiles again.)"""
     cap = _Capture("aot_eager")
     model = _model(device)
     compiled = torch.compile(lambda x: thd.mlp_laplacian(model, x), fullgraph=True, dynamic=True, backend=cap)
+    after_first = None
     for n in (5, 9, 17, 33):
         x = _x(device, n)
         assert torch.equal(compiled(x).detach(), thd.mlp_laplacian(model, x).detach())
-    assert len(cap.graphs) == 1
+        after_first = len(cap.graphs) if after_first is None else after_first
+    assert len(cap.graphs) == after_first  # no recompilation for another N
+    working = [g for g in cap.graphs if any(n.op == "call_function" for n in g.graph.nodes)]
+    assert len(working) == 1
 
 
 def _nested_grad_loss(model):

@@ -186,6 +186,16 @@ def torch_function(spec: ActivationSpec) -> Callable[[torch.Tensor], torch.Tenso
     return table[n]
 
 
+# the parameterless torch.nn activations, resolved without make_spec (parsing a model is on the
+# path of every call)
+_FIXED: Dict[type, ActivationSpec] = {
+    nn.Tanh: ActivationSpec("tanh"),
+    nn.Sigmoid: ActivationSpec("sigmoid"),
+    nn.SiLU: ActivationSpec("silu"),
+    nn.ReLU: ActivationSpec("relu"),
+}
+
+
 def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
     """The table entry a module computes, or None if it is not a supported activation.
 
@@ -194,26 +204,21 @@ def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
     user activation: its spec has ``is_user`` True). ``nn.Identity`` is not treated as an
     activation here.
     """
+    t = type(m)
+    fixed = _FIXED.get(t)
+    if fixed is not None:
+        return fixed
     spec = getattr(m, "_thd_spec", None)
     if isinstance(spec, ActivationSpec):
         return spec
-    t = type(m)
-    if t is nn.Tanh:
-        return make_spec("tanh")
-    if t is nn.Sigmoid:
-        return make_spec("sigmoid")
     if t is nn.Softplus:
         return make_spec("softplus", beta=m.beta, threshold=m.threshold)
-    if t is nn.SiLU:
-        return make_spec("silu")
     if t is nn.GELU:
         return make_spec("gelu_tanh" if m.approximate == "tanh" else "gelu")
     if t is nn.ELU:
         return make_spec("elu", alpha=m.alpha)
     if t is nn.CELU:
         return make_spec("celu", alpha=m.alpha)
-    if t is nn.ReLU:
-        return make_spec("relu")
     if t is nn.LeakyReLU:
         return make_spec("leaky_relu", negative_slope=m.negative_slope)
     return None

@@ -90,44 +90,53 @@ def refuse_ddp(model: nn.Module, where: str) -> None:
 
 
 def parse_mlp(model: nn.Module, where: str) -> List[Layer]:
-    """Flatten a (nested) nn.Sequential into linear and activation layers, or raise."""
+    """Flatten a (nested) nn.Sequential into linear and activation layers, or raise.
+
+    On the path of every call: no string is built unless there is an error to report."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
-    refuse_ddp(model, where)
     layers: List[Layer] = []
+    path: List[str] = []
 
-    def visit(m: nn.Module, path: str) -> None:
+    def label(m: nn.Module) -> str:
+        at = ".".join(path)
+        return f"{type(m).__name__}" + (f" at '{at}'" if at else "")
+
+    def visit(m: nn.Module) -> None:
+        t = type(m)
+        if t is nn.Linear:
+            layers.append(LinearLayer(m.weight, m.bias))
+            return
         if isinstance(m, nn.Sequential):
             # _modules, not named_children(): the latter skips a module instance that appears
             # twice (e.g. one nn.Tanh() reused between layers), which would drop a layer
             for name, child in m._modules.items():
                 if child is not None:
-                    visit(child, f"{path}.{name}" if path else name)
-            return
-        label = f"{type(m).__name__}" + (f" at '{path}'" if path else "")
-        if type(m) is nn.Linear:
-            layers.append(LinearLayer(m.weight, m.bias))
-            return
-        if isinstance(m, nn.Identity) and not hasattr(m, "_thd_spec"):
-            return
-        if isinstance(m, nn.Dropout) and type(m) is nn.Dropout:
-            if m.training and m.p > 0:
-                raise NotImplementedError(
-                    f"{where}: {label} is in training mode, so the network is random and has no "
-                    "Hessian; call model.eval() (dropout is the identity in eval mode)"
-                )
+                    path.append(name)
+                    visit(child)
+                    path.pop()
             return
         spec = spec_from_module(m)
         if spec is not None:
             if spec.name != "identity":
                 layers.append(ActLayer(spec))
             return
+        if isinstance(m, nn.Identity) and not hasattr(m, "_thd_spec"):
+            return
+        if t is nn.Dropout:
+            if m.training and m.p > 0:
+                raise NotImplementedError(
+                    f"{where}: {label(m)} is in training mode, so the network is random and has no "
+                    "Hessian; call model.eval() (dropout is the identity in eval mode)"
+                )
+            return
+        refuse_ddp(m, where)  # a DistributedDataParallel wrapper gets its own message
         raise NotImplementedError(
-            f"{where}: unsupported module {label}; supported: {_SUPPORTED}. For other models use "
+            f"{where}: unsupported module {label(m)}; supported: {_SUPPORTED}. For other models use "
             "torch.func (e.g. vmap(hessian(f)))."
         )
 
-    visit(model, "")
+    visit(model)
     if not layers:
         raise NotImplementedError(f"{where}: model has no layers the engine can use; supported: {_SUPPORTED}")
     return layers
@@ -254,8 +263,8 @@ def fused_net(layers: List[Layer]) -> Optional[fused.Net]:
         if not Ws or acts[-1] >= 0 or spec.is_user:
             return None
         acts[-1] = NAMES.index(spec.name)
-        aa[-1] = float(spec.a)
-        ab[-1] = float(spec.b)
+        aa[-1] = spec.a  # (floats already; no float() call: under torch.compile(dynamic=True)
+        ab[-1] = spec.b  # that call would turn the constants into symbolic floats)
     if not any(a >= 0 for a in acts):
         return None
     return fused.Net(tuple(Ws), tuple(bs), tuple(acts), tuple(aa), tuple(ab))

@@ -284,9 +284,58 @@ def _backward(ctx, gout, gsaved):
     return (gx if need_x else None, list(gW), gb) + none
 
 
+# The backward op's own derivative (double backward through mlp_jet): recompute the jet with torch
+# ops on the saved inputs and differentiate the first VJP again.
+def _bw_setup(ctx, inputs, output):
+    gout, x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, saved, need_gx = inputs
+    ctx.static = (list(acts), list(act_a), list(act_b), list(axes), list(sel), diag, grad_rows)
+    ctx.n_layers, ctx.n_saved, ctx.has_V = len(weights), len(saved), V is not None
+    ctx.save_for_backward(gout, x, *([V] if V is not None else []), *weights, *biases)
+
+
+def _bw_backward(ctx, ggx, ggW, ggb):
+    t = list(ctx.saved_tensors)
+    L = ctx.n_layers
+    gout, x = t.pop(0), t.pop(0)
+    V = t.pop(0) if ctx.has_V else None
+    weights, biases = t[:L], t[L:]
+    acts, act_a, act_b, axes, sel, diag, grad_rows = ctx.static
+    # the tensors whose first-order gradient is being differentiated, with its cotangent
+    pairs = [(x, ggx)] + list(zip(weights, ggW or [None] * L)) + [
+        (b, g) for b, g in zip(biases, ggb or [None] * L) if b.numel()
+    ]
+    pairs = [(p, g) for p, g in pairs if g is not None and p.requires_grad]
+    targets = [p for p in (gout, x, *weights, *biases) if p.requires_grad]
+    grads = {}
+    if pairs and targets:
+        with torch.enable_grad():
+            out = reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
+            first = torch.autograd.grad(out, [p for p, _ in pairs], gout, create_graph=True, allow_unused=True)
+            used = [(f, g) for f, (_, g) in zip(first, pairs) if f is not None]
+            if used:
+                got = torch.autograd.grad(
+                    [f for f, _ in used], targets, [g for _, g in used],
+                    create_graph=torch.is_grad_enabled(), allow_unused=True,
+                )
+                grads = {id(p): g for p, g in zip(targets, got)}
+    nones = [] if not axes else None
+    return (
+        grads.get(id(gout)),
+        grads.get(id(x)),
+        [grads.get(id(W)) for W in weights],
+        [grads.get(id(b)) for b in biases],
+        None, None, None, None, nones, None, None, None, None,
+        [None] * ctx.n_saved,
+        None,
+    )
+
+
 torch.library.register_fake("torchhessdiag::mlp_jet")(_fake_jet)
 torch.library.register_fake("torchhessdiag::mlp_jet_backward")(_fake_backward)
-torch.library.register_autograd("torchhessdiag::mlp_jet", _backward, setup_context=_setup)
+torch.library.register_autograd("torchhessdiag::mlp_jet_backward", _bw_backward, setup_context=_bw_setup)
+if not ops.COMPILED:
+    # compiled: the autograd of mlp_jet is C++ (csrc/mlp_ops.cpp, MlpJetFunction)
+    torch.library.register_autograd("torchhessdiag::mlp_jet", _backward, setup_context=_setup)
 for _key in ops._ref_keys:
     for _name, _fn in (("mlp_jet", _ref_jet), ("mlp_jet_backward", _ref_jet_backward)):
         try:
