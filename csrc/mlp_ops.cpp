@@ -579,7 +579,7 @@ struct MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
     if (need_gx) result[0] = std::get<0>(g);
     for (int64_t l = 0; l < L; ++l) {
       if (Ws[l].requires_grad()) result[1 + l] = std::get<1>(g)[l];
-      if (bs[l].numel() > 0 && bs[l].requires_grad()) result[1 + L + l] = std::get<2>(g)[l];
+      if (bs[l].requires_grad() && bs[l].sym_numel() != 0) result[1 + L + l] = std::get<2>(g)[l];
     }
     return result;
   }
