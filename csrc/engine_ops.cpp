@@ -9,6 +9,9 @@
 
 #include "engine_ops.h"
 #include "taylor.h"
+#ifdef THD_WITH_CUDA
+#include "cuda_gate.h"
+#endif
 
 namespace thd {
 namespace {
@@ -301,11 +304,27 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
 }
 
 #ifdef THD_WITH_CUDA
+namespace thd {
+// The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
+constexpr char kRefJetLayer[] = "torchhessdiag_ref::jet_layer";
+constexpr char kRefJetLayerInplace[] = "torchhessdiag_ref::jet_layer_";
+constexpr char kRefJetLayerBackward[] = "torchhessdiag_ref::jet_layer_backward";
+constexpr char kRefTaylorAct[] = "torchhessdiag_ref::taylor_act";
+constexpr char kRefTaylorActBackward[] = "torchhessdiag_ref::taylor_act_backward";
+}  // namespace thd
+
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
-  m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_cuda>);
-  m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_cuda>);
-  m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_cuda>);
-  m.impl("taylor_act", &thd::taylor_act_op<thd::taylor_cuda>);
-  m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_cuda>);
+  using thd::CudaGate;
+  m.impl("jet_layer",
+         &CudaGate<&thd::jet_layer_op<thd::layer_rows_cuda>, thd::kRefJetLayer>::call);
+  m.impl("jet_layer_", &CudaGate<&thd::jet_layer_inplace_op<thd::layer_rows_cuda>,
+                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer_backward", &CudaGate<&thd::jet_layer_backward_op<thd::layer_backward_cuda>,
+                                         thd::kRefJetLayerBackward>::call);
+  m.impl("taylor_act",
+         &CudaGate<&thd::taylor_act_op<thd::taylor_cuda>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward",
+         &CudaGate<&thd::taylor_act_backward_op<thd::taylor_backward_cuda>,
+                   thd::kRefTaylorActBackward>::call);
 }
 #endif

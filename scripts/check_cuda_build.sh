@@ -35,8 +35,10 @@ mkdir -p "$STAGE/src"
 # Build from a copy so the CPU build in the checkout (another torch) is left alone.
 cp -r setup.py pyproject.toml README.md csrc torchhessdiag tests examples "$STAGE/src/"
 find "$STAGE/src" -name "*.so" -delete
-echo "== compiling the CUDA kernels (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+echo "== compiling the CUDA kernels (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>}, MAX_JOBS=$MAX_JOBS)"
+t0=$(date +%s)
 (cd "$STAGE/src" && TORCHHESSDIAG_FORCE_CUDA=1 "$PY" setup.py -q build_ext --inplace)
+echo "== compiled in $(( $(date +%s) - t0 )) s"
 
 echo "== loading the CUDA-enabled extension"
 (cd "$STAGE/src" && "$PY" - <<'PY'
@@ -45,9 +47,14 @@ import torchhessdiag as thd
 info = thd.backend_info()
 assert info["compiled"], info["load_error"]
 assert info["cuda_kernels"], "extension was built without the CUDA kernels"
-for op in ("act_derivatives", "act_grad", "act_grad_backward"):
+for op in ("act_derivatives", "act_grad", "act_grad_backward", "mul_pair", "jet_layer",
+           "jet_layer_", "jet_layer_backward", "taylor_act", "taylor_act_backward"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchhessdiag::{op}", "CUDA"), op
-print("CUDA kernels registered:", info["devices"], "torch", torch.__version__)
+    # the fallback of a GPU without a kernel image (csrc/cuda_gate.h)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"torchhessdiag_ref::{op}", "CompositeExplicitAutograd"), op
+assert "sm_" in info["cuda_archs"], info["cuda_archs"]
+print("CUDA kernels registered:", info["devices"], "for", info["cuda_archs"], "torch", torch.__version__)
 PY
 )
 echo "== test suite on the CPU against the CUDA-enabled build"
