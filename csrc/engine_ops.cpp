@@ -1,6 +1,7 @@
 // The engine's per-layer op (see engine_ops.h): the op half for both devices (checks,
 // allocation) and the CPU kernels. Parallel over points n; each point's K rows are contiguous,
 // the inner loops over j are unit-stride and vectorisable.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -204,6 +205,15 @@ void taylor_backward_host(const TaylorBackwardArgs& p) {
 
 // ---- the ops, for both devices: checks and allocation here, compute in Rows / Backward ----------
 
+// An in-place op's written tensor `out` must not share memory with an input it still reads
+// (both contiguous here, so ATen's overlap test is exact). Mirrored by ops._check_no_overlap.
+void check_no_overlap(const at::Tensor& out, const at::Tensor& in, const char* what,
+                      const char* op) {
+  THD_CHECK_VALUE(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, "torchhessdiag.",
+                  op, ": ", what, " shares memory with J, which this op overwrites while it still "
+                  "reads ", what, "; pass ", what, ".clone(), or use the out-of-place jet_layer");
+}
+
 template <void (*Rows)(const LayerRowsArgs&)>
 std::tuple<at::Tensor, at::Tensor> jet_layer_op(const at::Tensor& J_, const at::Tensor& s1_,
                                                 const at::Tensor& c_, bool need_ja) {
@@ -224,6 +234,10 @@ at::Tensor jet_layer_inplace_op(at::Tensor& J, const at::Tensor& s1_, const at::
   THD_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
   const at::OptionalDeviceGuard guard(at::device_of(J));
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
+  // J is overwritten while s1 and c are still being read (and the CUDA kernel declares them
+  // __restrict__): they must not share memory with J. A non-contiguous s1 / c was copied above.
+  check_no_overlap(J, s1, "s1", "jet_layer_");
+  check_no_overlap(J, c, "c", "jet_layer_");
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
   if (J.numel() == 0) return acc.zero_();
   Rows({d, J.scalar_type(), J.data_ptr(), J.data_ptr(), s1.data_ptr(), c.data_ptr(),

@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from torchhessdiag import ops as thd_ops
 from torchhessdiag import reference
 
 ops = torch.ops.torchhessdiag
@@ -439,3 +440,81 @@ def test_device_mismatch_cuda():
         ops.jet_layer_backward(None, gacc, J.cuda(), s1.cuda(), c.cuda())
     with pytest.raises(ValueError):
         ops.jet_layer_backward(torch.randn(3, 2, 4, **f64), gacc.cuda(), J.cuda(), s1.cuda(), c.cuda())
+
+
+# ---- the in-place op and memory shared with J (issue 17) ---------------------------------------
+#
+# jet_layer_ overwrites J while it still reads s1 and c (row by row; the CUDA kernel declares them
+# __restrict__): a contiguous s1 or c that shares memory with J is refused with a ValueError, by
+# the compiled op, the reference backend and the fake kernel alike, before anything is written. A
+# non-contiguous one is copied by the op first, so it is accepted and gives the right numbers.
+
+
+def _aliased(device, what, how):
+    """(J, s1, c) with `what` ("s1" or "c") sharing memory with J: "partial" overlaps J's tail,
+    "full" is J's own memory (K = 1, m = 1: s1 / c are views of J)."""
+    N, K, w, m = (4, 1, 5, 1) if how == "full" else (4, 3, 5, 2)
+    g = torch.Generator().manual_seed(7)
+    buf = torch.randn(N * K * w + m * N * w, generator=g, dtype=torch.float64).to(device)
+    J = buf[: N * K * w].view(N, K, w)
+    other = torch.randn(m * N * w + N * w, generator=g, dtype=torch.float64).to(device)
+    s1 = other[: N * w].view(N, w)
+    c = other[N * w :].view(m, N, w)
+    if how == "full":
+        alias = J.view(N, w) if what == "s1" else J.view(1, N, w)
+    else:
+        start = N * K * w - 3  # three elements inside J, the rest after it
+        alias = buf[start : start + (N * w if what == "s1" else m * N * w)]
+        alias = alias.view(N, w) if what == "s1" else alias.view(m, N, w)
+    return (J, alias, c) if what == "s1" else (J, s1, alias)
+
+
+@pytest.mark.parametrize("what", ["s1", "c"])
+@pytest.mark.parametrize("how", ["partial", "full"])
+@pytest.mark.parametrize("kernel", ["compiled", "reference", "fake"])
+def test_inplace_refuses_inputs_sharing_memory_with_J(device, what, how, kernel):
+    J, s1, c = _aliased(device, what, how)
+    J0 = J.clone()
+    match = f"{what} shares memory with J.*{what}.clone\\(\\)"
+    if kernel == "compiled":
+        with pytest.raises(ValueError, match=match):
+            ops.jet_layer_(J, s1, c)
+    elif kernel == "reference":
+        with pytest.raises(ValueError, match=match):
+            thd_ops._ref_jet_layer_(J, s1, c)  # the reference backend's kernel
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fbuf = mode.from_tensor(J._base if J._base is not None else J)
+            # rebuild the same aliasing on fake tensors (views of one fake storage)
+            fJ = fbuf.as_strided(J.shape, J.stride(), J.storage_offset())
+            alias = s1 if what == "s1" else c
+            fA = fbuf.as_strided(alias.shape, alias.stride(), alias.storage_offset())
+            fo = mode.from_tensor(c if what == "s1" else s1)
+            args = (fJ, fA, fo) if what == "s1" else (fJ, fo, fA)
+            with pytest.raises(ValueError, match=match):
+                ops.jet_layer_(*args)
+    assert torch.equal(J, J0), "nothing may be written before the refusal"
+
+
+def test_inplace_accepts_disjoint_views_and_non_contiguous_aliases(device):
+    """Views of one buffer that do not overlap J are fine; so is a non-contiguous s1 that reads
+    J's own memory (the op copies it before writing J)."""
+    N, K, w, m = 4, 3, 5, 2
+    buf = torch.randn(N * K * w + N * w + m * N * w, dtype=torch.float64, device=device)
+    J = buf[: N * K * w].view(N, K, w)
+    s1 = buf[N * K * w : N * K * w + N * w].view(N, w)
+    c = buf[N * K * w + N * w :].view(m, N, w)
+    rJa, racc = reference.jet_layer(J.clone(), s1.clone(), c.clone(), True)
+    scale = _acc_scale(J, s1, c)
+    acc = ops.jet_layer_(J, s1, c)
+    assert torch.equal(J, rJa)
+    _assert_sum_close(acc, racc, scale, torch.float64, "acc (disjoint views)")
+    J = torch.randn(N, K, w, dtype=torch.float64, device=device)
+    s1_alias = J[:, 1, :]  # (N, w) view of J with row stride K*w: not contiguous -> copied
+    assert not s1_alias.is_contiguous()
+    c = torch.randn(m, N, w, dtype=torch.float64, device=device)
+    rJa, racc = reference.jet_layer(J.clone(), s1_alias.clone(), c, True)
+    scale = _acc_scale(J, s1_alias, c)
+    acc = ops.jet_layer_(J, s1_alias, c)
+    assert torch.equal(J, rJa), "J = (copy of J[:, 1]) * J"
+    _assert_sum_close(acc, racc, scale, torch.float64, "acc (non-contiguous alias)")

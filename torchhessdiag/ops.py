@@ -267,10 +267,30 @@ def _ref_jet_layer(J, s1, c, need_ja):
     return reference.jet_layer(J, s1, c, need_ja)
 
 
+def _shares_memory(a, b) -> bool:
+    """Whether contiguous a and b overlap in memory (ATen's get_overlap_status != No; metadata
+    only, so fake tensors work too)."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_no_overlap(out, t, what, op):
+    # as csrc/engine_ops.cpp check_no_overlap; a non-contiguous t is copied there, so never aliases
+    if t.is_contiguous() and _shares_memory(out, t):
+        raise ValueError(
+            f"torchhessdiag.{op}: {what} shares memory with J, which this op overwrites while it "
+            f"still reads {what}; pass {what}.clone(), or use the out-of-place jet_layer"
+        )
+
+
 def _check_layer_inplace(J, s1, c):
     _check_layer(J, s1, c, "jet_layer_")
     if not J.is_contiguous():
         raise ValueError("torchhessdiag.jet_layer_: J must be contiguous")
+    _check_no_overlap(J, s1, "s1", "jet_layer_")
+    _check_no_overlap(J, c, "c", "jet_layer_")
 
 
 def _ref_jet_layer_(J, s1, c):
