@@ -42,6 +42,7 @@ import torch
 
 from . import custom as _custom
 from . import reference
+from ._precision import warn_if_tf32  # noqa: F401  (the TF32 policy, for general.py's paths)
 from ._schemas import SCHEMAS
 from .activations import ActivationSpec, make_spec, torch_function
 
