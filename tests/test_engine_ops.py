@@ -442,6 +442,80 @@ def test_device_mismatch_cuda():
         ops.jet_layer_backward(torch.randn(3, 2, 4, **f64), gacc.cuda(), J.cuda(), s1.cuda(), c.cuda())
 
 
+# ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
+#
+# Widths {1, 31, 33, 100} (tests/_helpers.py WIDE_WIDTHS), m = 3 outputs, K = 3 directions, and on
+# CUDA enough points that the grid-stride loops of the forward kernel (rows N*K, 8 warps of 32/G
+# rows per block) and of the backward kernel (N*w threads) run a second, ragged pass over the
+# capped grid (32 blocks per SM, csrc/cuda/engine_ops.cu). On the CPU the same widths with several
+# parallel grains (16384 / (K w) points each). Tolerance: the w-term sums of acc carry up to
+# (w + 2) eps S of rounding on each side, so 2.2 (w + 2) eps S (S: sum of |terms|) -- FACTOR's
+# 50 eps S assumed w <= 16; the backward's sums have K = 3 or m = 3 terms, within FACTOR.
+
+from _helpers import WARPS_PER_BLOCK, WIDE_WIDTHS, THREADS_PER_BLOCK, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
+
+WIDE_K, WIDE_M = 3, 3
+
+
+def _wide_N(device, w, K=WIDE_K):
+    if torch.device(device).type == "cuda":
+        fwd_rows = grid_pass(device, WARPS_PER_BLOCK * (32 // lanes_per_row(w)))
+        bwd_items = grid_pass(device, THREADS_PER_BLOCK)
+        return max(beyond_one_pass(fwd_rows, K), beyond_one_pass(bwd_items, w))
+    return 3 * max(1, 16384 // (K * w)) + 7
+
+
+def _assert_wide_acc(acc, racc, scale, dtype, w, what):
+    err = (acc - racc).abs()
+    bound = max(FACTOR, 2.2 * (w + 2)) * torch.finfo(dtype).eps * scale
+    assert torch.isfinite(acc).all(), what
+    assert (err <= bound).all(), f"{what}: max err/bound {(err / bound.clamp_min(1e-300)).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w", WIDE_WIDTHS)
+def test_wide_forward_inplace_backward(device, dtype, w):
+    N = _wide_N(device, w)
+    if torch.device(device).type == "cuda":  # every loop has a second pass on this GPU
+        assert N * WIDE_K > grid_pass(device, WARPS_PER_BLOCK * (32 // lanes_per_row(w)))
+        assert N * w > grid_pass(device, THREADS_PER_BLOCK)
+    J, s1, c = _args(device, dtype, N=N, K=WIDE_K, w=w, m=WIDE_M, seed=w)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    scale = _acc_scale(J, s1, c)
+    # forward, out of place (with and without Ja)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    assert torch.equal(Ja, rJa), "Ja = s1 * J: one correctly rounded product per element"
+    _assert_wide_acc(acc, racc, scale, dtype, w, "acc")
+    _, acc_nj = ops.jet_layer(J, s1, c, False)
+    assert torch.equal(acc_nj, acc)
+    # in place: the same numbers, J overwritten
+    J2 = J.clone()
+    acc2 = ops.jet_layer_(J2, s1, c)
+    assert torch.equal(acc2, acc) and torch.equal(J2, Ja)
+    # backward, with and without gJa
+    g = torch.Generator().manual_seed(100 + w)
+    gacc = torch.randn(WIDE_M, N, WIDE_K, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    gJa = torch.randn(N, WIDE_K, w, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    for gj in (gJa, None):
+        out = ops.jet_layer_backward(gj, gacc, J, s1, c)
+        ref = reference.jet_layer_backward(gj, gacc, J, s1, c)
+        for a, b, s, name in zip(out, ref, _bwd_scales(gj, gacc, J, s1, c), ("dJ", "ds1", "dc")):
+            _assert_sum_close(a, b, s, dtype, f"{name} (gJa {'given' if gj is not None else 'None'})")
+
+
+@pytest.mark.parametrize("m", [5, 6])
+def test_backward_many_outputs(device, m):
+    """m > 4 outputs: the CUDA backward's generic path (m <= 4 keeps c in registers)."""
+    dtype = torch.float64
+    J, s1, c = _args(device, dtype, N=7, K=3, w=33, m=m, seed=m)
+    gacc = torch.randn(m, 7, 3, dtype=dtype, device=device)
+    gJa = torch.randn_like(J)
+    out = ops.jet_layer_backward(gJa, gacc, J, s1, c)
+    ref = reference.jet_layer_backward(gJa, gacc, J, s1, c)
+    for a, b, s, name in zip(out, ref, _bwd_scales(gJa, gacc, J, s1, c), ("dJ", "ds1", "dc")):
+        _assert_sum_close(a, b, s, dtype, name)
+
+
 # ---- the in-place op and memory shared with J (issue 17) ---------------------------------------
 #
 # jet_layer_ overwrites J while it still reads s1 and c (row by row; the CUDA kernel declares them
