@@ -8,11 +8,9 @@
 
 #include <vector>
 
+#include "cuda_gate.h"
 #include "engine_ops.h"
 #include "taylor.h"
-#ifdef THD_WITH_CUDA
-#include "cuda_gate.h"
-#endif
 
 namespace thd {
 namespace {
@@ -317,7 +315,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_host>);
 }
 
-#ifdef THD_WITH_CUDA
 namespace thd {
 // The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
 constexpr char kRefJetLayer[] = "torchhessdiag_ref::jet_layer";
@@ -327,6 +324,23 @@ constexpr char kRefTaylorAct[] = "torchhessdiag_ref::taylor_act";
 constexpr char kRefTaylorActBackward[] = "torchhessdiag_ref::taylor_act_backward";
 }  // namespace thd
 
+// The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
+TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
+  using thd::TestGate;
+  m.impl("jet_layer",
+         &TestGate<&thd::jet_layer_op<thd::layer_rows_host>, thd::kRefJetLayer>::call);
+  m.impl("jet_layer_", &TestGate<&thd::jet_layer_inplace_op<thd::layer_rows_host>,
+                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer_backward", &TestGate<&thd::jet_layer_backward_op<thd::layer_backward_host>,
+                                         thd::kRefJetLayerBackward>::call);
+  m.impl("taylor_act",
+         &TestGate<&thd::taylor_act_op<thd::taylor_host>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward",
+         &TestGate<&thd::taylor_act_backward_op<thd::taylor_backward_host>,
+                   thd::kRefTaylorActBackward>::call);
+}
+
+#ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   using thd::CudaGate;
   m.impl("jet_layer",

@@ -3,10 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "jet_ops_impl.h"
-#ifdef THD_WITH_CUDA
 #include "cuda_gate.h"
-#endif
+#include "jet_ops_impl.h"
 
 namespace thd {
 
@@ -76,7 +74,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
 }
 
-#ifdef THD_WITH_CUDA
 namespace thd {
 // The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
 constexpr char kRefActDerivatives[] = "torchhessdiag_ref::act_derivatives";
@@ -85,6 +82,19 @@ constexpr char kRefActGradBackward[] = "torchhessdiag_ref::act_grad_backward";
 constexpr char kRefMulPair[] = "torchhessdiag_ref::mul_pair";
 }  // namespace thd
 
+// The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
+TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
+  using K = thd::Kernels<thd::CpuExec>;
+  using thd::TestGate;
+  m.impl("act_derivatives",
+         &TestGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
+  m.impl("act_grad", &TestGate<&thd::act_grad_impl<K>, thd::kRefActGrad>::call);
+  m.impl("act_grad_backward",
+         &TestGate<&thd::act_grad_backward_impl<K>, thd::kRefActGradBackward>::call);
+  m.impl("mul_pair", &TestGate<&thd::mul_pair_impl<K>, thd::kRefMulPair>::call);
+}
+
+#ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   using K = thd::CudaKernels;  // compute half in csrc/cuda/jet_ops.cu
   using thd::CudaGate;

@@ -18,25 +18,21 @@ namespace {
 constexpr int kMaxDevices = 256;
 std::atomic<int> g_probe_state[kMaxDevices];
 
-// torchhessdiag._cuda_probe.on_first_use(device) -> bool, with the GIL. Any Python error counts
-// as "compiled kernels" (the op then runs and reports its own error, if any) and is printed.
-bool ask_python(int device) {
-  if (!Py_IsInitialized()) return false;
+// torchhessdiag._cuda_probe.on_first_use(device) -> 1 (reference) / 0 (compiled kernels), with
+// the GIL; -1 when Python raised (e.g. its warning turned into an error by -W error): printed as
+// an unraisable exception, this call uses the compiled kernels and the next call asks again.
+int ask_python(int device) {
+  if (!Py_IsInitialized()) return 0;
   const PyGILState_STATE gil = PyGILState_Ensure();
-  bool use_reference = false;
+  int answer = -1;
   PyObject* mod = PyImport_ImportModule("torchhessdiag._cuda_probe");
   PyObject* r = mod ? PyObject_CallMethod(mod, "on_first_use", "i", device) : nullptr;
-  if (r != nullptr) {
-    const int t = PyObject_IsTrue(r);
-    use_reference = t == 1;
-    if (t < 0) PyErr_WriteUnraisable(r);
-  } else {
-    PyErr_WriteUnraisable(mod);
-  }
+  if (r != nullptr) answer = PyObject_IsTrue(r);  // -1 on error
+  if (answer < 0) PyErr_WriteUnraisable(mod);
   Py_XDECREF(r);
   Py_XDECREF(mod);
   PyGILState_Release(gil);
-  return use_reference;
+  return answer;
 }
 }  // namespace
 
@@ -44,9 +40,9 @@ bool cuda_use_reference(int device) {
   if (device < 0 || device >= kMaxDevices) return false;
   const int s = g_probe_state[device].load(std::memory_order_acquire);
   if (s != 0) return s == 2;
-  const bool ref = ask_python(device);  // concurrent first calls both ask; Python answers alike
-  g_probe_state[device].store(ref ? 2 : 1, std::memory_order_release);
-  return ref;
+  const int answer = ask_python(device);  // concurrent first calls both ask; Python answers alike
+  if (answer >= 0) g_probe_state[device].store(answer ? 2 : 1, std::memory_order_release);
+  return answer == 1;
 }
 }  // namespace thd
 

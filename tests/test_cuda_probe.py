@@ -6,8 +6,10 @@ replaced (``_launch``: the empty-kernel launch; ``_capability``): a device whose
 want of a kernel image must be sent to the reference kernels, with exactly one warning naming its
 sm_XY, the architectures built and the rebuild command; a device that launches, or fails for
 another reason, keeps the compiled kernels. The reference ops it falls back to
-(``torchhessdiag_ref::*``) are checked against the compiled ones on the CPU. With a GPU, the last
-tests drive the real compiled gate: a simulated missing image makes CUDA calls run the reference.
+(``torchhessdiag_ref::*``) are checked against the compiled ones on the CPU, and the C++ gate's
+fallback path (csrc/cuda_gate.h) is run on the CPU through ``torchhessdiag_gatetest::*`` (the same
+gate with the decision fixed to "reference"). With a GPU, the last tests drive the real CUDA
+gate: a simulated missing image makes CUDA calls run the reference.
 """
 
 from __future__ import annotations
@@ -246,6 +248,57 @@ def test_reference_op_schemas_match():
         ours = str(getattr(torch.ops.torchhessdiag, name).default._schema)
         ref = str(getattr(torch.ops.torchhessdiag_ref, name).default._schema)
         assert ref.replace("torchhessdiag_ref::", "torchhessdiag::") == ours
+
+
+# ---- the compiled gate's fallback path, on the CPU --------------------------------------------
+#
+# torchhessdiag_gatetest::<op> is the CPU kernel of <op> registered through the same C++ Gate
+# template as the CUDA ops, with the decision fixed to "reference": each call goes from the C++
+# gate through the dispatcher to torchhessdiag_ref::<op> (Python). Spying on the reference
+# kernels proves the path was taken; the numbers must be the reference's exactly.
+
+
+@pytest.mark.parametrize("name, args", _op_cases(), ids=[n for n, _ in _op_cases()])
+def test_gate_fallback_path_on_cpu(name, args):
+    if not ops.COMPILED:
+        pytest.skip("the gate exists in the compiled extension only")
+    real = ops._REF_KERNELS[name]
+    calls = []
+
+    def spy(*a):
+        calls.append(name)
+        return real(*a)
+
+    # a CPU kernel of torchhessdiag_ref::<name> (it has only CompositeExplicitAutograd) that counts
+    lib = torch.library.Library("torchhessdiag_ref", "IMPL")
+    lib.impl(name, spy, "CPU")
+    try:
+        got = getattr(torch.ops.torchhessdiag_gatetest, name)(*args)
+    finally:
+        lib._destroy()
+    assert calls == [name], "the gate did not run the reference op"
+    expected = real(*args)
+    got, expected = ((got,), (expected,)) if torch.is_tensor(got) else (got, expected)
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected):
+        assert torch.equal(x, y)
+
+
+def test_gate_fallback_path_on_cpu_inplace_and_errors():
+    """The in-place op through the gate overwrites J as the reference does; the reference's
+    ValueError comes back through the C++ gate as a ValueError."""
+    if not ops.COMPILED:
+        pytest.skip("the gate exists in the compiled extension only")
+    J, s1, c = (torch.randn(*s, dtype=torch.float64) for s in ((4, 3, 5), (4, 5), (2, 4, 5)))
+    J1, J2 = J.clone(), J.clone()
+    acc1 = torch.ops.torchhessdiag_gatetest.jet_layer_(J1, s1, c)
+    acc2 = ops._ref_jet_layer_(J2, s1, c)
+    assert torch.equal(J1, J2) and torch.equal(acc1, acc2), "J overwritten through the gate"
+    alias = J1.view(-1)[:20].view(4, 5)  # contiguous, inside J
+    with pytest.raises(ValueError, match="s1 shares memory with J"):
+        torch.ops.torchhessdiag_gatetest.jet_layer_(J1, alias, c)
+    with pytest.raises(ValueError, match="unknown activation 'nope'"):
+        torch.ops.torchhessdiag_gatetest.act_grad(s1, s1, "nope", 1.0, 0.0, 1)
 
 
 # ---- with a GPU: the compiled gate itself -------------------------------------------------------

@@ -358,13 +358,17 @@ for _key in _ref_keys:
 # The same reference kernels as ops of their own, torchhessdiag_ref::<op>: what the compiled CUDA
 # ops call on a GPU this build has no kernel image for (csrc/cuda_gate.h, _cuda_probe.py).
 # CompositeExplicitAutograd: they serve any device (tests call them on the CPU).
+# torchhessdiag_gatetest::<op> (CPU only, compiled kernels in C++): the same gate as the CUDA
+# ops, deciding "reference" always -- the fallback path, testable without a GPU.
 if COMPILED:
     _ref_def_lib = torch.library.Library("torchhessdiag_ref", "DEF")
+    _gatetest_def_lib = torch.library.Library("torchhessdiag_gatetest", "DEF")
     for _name, _fn in _REF_KERNELS.items():
         if _name == "act_forward":
             continue  # the compiled act_forward (ATen's own function) serves every device
         _ref_def_lib.define(SCHEMAS[_name])
         _ref_def_lib.impl(_name, _fn, "CompositeExplicitAutograd")
+        _gatetest_def_lib.define(SCHEMAS[_name])
 
 
 # ---- fake (meta) kernels, for torch.compile / export -----------------------------------------
