@@ -17,12 +17,17 @@ ProbeResult cuda_probe_launch(int device) {
   int prev = -1;
   cudaError_t e = cudaGetDevice(&prev);
   if (e == cudaSuccess) e = cudaSetDevice(device);
+  // An error already pending is not this launch's: report it (inconclusive: the caller keeps the
+  // compiled kernels) and leave it for its owner.
+  if (e == cudaSuccess) e = cudaPeekAtLastError();
   if (e == cudaSuccess) {
-    (void)cudaGetLastError();  // a stale non-sticky error is not this launch's
-    probe_kernel<<<1, 1>>>();
+    // The per-thread default stream: no implicit synchronisation with the caller's streams, and
+    // allowed while another stream is being captured into a CUDA graph (the legacy default
+    // stream would invalidate that capture).
+    probe_kernel<<<1, 1, 0, cudaStreamPerThread>>>();
     e = cudaGetLastError();  // a missing image fails the launch itself: no synchronisation
-    if (prev >= 0) (void)cudaSetDevice(prev);
   }
+  if (prev >= 0) (void)cudaSetDevice(prev);
   if (e != cudaSuccess) r = ProbeResult{static_cast<int>(e), cudaGetErrorName(e), cudaGetErrorString(e)};
   return r;
 }
