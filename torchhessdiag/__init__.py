@@ -24,6 +24,7 @@ from .custom import (  # noqa: E402
     unregister_activation,
 )
 from .ops import activation, activation_derivatives, backend_info  # noqa: E402
+from ._precision import TF32Warning  # noqa: E402
 from .api import (  # noqa: E402
     MLPDerivatives,
     mlp_derivatives,
@@ -45,6 +46,7 @@ from .general import (  # noqa: E402
 
 __all__ = [
     "PathInfo",
+    "TF32Warning",
     "axis_derivatives",
     "explain",
     "get_fallback",

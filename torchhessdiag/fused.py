@@ -55,13 +55,28 @@ class Net:
         return next(W.shape[0] for W, a in zip(self.weights, self.acts) if a >= 0)
 
 
+_CUDA_OK: dict = {}
+
+
 def available(x: Tensor) -> bool:
-    """Whether a compiled mlp_jet kernel serves x's device."""
+    """Whether a compiled mlp_jet kernel serves x's device. On a GPU this build has no kernel
+    image for (the probe in torchhessdiag/_cuda_probe.py, asked once per device) the engine takes
+    the reverse sweep, whose ops fall back to the reference kernels there."""
     if not ops.COMPILED or ops.FORCED_REFERENCE:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and ops.CUDA_KERNELS
+    if x.device.type != "cuda" or not ops.CUDA_KERNELS:
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _CUDA_OK.get(idx)
+    if ok is None:
+        if torch.compiler.is_compiling():
+            return True  # (eager calls ask the probe; a trace assumes the compiled kernels)
+        from . import _cuda_probe
+
+        ok = _CUDA_OK[idx] = not _cuda_probe.on_first_use(idx)
+    return ok
 
 
 def _bias_args(net: Net, x: Tensor) -> List[Tensor]:

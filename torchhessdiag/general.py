@@ -310,6 +310,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         out = y.unsqueeze(-1).expand(tuple(y.shape) + (V.shape[1],)).unsqueeze(0).clone()
         return done(out.squeeze(1) if unbatched else out, info)
 
+    ops.warn_if_tf32(x2, stacklevel=4)  # TF32 policy (torchhessdiag/_precision.py): jets, autograd
     # 2. Taylor jets over the traced graph --------------------------------------------------------
     if order <= taylor.MAX_ORDER:
         try:
