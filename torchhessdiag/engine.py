@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, ops
+from . import _precision, fused, ops
 from .activations import NAMES, ActivationSpec, spec_from_module
 
 Tensor = torch.Tensor
@@ -360,6 +360,7 @@ def run(
     blocks' differentiable results are concatenated (the transient rows of a block are bounded,
     the graph saved for backward still grows with N).
     """
+    _precision.warn_if_tf32(x)  # float32 CUDA GEMMs under TF32: one warning per process
     plan = _fused_plan(layers, x, V, dims, mode, need_gradient)
     if plan is not None:
         return _run_fused(plan, x, mode, chunk_size)
