@@ -49,8 +49,8 @@ if [ -n "${RESUME_FROM:-}" ] && [ -d "$RESUME_FROM" ] && [ "$DRY" = 0 ]; then
   cp -rn "$RESUME_FROM"/. "$OUT"/
 fi
 
-# The CUDA tests each sanitizer sees, in pieces that fit one timeout each: the ops (engine layer
-# op, taylor_act, the activation-table ops), the engine, the jets. -k cuda selects the CUDA
+# The CUDA tests each sanitizer sees, in pieces that fit one timeout each: the fused MLP op, the
+# ops (engine layer op, taylor_act, the activation-table ops), the engine, the jets. -k cuda selects the CUDA
 # variants; in test_table only the tests that launch the table kernels on many points (its other
 # tests spend their time in mpmath on the CPU).
 declare -A PIECE_FILES=(
@@ -59,12 +59,13 @@ declare -A PIECE_FILES=(
   [table]="tests/test_table.py"
   [engine]="tests/test_engine.py tests/test_mlp_engine.py"
   [jets]="tests/test_general_jets.py"
+  [fused]="tests/test_fused.py"
 )
 declare -A PIECE_K=(
-  [layer]="cuda" [taylor]="cuda" [engine]="cuda" [jets]="cuda"
+  [layer]="cuda" [taylor]="cuda" [engine]="cuda" [jets]="cuda" [fused]="cuda"
   [table]="cuda and (compiled_matches_reference or wide or finite_at_large_z)"
 )
-PIECES="layer taylor table engine jets"
+PIECES="fused layer taylor table engine jets"
 
 ALL_STEPS="info build test_cuda test_rest"
 for tool in $SANITIZE_TOOLS; do

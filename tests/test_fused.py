@@ -100,9 +100,9 @@ class Net:
         return torch.cat(rows)
 
 
-def _x(n, d, seed=1, dtype=torch.float64):
+def _x(n, d, seed=1, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def _check(got, want, tol=TOL, what=""):
@@ -131,14 +131,14 @@ STRUCTURES = {
 @pytest.mark.parametrize("name", list(STRUCTURES))
 @pytest.mark.parametrize("diag", [False, True], ids=["sum", "diag"])
 @pytest.mark.parametrize("grad_rows", [False, True], ids=["no-J", "J"])
-def test_structures_along_axes(name, diag, grad_rows):
+def test_structures_along_axes(device, name, diag, grad_rows):
     d, widths, acts, bias = STRUCTURES[name]
-    net = Net(d, widths, acts, bias=bias, seed=hash(name) % 1000)
-    x = _x(11, d)
+    net = Net(d, widths, acts, bias=bias, seed=sum(map(ord, name)), device=device)
+    x = _x(11, d, device=device)
     sel = list(range(d)) if d < 5 else [0, 3, 4]
     with torch.no_grad():
         out, _ = net.call(x, axes=range(d), sel=sel, diag=diag, grad_rows=grad_rows)
-    want = net.expected(x, torch.eye(d, dtype=x.dtype), sel, diag, grad_rows)
+    want = net.expected(x, torch.eye(d, dtype=x.dtype, device=device), sel, diag, grad_rows)
     _check(out, want, what=name)
 
 
@@ -198,7 +198,7 @@ def test_chunks_and_threads(chunk, threads):
 
 def _functional(out, seed=11):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
     return (out * w).sum() + 0.3 * (out[1:2] ** 2).sum()
 
 
@@ -206,14 +206,15 @@ def _functional(out, seed=11):
                                   "ends with act", "two linear first"])
 @pytest.mark.parametrize("diag", [False, True], ids=["sum", "diag"])
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_gradients_to_weights_biases_and_x(name, diag, chunk):
-    """The C++ backward against autograd through torch.func on the oracle."""
+def test_gradients_to_weights_biases_and_x(device, name, diag, chunk):
+    """The compiled backward against nested autograd on the oracle."""
     d, widths, acts, bias = STRUCTURES[name]
-    net = Net(d, widths, acts, bias=bias, seed=7)
-    x = _x(10, d).requires_grad_()
+    net = Net(d, widths, acts, bias=bias, seed=7, device=device)
+    x = _x(10, d, device=device).requires_grad_()
     out, _ = net.call(x, axes=range(d), diag=diag, grad_rows=True, chunk=chunk, save=True)
     got = torch.autograd.grad(_functional(out), net.params() + [x])
-    want_out = net.expected(x, torch.eye(d, dtype=x.dtype), list(range(d)), diag, True, differentiable=True)
+    want_out = net.expected(x, torch.eye(d, dtype=x.dtype, device=device), list(range(d)), diag, True,
+                            differentiable=True)
     want = torch.autograd.grad(_functional(want_out), net.params() + [x])
     for i, (a, b) in enumerate(zip(got, want)):
         _check(a, b, TOL_GRAD, what=f"{name} gradient {i}")
@@ -230,11 +231,12 @@ def test_gradients_general_directions():
         _check(a, b, TOL_GRAD, what="V gradient")
 
 
-def test_double_backward():
+def test_double_backward(device):
     """create_graph through the op's backward (its Python derivative recomputes the jet with
-    torch ops): d/dW of |dL/dW|^2, against the same through torch.func on the oracle."""
-    net = Net(2, [5, 4, 1], [T, SP, None], seed=9)
-    x = _x(6, 2)
+    torch ops): d/dW of |dL/dW|^2 with a loss quadratic in the jet (so the incoming gradient
+    depends on the weights too), against nested autograd on the oracle."""
+    net = Net(2, [5, 4, 1], [T, SP, None], seed=9, device=device)
+    x = _x(6, 2, device=device)
 
     def second(out):
         g = torch.autograd.grad(_functional(out), net.params(), create_graph=True)
@@ -242,7 +244,7 @@ def test_double_backward():
 
     out, _ = net.call(x, axes=[0, 1], diag=False, grad_rows=True, save=True)
     got = second(out)
-    want = second(net.expected(x, torch.eye(2, dtype=x.dtype), [0, 1], False, True, True))
+    want = second(net.expected(x, torch.eye(2, dtype=x.dtype, device=device), [0, 1], False, True, True))
     for a, b in zip(got, want):
         _check(a, b, 1e-10, what="double backward")
 
