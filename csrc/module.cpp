@@ -10,6 +10,7 @@
 #include "activations.h"
 #include "cpu/kernels.h"
 #include "cuda_probe.h"
+#include "mlp_ops.h"
 
 #define THD_STR2(x) #x
 #define THD_STR(x) THD_STR2(x)
@@ -140,7 +141,13 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(thd::cpu::set_max_isa(isa).name);
 }
 
+PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::mlp_pool_clear()); }
+PyObject* cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::mlp_pool_bytes()); }
+
 PyMethodDef kMethods[] = {
+    {"empty_cache", empty_cache, METH_NOARGS,
+     "Release the fused MLP op's pooled CPU buffers; returns the bytes released."},
+    {"cache_bytes", cache_bytes, METH_NOARGS, "Bytes held by the fused MLP op's CPU buffer pool."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use at most this instruction set ('scalar', 'avx2', 'avx512') for the CPU kernels."},

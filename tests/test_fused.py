@@ -444,3 +444,27 @@ def test_engine_uses_the_fused_op_where_it_applies(monkeypatch):
     thd.mlp_laplacian(wide, _x(3, 12))  # K = 12 > width 4: the reverse sweep compresses
     thd.mlp_hessian_diag(wide, _x(3, 12))  # 12 > FUSED_DIAG_MAX_K
     assert calls == []
+
+
+def test_saved_buffers_reused_across_steps_and_released():
+    """Training steps of the same shape reuse the saved-row buffers (no new allocation once the
+    previous step's graph is gone); a graph still alive keeps its buffers out of reach;
+    empty_cache() releases the pool."""
+    net = Net(3, [16, 16, 1], [T, S, None], seed=17)
+    x = _x(40, 3)
+
+    def step():
+        out, saved = net.call(x, axes=[0, 1, 2], save=True)
+        ptrs = [t.data_ptr() for t in saved[:-1] if t.numel()]
+        torch.autograd.grad(_functional(out), net.params())
+        return ptrs
+
+    thd.empty_cache()
+    first = step()
+    assert thd.backend_info()["cache_bytes"] > 0
+    assert step() == first  # the same buffers again
+    out, saved = net.call(x, axes=[0, 1, 2], save=True)  # graph alive: its buffers are busy
+    held = [t.data_ptr() for t in saved[:-1] if t.numel()]
+    assert not set(held) & set(step())
+    del out, saved
+    assert thd.empty_cache() > 0 and thd.backend_info()["cache_bytes"] == 0

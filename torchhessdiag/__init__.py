@@ -23,7 +23,7 @@ from .custom import (  # noqa: E402
     register_activation,
     unregister_activation,
 )
-from .ops import activation, activation_derivatives, backend_info  # noqa: E402
+from .ops import activation, activation_derivatives, backend_info, empty_cache  # noqa: E402
 from ._precision import TF32Warning  # noqa: E402
 from .api import (  # noqa: E402
     MLPDerivatives,
@@ -69,6 +69,7 @@ __all__ = [
     "activation_derivatives",
     "activations",
     "backend_info",
+    "empty_cache",
     "make_spec",
     "nn",
     "reference",

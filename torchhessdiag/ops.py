@@ -824,8 +824,10 @@ def backend_info() -> dict:
     torchhessdiag/_cuda_probe.py; filled at the first op call on each GPU), ``devices``
     (``"compiled"`` or ``"reference"`` per device type; ``"cuda"`` is ``"reference"`` also when
     any GPU is in ``cuda_fallback``), ``load_error`` (why the extension did not load, if it did
-    not), ``max_order``, ``activations`` (the table) and ``user_activations`` (the names
-    registered with ``register_activation``).
+    not), ``max_order``, ``activations`` (the table), ``user_activations`` (the names
+    registered with ``register_activation``), ``cpu_isa`` (the instruction set of the CPU kernels:
+    ``"avx512"``, ``"avx2"`` or ``"scalar"``) and ``cache_bytes`` (CPU memory the fused MLP op
+    keeps for reuse, see :func:`empty_cache`).
     """
     from . import __version__, _cuda_probe
     from .activations import NAMES
@@ -848,4 +850,14 @@ def backend_info() -> dict:
         "max_order": MAX_ORDER,
         "activations": tuple(_C.activations()) if COMPILED else NAMES,
         "user_activations": _custom.registered_names(),
+        "cpu_isa": _C.cpu_isa() if COMPILED else None,
+        "cache_bytes": _C.cache_bytes() if COMPILED else 0,
     }
+
+
+def empty_cache() -> int:
+    """Release the CPU buffers the fused MLP op keeps between training steps (the rows saved for
+    the backward, reused by the next step instead of being allocated -- and page-faulted -- again).
+    Returns the bytes released. Buffers still held by a graph are kept until it is freed. Like
+    ``torch.cuda.empty_cache()``: for memory, never needed for correctness."""
+    return int(_C.empty_cache()) if COMPILED else 0
