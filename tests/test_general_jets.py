@@ -297,17 +297,17 @@ def test_shared_first_order_rows_before_the_first_nonlinearity():
     x = torch.randn(5, 3, dtype=DT)
     V = torch.eye(3, dtype=DT)
     seen = {}
-    orig = taylor._rule_linear
+    orig = taylor.RULES["linear_module"]  # nn.Linear modules: the rule gets the module first
 
-    def spy(ctx, p, h, *a, **k):
+    def spy(ctx, p, m, h, *a, **k):
         seen.setdefault("first", h.coefs[0].shape)
-        return orig(ctx, p, h, *a, **k)
+        return orig(ctx, p, m, h, *a, **k)
 
-    taylor.RULES["linear"] = spy
+    taylor.RULES["linear_module"] = spy
     try:
         taylor.propagate(prog, x, V, 2)
     finally:
-        taylor.RULES["linear"] = orig
+        taylor.RULES["linear_module"] = orig
     assert seen["first"] == (3, 3)  # (K, d), not (N, K, d)
 
 

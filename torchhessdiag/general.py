@@ -314,8 +314,12 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
     # 2. Taylor jets over the traced graph --------------------------------------------------------
     if order <= taylor.MAX_ORDER:
         try:
-            program = graph.build_program(f)
-            out, ctx = taylor.propagate_chunked(program, x2, V, order, collapsed=(what == "laplacian"))
+            program = graph.get_program(f, x2)
+            out, ctx = taylor.propagate_chunked(
+                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f)
+            )
+        except graph.ShapeError as e:
+            raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None
         except graph.Unsupported as e:
             reasons.append(f"not traceable to supported pieces: {e}")
         else:

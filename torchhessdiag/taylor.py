@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .activations import ActivationSpec
-from .graph import Program, Unsupported, fetch_attr
+from .graph import _RUNTIME, Program, ShapeError, Unsupported
 
 Tensor = torch.Tensor
 
@@ -76,6 +76,7 @@ class Context:
         self.N, self.K, self.order, self.collapsed = N, K, order, collapsed
         self.piecewise_linear_seen = False
         self.node = ""  # the node being evaluated, for messages
+        self.kind = ""
         self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
 
     def is_sum(self, k: int) -> bool:
@@ -304,17 +305,28 @@ def _const(ctx: Context, t: Any, what: str) -> Any:
     return t
 
 
+def _layer_name(ctx: Context, p: dict, what: str) -> str:
+    name = p.get("name")
+    return f"{what} '{name}'" if name else f"{what} (node '{ctx.node}')"
+
+
 def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
-    m = p.get("module")
-    if m is not None:
-        weight, bias = m.weight, m.bias
     weight = _const(ctx, weight, "the weight of a linear layer")
     bias = _const(ctx, bias, "the bias of a linear layer")
     if not isinstance(x, Jet):
         return F.linear(x, weight, bias)
     if weight.dim() != 2:
         raise Unsupported(f"node '{ctx.node}': linear with a {weight.dim()}-d weight")
+    if x.value.shape[-1] != weight.shape[1]:
+        raise ShapeError(
+            f"{_layer_name(ctx, p, 'linear layer')} takes {weight.shape[1]} input features, but the "
+            f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
+        )
     return _map(x, lambda t, off: F.linear(t, weight), value=F.linear(x.value, weight, bias))
+
+
+def _rule_linear_module(ctx: Context, p: dict, m, x) -> Any:
+    return _rule_linear(ctx, p, x, m.weight, m.bias)
 
 
 def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
@@ -325,6 +337,12 @@ def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
         )
     if not isinstance(b, Tensor) or b.dim() not in (1, 2) or a.value.dim() < 2:
         raise Unsupported(f"node '{ctx.node}': matmul with shapes {tuple(a.value.shape)} @ {getattr(b, 'shape', b)}")
+    if a.value.shape[-1] != b.shape[0]:
+        raise ShapeError(
+            f"matmul (node '{ctx.node}'): the input-dependent value has {a.value.shape[-1]} features "
+            f"(shape {tuple(a.value.shape)}) but the matrix it multiplies has {b.shape[0]} rows "
+            f"(shape {tuple(b.shape)})"
+        )
     return _map(a, lambda t, off: torch.matmul(t, b))
 
 
@@ -656,6 +674,7 @@ def _rule_squeeze(ctx: Context, p: dict, x, dim=None) -> Any:
 RULES: Dict[str, Callable[..., Any]] = {
     "activation": _rule_activation,
     "linear": _rule_linear,
+    "linear_module": _rule_linear_module,
     "matmul": _rule_matmul,
     "identity": _rule_identity,
     "neg": _rule_neg,
@@ -685,54 +704,46 @@ def _plain(a: Any) -> Any:
     return a.value if isinstance(a, Jet) else a
 
 
-def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+def _input_jet(ctx: Context, x: Tensor, V: Tensor) -> Jet:
+    return Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (ctx.order - 1))
+
+
+def _check_if_jet(ctx: Context, res: Any) -> Any:
+    return _check(ctx, res) if isinstance(res, Jet) else res
+
+
+_RUNTIME.rules = RULES
+_RUNTIME.input = _input_jet
+_RUNTIME.check = _check_if_jet
+_RUNTIME.plain = _plain
+
+#: errors that are the caller's or the machine's, never "this model is not supported"
+_PASS_THROUGH = (ShapeError, NotImplementedError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
     """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order.
+
+    ``f`` is the model (or function) the program was traced from: its weights and submodules are
+    read from it on every run (default: the one it was traced from, if it is still alive).
 
     Returns ``(out, ctx)``: ``out`` is the output :class:`Jet` (or a plain tensor when the output
     does not depend on x), ``ctx.piecewise_linear_seen`` tells whether a piecewise-linear
     activation was met. Raises :class:`~torchhessdiag.graph.Unsupported` when some step cannot be
-    represented.
+    represented, :class:`ShapeError` (a ValueError) when x does not fit the model.
     """
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
-    N = x.shape[0]
-    ctx = Context(N, V.shape[1], order, collapsed)
-    env: Dict[str, Any] = {}
-
-    def load(a: fx.Node) -> Any:
-        return env[a.name]
-
-    out = None
-    for step in program.steps:
-        node = step.node
-        ctx.node = node.name
-        kind = step.kind
-        if kind == "input":
-            env[node.name] = Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (order - 1))
-            continue
-        if kind == "attr":
-            env[node.name] = fetch_attr(program.root, node.target)
-            continue
-        args = fx.node.map_arg(node.args, load)
-        kwargs = fx.node.map_arg(node.kwargs, load)
-        if kind == "output":
-            out = args[0]
-            break
-        if kind == "const":
-            env[node.name] = step.params["fn"](*args, **kwargs)
-            continue
-        if kind in ("meta", "like"):
-            args = tuple(_plain(a) for a in args)
-            env[node.name] = step.params["fn"](*args, **kwargs)
-            continue
-        try:
-            res = RULES[kind](ctx, step.params, *args, **kwargs)
-        except Unsupported:
-            raise
-        except Exception as e:  # noqa: BLE001 - a form of the op the rule does not handle
-            # (a genuine error of f itself is raised again, unchanged, by the autograd fallback)
-            raise Unsupported(f"node '{node.name}' ({kind}): {type(e).__name__}: {str(e)[:200]}") from None
-        env[node.name] = _check(ctx, res) if isinstance(res, Jet) else res
+    ctx = Context(x.shape[0], V.shape[1], order, collapsed)
+    if f is None and program.fn_ref is not None:
+        f = program.fn_ref()
+    try:
+        out = program.run(ctx, x, V, f, program.root)
+    except (Unsupported, *_PASS_THROUGH):
+        raise
+    except Exception as e:  # noqa: BLE001 - a form of the op the rule does not handle
+        # (a genuine error of f itself is raised again, unchanged, by the autograd fallback)
+        raise Unsupported(f"node '{ctx.node}' ({ctx.kind}): {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(out, (tuple, list, dict)):
         raise Unsupported("f returns a tuple/list/dict; it must return one tensor")
     return out, ctx
@@ -763,7 +774,7 @@ def _cat_outputs_ctx(parts: List[Any], ctx: Context) -> Any:
     return Jet(torch.cat([p.value for p in parts]), coefs)
 
 
-def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
     """:func:`propagate` over chunks of points (rows are independent), concatenated.
 
     The first chunk tells the largest jet row; the rest go in chunks of about
@@ -771,7 +782,7 @@ def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collap
     graph the rest goes in one block (the graph is kept whole either way)."""
     N = x.shape[0]
     first = min(N, _FIRST_CHUNK)
-    out, ctx = propagate(program, x[:first], V, order, collapsed)
+    out, ctx = propagate(program, x[:first], V, order, collapsed, f)
     if first == N:
         return out, ctx
     parts = [out]
@@ -779,7 +790,7 @@ def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collap
     budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
     chunk = N - first if graph_kept else max(_FIRST_CHUNK, budget // max(1, ctx.max_row))
     for i in range(first, N, chunk):
-        part, c = propagate(program, x[i : i + chunk], V, order, collapsed)
+        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f)
         ctx.piecewise_linear_seen |= c.piecewise_linear_seen
         parts.append(part)
     ctx.N = N
