@@ -101,7 +101,26 @@ _FUNCTION_KINDS: Dict[Any, str] = {
     torch.zeros_like: "like",
     torch.ones_like: "like",
     torch.full_like: "like",
+    # torchhessdiag/taylor_nn.py
+    torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.swapdims: "transpose",
+    torch.permute: "permute",
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    F.log_softmax: "log_softmax",
+    torch.log_softmax: "log_softmax",
+    F.layer_norm: "layer_norm",
+    torch.layer_norm: "layer_norm",
+    F.scaled_dot_product_attention: "sdpa",
 }
+if hasattr(F, "rms_norm"):
+    _FUNCTION_KINDS[F.rms_norm] = "rms_norm"
+if hasattr(torch, "rms_norm"):
+    _FUNCTION_KINDS[torch.rms_norm] = "rms_norm"
 
 #: call_method names -> op kind
 _METHOD_KINDS: Dict[str, str] = {
@@ -133,6 +152,16 @@ _METHOD_KINDS: Dict[str, str] = {
     "new_zeros": "like",
     "new_ones": "like",
     "new_full": "like",
+    # torchhessdiag/taylor_nn.py
+    "sqrt": "sqrt",
+    "rsqrt": "rsqrt",
+    "reciprocal": "reciprocal",
+    "transpose": "transpose",
+    "swapaxes": "transpose",
+    "swapdims": "transpose",
+    "permute": "permute",
+    "softmax": "softmax",
+    "log_softmax": "log_softmax",
 }
 
 #: attributes of an x-dependent tensor that are plain constants
@@ -498,6 +527,8 @@ def _classify(node: fx.Node, root: nn.Module, dep: set) -> Step:
             raise Unsupported(f"{_what(node, root)} is not supported by the jet propagation")
         if kind == "meta":
             attr = node.args[1] if len(node.args) > 1 else None
+            if attr == "mT":
+                return Step(node, "mT")
             if attr not in _META_ATTRS:
                 raise Unsupported(f"attribute Tensor.{attr} of an input-dependent value is not supported")
             return Step(node, "meta", {"fn": t})

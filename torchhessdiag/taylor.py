@@ -795,3 +795,7 @@ def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collap
         parts.append(part)
     ctx.N = N
     return _cat_outputs_ctx(parts, ctx), ctx
+
+
+# the rules for normalisation, softmax and attention (they build on the ones above)
+from . import taylor_nn as _taylor_nn  # noqa: E402,F401
