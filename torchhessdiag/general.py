@@ -42,7 +42,17 @@ from .api import _dims_matrix
 
 Tensor = torch.Tensor
 
-__all__ = ["PathInfo", "laplacian", "hessian_diag", "axis_derivatives", "explain", "set_fallback", "get_fallback"]
+__all__ = [
+    "PathInfo",
+    "laplacian",
+    "hessian_diag",
+    "axis_derivatives",
+    "explain",
+    "set_fallback",
+    "get_fallback",
+    "clear_trace_cache",
+    "trace_cache_info",
+]
 
 logger = logging.getLogger("torchhessdiag")
 
@@ -82,6 +92,26 @@ def set_fallback(mode: str) -> str:
 def get_fallback() -> str:
     """The global fallback mode (see :func:`set_fallback`)."""
     return _fallback_mode
+
+
+def clear_trace_cache(f: Optional[Callable] = None) -> None:
+    """Forget the traced programs of ``f`` (a model or function), or of every model.
+
+    ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` trace a model with torch.fx once and
+    reuse the program while the model is unchanged: the cache checks on every call the model's
+    structure (submodules, their classes, train/eval, hyper-parameters, hooks, which parameters
+    are None), the input's feature count, dtype and device, grad mode and the registered
+    activations; weights are read on every run. Entries live as long as their model. Clearing is
+    never needed for correctness after changes to the model's own attributes; it is after changes
+    the signature cannot see (e.g. rebinding a global that a helper called by a plain function
+    reads, or monkey-patching a class's forward)."""
+    graph.clear_cache(f)
+
+
+def trace_cache_info() -> dict:
+    """Counters of the trace cache: ``models`` and ``programs`` cached now (failures included),
+    ``hits`` and ``misses`` since the process started."""
+    return graph.cache_info()
 
 
 # ---- public functions --------------------------------------------------------------------------

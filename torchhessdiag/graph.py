@@ -408,6 +408,7 @@ class Program:
     run: Optional[Callable] = None
     source: str = ""
     fn_ref: Optional[Callable[[], Any]] = None  # weak reference to the traced f (for tests)
+    slot: Optional[str] = None  # its attribute of _SLOTS, once torch.compile has used it
 
     def describe(self) -> str:
         """One line per x-dependent step: node name and kind."""
@@ -915,6 +916,12 @@ def get_program(f: Callable, x: Tensor) -> Program:
     traced and cached. Raises :class:`Unsupported` (cached as well) when f is not traceable to
     supported pieces."""
     owner, _ = cache_key(f)
+    if torch.compiler.is_compiling():
+        return _compiling_lookup(owner, f, x)
+    return _get_program_eager(owner, f, x)
+
+
+def _get_program_eager(owner: Any, f: Callable, x: Tensor) -> Program:
     try:
         sig = signature(f, x)
         hash(sig)
@@ -945,6 +952,66 @@ def get_program(f: Callable, x: Tensor) -> Program:
         raise
     _store(owner, sig, (prog, _extras_sig(prog)))
     return prog
+
+
+class _InputSpec:
+    """What the signature reads of x: its feature count, dtype and device."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, d: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (0, d), dtype, device
+
+
+class _Slots:
+    """Programs by token, as attributes: what compiled code reads (see _compiling_lookup)."""
+
+
+_SLOTS = _Slots()
+_TOKENS = itertools.count()
+
+
+def _slot_of(owner: Any, prog: Program) -> str:
+    name = getattr(prog, "slot", None)
+    if name is None:
+        name = f"p{next(_TOKENS)}"
+        prog.slot = name
+        setattr(_SLOTS, name, prog)
+        try:  # dropped with the model
+            weakref.finalize(owner, _SLOTS.__dict__.pop, name, None)
+        except TypeError:
+            pass
+    return name
+
+
+def _compiling_lookup(owner: Any, f: Callable, x: Tensor) -> Program:
+    """get_program while torch.compile traces the caller.
+
+    The signature is computed in the traced code only so that dynamo guards on everything it
+    reads (a changed model fails a guard and recompiles). The lookup itself runs in
+    :func:`_slot_as_constant`, which dynamo calls once, eagerly, at trace time, and whose result
+    (the name of the program's slot) it bakes into the compiled code as a constant; the compiled
+    code then reads the program from that slot. (Dynamo cannot enter the cache's lock, and guards
+    on the cache's containers would follow every unrelated model's insertion and removal.)"""
+    signature(f, x)
+    name, reason = _slot_as_constant(f, x.shape[-1], x.dtype, x.device, torch.is_grad_enabled())
+    if name is None:
+        raise Unsupported(reason)
+    return getattr(_SLOTS, name)
+
+
+def _slot_as_constant(f: Callable, d: int, dtype: torch.dtype, device: torch.device, grad: bool) -> Tuple[Optional[str], str]:
+    owner = cache_key(f)[0]
+    with torch.set_grad_enabled(grad):
+        try:
+            prog = _get_program_eager(owner, f, _InputSpec(d, dtype, device))
+        except Unsupported as e:
+            return None, str(e)
+    return _slot_of(owner, prog), ""
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    _slot_as_constant = torch.compiler.assume_constant_result(_slot_as_constant)
 
 
 def remember_failure(f: Callable, x: Tensor, reason: str) -> None:
