@@ -322,3 +322,79 @@ def test_signature_is_cheap_next_to_a_trace():
         graph.build_program(model)
     trace = (time.perf_counter() - t0) / 5
     assert sig < trace / 5, (sig, trace)
+
+
+# ---- memory of the jet path (issue 17's item, done in issue 15) ---------------------------------
+
+
+class DeepResidual(nn.Module):
+    def __init__(self, d=8, w=48, L=16):
+        super().__init__()
+        self.inp = nn.Linear(d, w)
+        self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(L))
+        self.out = nn.Linear(w, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for lin in self.layers:
+            h = h + torch.tanh(lin(h)) * 0.5
+        return self.out(h)
+
+
+def test_values_are_freed_after_their_last_use():
+    """Without a graph, the generated program deletes each value after its last use: the peak of
+    live tensor bytes (profiler allocation events) is a small part of all the jets it creates
+    (16 residual blocks, Hessian-diagonal jets of 1 + 2K rows; kept alive, they would all count)."""
+    from torchhessdiag import taylor
+    from torchhessdiag.bench.measure import cpu_peak_tensor
+
+    model = DeepResidual().double()
+    x = torch.randn(256, 8, dtype=DT)
+    prog = graph.build_program(model)
+    V = torch.eye(8, dtype=DT)
+    with torch.no_grad():
+        out, ctx = taylor.propagate(prog, x, V, 2, f=model)
+        total = ctx.total_row * x.shape[0] * x.element_size()
+        peak = cpu_peak_tensor(lambda: taylor.propagate(prog, x, V, 2, f=model))["peak_bytes"]
+    assert "del v" in prog.source
+    assert total > 40e6 and peak < total / 8, (peak, total)
+
+
+class _FakeCudaX:
+    """What chunk_points reads of x, on a pretend CUDA device."""
+
+    def __init__(self, n):
+        self.shape = (n, 8)
+        self.device = torch.device("cuda", 0)
+
+    def element_size(self):
+        return 4
+
+
+def test_cuda_chunks_are_sized_from_free_memory(monkeypatch):
+    """On CUDA the no-grad chunks hold as many points as fit in half the free device memory
+    (torch.cuda.mem_get_info), counting every jet of the program per point, at least the first
+    chunk, at most the element cap."""
+    from torchhessdiag import taylor
+
+    ctx = taylor.Context(128, 8, 2, False)
+    ctx.max_row, ctx.total_row = 8 * 256, 200_000  # 800 kB per point in float32
+    free = {"bytes": 8 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    x = _FakeCudaX(1 << 20)
+    assert taylor.chunk_points(x, ctx, 128) == int(0.5 * (8 << 30) // 800_000)  # 5368 points
+    free["bytes"] = 10 << 20  # 10 MB free: no fewer than the first chunk
+    assert taylor.chunk_points(x, ctx, 128) == 128
+    free["bytes"] = 1 << 40  # plenty: the element cap
+    assert taylor.chunk_points(x, ctx, 128) == taylor._CHUNK_ELEMENTS_GPU // ctx.max_row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_chunked_jets_match_one_block():
+    model = DeepResidual(L=4).double().cuda()
+    x = torch.randn(3000, 8, dtype=DT, device="cuda")
+    with torch.no_grad():
+        got = thd.hessian_diag(model, x)
+    thd.clear_trace_cache()
+    want = thd.hessian_diag(model, x.requires_grad_(True)).detach()  # one block (graph kept)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)

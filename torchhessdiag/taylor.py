@@ -78,6 +78,7 @@ class Context:
         self.node = ""  # the node being evaluated, for messages
         self.kind = ""
         self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
+        self.total_row = 0  # per-point elements of every jet made (value and coefficients)
 
     def is_sum(self, k: int) -> bool:
         """Coefficient k is the collapsed sum over directions, (N, *S)."""
@@ -122,6 +123,15 @@ def _mul(*factors) -> Optional[Tensor]:
     return out
 
 
+def _fma(acc: Optional[Tensor], a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """acc + a * b (one fused pass, torch.addcmul), None meaning zero."""
+    if a is None or b is None:
+        return acc
+    if acc is None:
+        return a * b
+    return torch.addcmul(acc, a, b)
+
+
 def _check(ctx: Context, jet: Jet) -> Jet:
     """Every coefficient must have the layout its value implies; else the op mixed points."""
     v = jet.value
@@ -131,7 +141,9 @@ def _check(ctx: Context, jet: Jet) -> Jet:
             f"longer has the {ctx.N} points in its first dimension (the jet rules keep points apart)"
         )
     S = tuple(v.shape[1:])
-    ctx.max_row = max(ctx.max_row, ctx.K * math.prod(v.shape[1:]))  # not v[0]: N may be 0
+    width = math.prod(S)  # not v[0]: N may be 0
+    ctx.max_row = max(ctx.max_row, ctx.K * width)
+    ctx.total_row += width * (1 + sum(0 if c is None else (1 if ctx.is_sum(k) else ctx.K) for k, c in enumerate(jet.coefs, start=1)))
     for k, c in enumerate(jet.coefs, start=1):
         if c is None:
             continue
@@ -245,9 +257,9 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
             raise ValueError("activation_jet: collapsed jets are second order")
         h1, s = H
         s1, s2 = D[0], D[1]
-        y1 = _mul(s1.unsqueeze(1), h1)
+        y1 = None if s1 is None else _mul(s1.unsqueeze(1), h1)
         sq = None if h1 is None else _ksum(h1 * h1, vdim)
-        return [y1, _add(_mul(s2, sq), _mul(s1, s))]
+        return [y1, _fma(_mul(s2, sq), s1, s)]
     d = [None if t is None else t.unsqueeze(1) for t in D] + [None] * (MAX_ORDER - n)
     h = list(H) + [None] * (MAX_ORDER - n)
     s1, s2, s3, s4 = d
@@ -448,9 +460,9 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
     if ctx.collapsed:
         a1, sa = a.coefs
         b1, sb = b.coefs
-        y1 = _add(_mul(a0.unsqueeze(1), b1), _mul(a1, b0.unsqueeze(1)))
+        y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
         cross = _mul(a1, b1)
-        s = _add(_mul(a0, sb), _mul(b0, sa), None if cross is None else 2.0 * _ksum(cross, vdim))
+        s = _fma(_fma(None if cross is None else 2.0 * _ksum(cross, vdim), a0, sb), b0, sa)
         return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, s, 2, vdim)])
     A = [a0.unsqueeze(1)] + list(a.coefs)
     B = [b0.unsqueeze(1)] + list(b.coefs)
@@ -774,21 +786,56 @@ def _cat_outputs_ctx(parts: List[Any], ctx: Context) -> Any:
     return Jet(torch.cat([p.value for p in parts]), coefs)
 
 
+def _graph_wanted(x: Tensor, f: Any) -> bool:
+    """Will the result carry an autograd graph? (grad mode on, and x or a parameter of f needs
+    grad; for a plain function, whose parameters are not known, assumed so)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    if isinstance(f, torch.nn.Module):
+        return any(p.requires_grad for p in f.parameters())
+    return True
+
+
+def chunk_points(x: Tensor, ctx: Context, first: int) -> int:
+    """Points per chunk after a first chunk of ``first`` points measured the jet sizes (ctx).
+
+    CPU: about ``_CHUNK_ELEMENTS`` elements per coefficient tensor, so that an elementwise step
+    stays in cache. CUDA: as many points as fit in half the free device memory
+    (``torch.cuda.mem_get_info``), counting every jet the program creates as if all were alive at
+    once (values are freed after their last use, so fewer are), capped at
+    ``_CHUNK_ELEMENTS_GPU`` elements per coefficient tensor."""
+    N = x.shape[0]
+    rows = max(1, ctx.max_row)
+    if x.device.type != "cuda":
+        return max(_FIRST_CHUNK, _CHUNK_ELEMENTS // rows)
+    chunk = max(_FIRST_CHUNK, _CHUNK_ELEMENTS_GPU // rows)
+    try:
+        free, _ = torch.cuda.mem_get_info(x.device)
+    except Exception:  # noqa: BLE001 - no information: the element cap alone
+        return chunk
+    per_point = max(1, ctx.total_row) * x.element_size()
+    fit = int(0.5 * free // per_point)
+    return max(min(first, N), min(chunk, fit))
+
+
 def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
     """:func:`propagate` over chunks of points (rows are independent), concatenated.
 
-    The first chunk tells the largest jet row; the rest go in chunks of about
-    ``_CHUNK_ELEMENTS`` elements per coefficient tensor. When the result carries an autograd
-    graph the rest goes in one block (the graph is kept whole either way)."""
+    With an autograd graph to keep (training) all points go in one block: the graph is kept
+    whole either way, and one block has the least overhead. Without one, a first chunk of
+    ``_FIRST_CHUNK`` points tells the jet sizes, and the rest go in chunks of
+    :func:`chunk_points` (bounded memory; on CUDA sized from the free device memory)."""
     N = x.shape[0]
+    if _graph_wanted(x, f):
+        return propagate(program, x, V, order, collapsed, f)
     first = min(N, _FIRST_CHUNK)
     out, ctx = propagate(program, x[:first], V, order, collapsed, f)
     if first == N:
         return out, ctx
     parts = [out]
-    graph_kept = torch.is_grad_enabled() and isinstance(out, (Jet, Tensor)) and _value_of(out).requires_grad
-    budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
-    chunk = N - first if graph_kept else max(_FIRST_CHUNK, budget // max(1, ctx.max_row))
+    chunk = chunk_points(x, ctx, first)
     for i in range(first, N, chunk):
         part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f)
         ctx.piecewise_linear_seen |= c.piecewise_linear_seen
