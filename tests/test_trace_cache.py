@@ -398,3 +398,20 @@ def test_cuda_chunked_jets_match_one_block():
     thd.clear_trace_cache()
     want = thd.hessian_diag(model, x.requires_grad_(True)).detach()  # one block (graph kept)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_run_time_refusals_are_remembered(monkeypatch):
+    """A step that a rule refuses only when it runs (here a softmax over the points) sends the
+    call to the fallback; the next call goes there directly, without running the jets again."""
+    from torchhessdiag import taylor
+
+    lin = nn.Linear(3, 4).double()
+    f = lambda z: torch.tanh(lin(z)) * torch.softmax(z[:, :1], dim=0)  # noqa: E731  (mixes points)
+    x = _x()
+    runs = []
+    orig = taylor.propagate_chunked
+    monkeypatch.setattr(taylor, "propagate_chunked", lambda *a, **k: runs.append(1) or orig(*a, **k))
+    _, info = thd.laplacian(f, x, return_info=True)
+    assert info.path == "autograd" and "batch dimension" in info.reason and len(runs) == 1
+    _, info2 = thd.laplacian(f, x, return_info=True)
+    assert info2.reason == info.reason and len(runs) == 1

@@ -375,6 +375,8 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None
         except graph.Unsupported as e:
             reasons.append(f"not traceable to supported pieces: {e}")
+            if N > 1 and not torch.compiler.is_compiling():  # a rule refused a step at run time: remember it
+                graph.remember_failure(f, x2, str(e))
         else:
             info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes)")
             if dry:

@@ -382,7 +382,17 @@ def _shape_of(t) -> tuple:
 
 
 def _out_shape(a, b) -> tuple:
-    return tuple(torch.broadcast_shapes(_shape_of(a), _shape_of(b)))
+    sa, sb = _shape_of(a), _shape_of(b)
+    if sa == sb:
+        return sa
+    n = max(len(sa), len(sb))
+    sa, sb = (1,) * (n - len(sa)) + sa, (1,) * (n - len(sb)) + sb
+    out = []
+    for p, q in zip(sa, sb):
+        if p != q and p != 1 and q != 1:
+            raise RuntimeError(f"shapes {sa} and {sb} do not broadcast")
+        out.append(q if p == 1 else p)
+    return tuple(out)
 
 
 def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
