@@ -6,18 +6,23 @@ Each call takes the first of these exact paths that applies:
    K+2 rows per point, fused layer kernels (``laplacian``, ``hessian_diag``, and
    ``axis_derivatives`` of order 2);
 2. ``jet`` -- a model or function that torch.fx traces into supported pieces (linear layers,
-   table activations as modules or functions, add/sub, products, scalar/constant mul/div,
-   integer powers, indexing/concatenation of feature dims, sums, residual connections, input
-   normalisation, sin/cos/exp features): Taylor jets along the coordinate axes, propagated over
-   the traced graph (torchhessdiag/graph.py, torchhessdiag/taylor.py), orders 1-4;
+   table activations as modules or functions, add/sub, products, division, real powers,
+   indexing/concatenation of feature dims, sums, residual connections, input normalisation,
+   sin/cos/exp features, LayerNorm/RMSNorm, softmax, attention): Taylor jets along the
+   coordinate axes, propagated over the traced graph (torchhessdiag/graph.py, taylor.py,
+   taylor_nn.py), orders 1-4. The trace is cached per model (graph.get_program; see
+   :func:`clear_trace_cache`);
 3. ``autograd`` -- everything else (Python control flow on tensor values, ops without a jet rule,
    custom autograd.Functions, orders above 4): nested ``torch.autograd.grad`` (reverse over
    reverse, one backward per output component, axis and order), with ``torch.func``'s nested
    ``jvp`` (vmapped over the axes) where reverse mode cannot run ``f`` or where its backward graph
-   ends (see :func:`_autograd_derivatives` for why in this order). As exact as torch's own
-   derivative rules of the ops ``f`` uses. It says so once per cause in a debug-level message of
-   the ``"torchhessdiag"`` logger; ``fallback="error"`` (or :func:`set_fallback`, or the
-   environment variable ``TORCHHESSDIAG_FALLBACK=error``) turns it into a ``NotImplementedError``.
+   ends (see :func:`_autograd_derivatives` for why in this order), while f's layer_norm,
+   instance_norm and attention run as exact stand-ins (torchhessdiag/fallback_ops.py: torch's own
+   higher derivatives of those are wrong or missing). Once-differentiable custom Functions raise
+   (``allow_unconfirmed_zeros=True``: zeros with a warning). It says so once per cause in a
+   debug-level message of the ``"torchhessdiag"`` logger; ``fallback="error"`` (or
+   :func:`set_fallback`, or the environment variable ``TORCHHESSDIAG_FALLBACK=error``) turns it
+   into a ``NotImplementedError``.
 
 ``return_info=True`` returns ``(result, PathInfo)``; :func:`explain` tells which path a call
 takes without computing the slow path.
@@ -626,6 +631,8 @@ def _autograd_derivatives(
     except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
         logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
         customs = _custom_functions(f, x)
+        if customs == ["CompiledFunction"]:  # torch.compile's AOTAutograd graph: torch's error says it all
+            raise
         if customs:
             # torch.func would give zeros through them: nothing can compute these derivatives
             raise _once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
