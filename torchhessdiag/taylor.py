@@ -115,11 +115,13 @@ def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _mul(*factors) -> Optional[Tensor]:
-    out = 1
+    """The product of the factors (tensors or numbers), None (zero) if any is None."""
     for f in factors:
         if f is None:
             return None
-        out = f * out if isinstance(out, int) else out * f
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
     return out
 
 
@@ -410,9 +412,16 @@ def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
     for k in range(n):
         ca = ja.coefs[k] if ja is not None else None
         cb = jb.coefs[k] if jb is not None else None
-        if cb is not None and scale_b != 1:
-            cb = cb * scale_b
-        coefs.append(_add(ca, cb))
+        if cb is None:
+            coefs.append(ca)
+        elif ca is None:
+            coefs.append(cb if scale_b == 1 else cb * scale_b)
+        elif scale_b == 1:
+            coefs.append(ca + cb)
+        elif scale_b == -1:
+            coefs.append(ca - cb)
+        else:
+            coefs.append(torch.add(ca, cb, alpha=scale_b))
     out = Jet(value, coefs)
     # a shared coefficient added to a point one is point-shaped by broadcasting already
     return out
@@ -478,12 +487,16 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
     B = [b0.unsqueeze(1)] + list(b.coefs)
     coefs = []
     for k in range(1, n + 1):
-        terms = []
-        for j in range(k + 1):
-            t = _mul(A[j], B[k - j])
+        acc = None
+        for j in range(k + 1):  # acc += C(k, j) a_j b_(k-j), one fused pass per term
+            if A[j] is None or B[k - j] is None:
+                continue
             c = math.comb(k, j)
-            terms.append(t * float(c) if t is not None and c != 1 else t)
-        coefs.append(_fix(ctx, _add(*terms), k, vdim))
+            if acc is None:
+                acc = A[j] * B[k - j] if c == 1 else torch.mul(A[j], B[k - j]).mul_(float(c))
+            else:
+                acc = torch.addcmul(acc, A[j], B[k - j], value=float(c))
+        coefs.append(_fix(ctx, acc, k, vdim))
     return Jet(value, coefs)
 
 
