@@ -547,6 +547,15 @@ def main_from_cli(a) -> int:
     """``python -m torchhessdiag.bench --preset models [options]``: the suite's options mapped
     onto this module's (``--device`` first entry, ``--width`` first entry, ``--methods`` and
     ``--activation`` of the MLP suite do not apply; this module's --help has its own)."""
+    if getattr(a, "plan", False):
+        b = parse_args(["--dtype", *a.dtype, "--d", *map(str, a.d), "--width", str(a.width[0]), "--n", *map(str, a.n or [4096]),
+                        "--modes", *a.modes])
+        blocks = grid(b)
+        print(f"models preset: {len(blocks)} blocks (no cost model for this preset; measured: 6 float32 d=2 N=4096 "
+              "blocks with jet, 3 repeats, in 186 s on 2 shared CPU cores at load average 4):")
+        for blk in blocks:
+            print("  " + block_key(blk))
+        return 0
     argv = ["--device", str(a.device[0]), "--dtype", *a.dtype, "--d", *map(str, a.d), "--width", str(a.width[0]),
             "--n", *map(str, a.n or [4096]), "--modes", *a.modes, "--repeats", str(a.repeats),
             "--budget", str(a.budget), "--method-budget", str(a.method_budget), "--check-n", str(a.check_n),
