@@ -174,3 +174,11 @@ def test_mlp_functions_point_to_the_general_functions(fn):
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1)).double()
     with pytest.raises(NotImplementedError, match=r"LayerNorm at '1'.*torchhessdiag\.laplacian / hessian_diag"):
         getattr(thd, fn)(model, torch.randn(2, 3, dtype=DT))
+
+
+def test_feature_mismatch_in_a_plain_function_names_the_layer():
+    """The same for a plain function that calls a model (found in its closure)."""
+    model = LNPlusLog1p().double()
+    f = lambda z: model(z) * 2.0  # noqa: E731
+    with pytest.raises(ValueError, match=r"Linear 'LNPlusLog1p:l1' takes 3 input features, but gets shape \(4, 5\)"):
+        thd.laplacian(f, torch.randn(4, 5, dtype=DT))

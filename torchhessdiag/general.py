@@ -436,8 +436,18 @@ def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> N
     which (run f again with a shape check before every nn.Linear / nn.LayerNorm / nn.RMSNorm /
     nn.MultiheadAttention of f; hooks removed after). Returns silently otherwise."""
     module = graph.traced_callable(f)
-    if not isinstance(module, nn.Module):
-        return
+    if isinstance(module, nn.Module):
+        roots = [("", module)]
+    else:  # a plain function: the modules in its closure and the globals it names
+        roots = []
+        code = getattr(module, "__code__", None)
+        cells = [c.cell_contents for c in (getattr(module, "__closure__", None) or ()) if _cell_full(c)]
+        named = [getattr(module, "__globals__", {}).get(n) for n in (code.co_names if code else ())]
+        for v in cells + named:
+            if isinstance(v, nn.Module) and all(v is not r for _, r in roots):
+                roots.append((f"{type(v).__name__}:", v))
+        if not roots:
+            return
     found: List[str] = []
 
     def check(name: str, m: nn.Module):
@@ -459,7 +469,7 @@ def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> N
         return m.register_forward_pre_hook(hook)
 
     kinds = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-    handles = [check(n, m) for n, m in module.named_modules() if isinstance(m, kinds)]
+    handles = [check(prefix + n, m) for prefix, root in roots for n, m in root.named_modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             f(x)
@@ -476,6 +486,14 @@ def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> N
 
 class _ShapeFound(Exception):
     pass
+
+
+def _cell_full(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 # ---- the exact slow path ------------------------------------------------------------------------
