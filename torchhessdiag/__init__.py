@@ -37,17 +37,21 @@ from .api import (  # noqa: E402
 from .general import (  # noqa: E402
     PathInfo,
     axis_derivatives,
+    clear_trace_cache,
     explain,
     get_fallback,
     hessian_diag,
     laplacian,
     set_fallback,
+    trace_cache_info,
 )
 
 __all__ = [
     "PathInfo",
     "TF32Warning",
     "axis_derivatives",
+    "clear_trace_cache",
+    "trace_cache_info",
     "explain",
     "get_fallback",
     "hessian_diag",

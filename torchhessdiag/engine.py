@@ -133,7 +133,7 @@ def parse_mlp(model: nn.Module, where: str) -> List[Layer]:
         refuse_ddp(m, where)  # a DistributedDataParallel wrapper gets its own message
         raise NotImplementedError(
             f"{where}: unsupported module {label(m)}; supported: {_SUPPORTED}. For other models use "
-            "torch.func (e.g. vmap(hessian(f)))."
+            "torchhessdiag.laplacian / hessian_diag / axis_derivatives (any model: traced Taylor jets or exact autograd)."
         )
 
     visit(model)
