@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "jet_autograd.h"
 #include "jet_ops_impl.h"
 
 namespace thd {
@@ -20,8 +21,10 @@ struct CpuExec {
   }
 };
 
-// The CPU compute half: the generic bodies, except the table pass act_derivatives, which runs the
-// SIMD build of the table chosen at run time (csrc/cpu/kernels.h).
+// The CPU compute half: the generic bodies, except the ops that evaluate the table
+// (act_derivatives, act_grad, act_grad_backward), which run the SIMD build of the table chosen at
+// run time (csrc/cpu/kernels.h). mul_pair is arithmetic only: the generic body, vectorised by the
+// compiler.
 struct CpuKernels : Kernels<CpuExec> {
   static void act_derivatives(const DerivsArgs& p) {
     const cpu::KernelTable& kt = cpu::kernels();
@@ -29,6 +32,23 @@ struct CpuKernels : Kernels<CpuExec> {
                        p.z, p.out, p.numel};
     auto fn = kt.derivs[p.dtype == at::kDouble ? 1 : 0];
     // chunks of whole SIMD vectors, so only the last chunk has a partial one
+    at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void act_grad(const GradArgs& p) {
+    cpu::GradJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.g, p.z, p.out, p.numel};
+    auto fn = cpu::kernels().grad[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void act_grad_backward(const GradBackwardArgs& p) {
+    cpu::GradBackwardJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.gg, p.g,
+                             p.z, p.o1, p.o2, p.numel};
+    auto fn = cpu::kernels().grad_backward[p.dtype == at::kDouble ? 1 : 0];
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
@@ -75,11 +95,27 @@ TORCH_LIBRARY(torchhessdiag, m) {
       "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
       " -> (Tensor, Tensor)");
   m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
+  // sigma^(n)(z) past the table (n > 4): exact nested autograd, implemented in Python
+  // (torchhessdiag/ops.py, CompositeImplicitAutograd); the C++ autograd below calls it
+  m.def("act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
   m.impl("act_forward", &thd::act_forward);
 }
+
+// The autograd of the activation ops, in C++ (csrc/jet_autograd.h): no Python per backward node.
+TORCH_LIBRARY_IMPL(torchhessdiag, Autograd, m) {
+  m.impl("act_forward", &thd::ag::act_forward_autograd);
+  m.impl("act_grad", &thd::ag::act_grad_autograd);
+  m.impl("act_grad_backward", &thd::ag::act_grad_backward_autograd);
+  m.impl("act_derivatives", &thd::ag::act_derivatives_autograd);
+}
+
+namespace thd {
+// for torchhessdiag._C._reset_piecewise_linear_warnings (csrc/module.cpp; tests)
+void reset_piecewise_linear_warnings() { ag::reset_piecewise_linear_warnings(); }
+}  // namespace thd
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   using K = thd::CpuKernels;

@@ -245,14 +245,15 @@ def _ref_derivatives(z, act, a, b, orders):
 def _ref_grad(g, z, act, a, b, k):
     _check_grad(g, z, act, a, b, k)
     _warn_reference(z.device)
-    return g * reference.derivatives(z, act, a, b, k)[k]
+    # contiguous, as the compiled kernels (and the fake kernel) give it
+    return (g * reference.derivatives(z, act, a, b, k)[k]).contiguous()
 
 
 def _ref_grad_backward(gg, g, z, act, a, b, k):
     _check_grad_backward(gg, g, z, act, a, b, k)
     _warn_reference(z.device)
     d = reference.derivatives(z, act, a, b, k + 1)
-    return gg * d[k], gg * g * d[k + 1]
+    return (gg * d[k]).contiguous(), (gg * g * d[k + 1]).contiguous()
 
 
 def _ref_jet_layer(J, s1, c, need_ja):
@@ -297,7 +298,7 @@ def _ref_taylor_act_backward(gY, D, H):
 def _ref_mul_pair(w, g, d1, d2):
     _check_mul_pair(w, g, d1, d2)
     _warn_reference(w.device)
-    return w * d1, w * g * d2
+    return (w * d1).contiguous(), (w * g * d2).contiguous()
 
 
 _REF_KERNELS = {
@@ -696,17 +697,39 @@ def _ta_backward(ctx, gY):
     return _ops.taylor_act_backward(gY.contiguous(), D, H)
 
 
+# act_beyond_table ------------------------------------------------------------------------------
+
+
+def _beyond_table_op(z, act, a, b, n):
+    """sigma^(n)(z) by the exact composite path (any n >= 0; the table where it reaches). The C++
+    autograd of the activation ops (csrc/jet_autograd.h) calls it past the table. Registered as
+    CompositeImplicitAutograd: its autograd is that of the torch ops it runs."""
+    _check_float(z, "z", "act_beyond_table")
+    _check_act(act, a, "act_beyond_table")
+    if n < 0:
+        raise ValueError(f"torchhessdiag.act_beyond_table: derivative order must be >= 0, got {n}")
+    if n <= MAX_ORDER:
+        return _ops.act_derivatives(z, act, a, b, [n])[0]
+    return _beyond_table(z, ActivationSpec(act, a, b), n)
+
+
+_impl_lib.impl("act_beyond_table", _beyond_table_op, "CompositeImplicitAutograd")
+
 torch.library.register_autograd("torchhessdiag::taylor_act", _ta_backward, setup_context=_ta_setup)
 torch.library.register_autograd("torchhessdiag::mul_pair", _mp_backward, setup_context=_mp_setup)
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
-torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
-torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
-torch.library.register_autograd(
-    "torchhessdiag::act_grad_backward", _gb_backward, setup_context=_gb_setup
-)
-torch.library.register_autograd(
-    "torchhessdiag::act_derivatives", _ad_backward, setup_context=_ad_setup
-)
+if not COMPILED:
+    # compiled: the autograd of these four is C++, at the Autograd key (csrc/jet_autograd.h), with
+    # the same formulas and the same derivative caching; this Python version serves the
+    # reference backend
+    torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
+    torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
+    torch.library.register_autograd(
+        "torchhessdiag::act_grad_backward", _gb_backward, setup_context=_gb_setup
+    )
+    torch.library.register_autograd(
+        "torchhessdiag::act_derivatives", _ad_backward, setup_context=_ad_setup
+    )
 
 
 # ---- public functional API -------------------------------------------------------------------

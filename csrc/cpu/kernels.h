@@ -59,12 +59,39 @@ struct MlpActJob {
                              // where threads of different points would race on a sum)
 };
 
+// The drop-in activations' ops (issue 14), on [begin, end) of numel elements:
+//   act_grad:           out = g sigma^(k)(z)
+//   act_grad_backward:  o1 = gg sigma^(k)(z), o2 = gg g sigma^(k+1)(z)      (k + 1 <= 4)
+struct GradJob {
+  int act;
+  double a, b;
+  int k;
+  const void* g;
+  const void* z;
+  void* out;
+  int64_t numel;
+};
+struct GradBackwardJob {
+  int act;
+  double a, b;
+  int k;
+  const void* gg;
+  const void* g;
+  const void* z;
+  void* o1;
+  void* o2;
+  int64_t numel;
+};
+
 struct KernelTable {
   Isa isa;
   const char* name;
   void (*derivs[2])(const DerivsJob&, int64_t begin, int64_t end);  // [0] float, [1] double
   void (*mlp_act_forward[2])(const MlpActJob&);
   void (*mlp_act_backward[2])(const MlpActJob&);
+  // the drop-in activations' ops (filled by add_dropin_kernels, kernels_isa.h)
+  void (*grad[2])(const GradJob&, int64_t begin, int64_t end);
+  void (*grad_backward[2])(const GradBackwardJob&, int64_t begin, int64_t end);
 };
 
 // Each returns nullptr where that build is unusable (CPU without the instructions, or a torch
