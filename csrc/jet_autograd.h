@@ -67,6 +67,9 @@ using GradBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            double, double, int64_t);
 using MulPairSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                       const at::Tensor&, const at::Tensor&);
+using MulPairBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using BeyondSig = at::Tensor(const at::Tensor&, c10::string_view, double, double, int64_t);
 
 template <class Sig>
@@ -91,6 +94,10 @@ inline const c10::TypedOperatorHandle<GradBackwardSig>& grad_backward_op() {
 }
 inline const c10::TypedOperatorHandle<MulPairSig>& mul_pair_op() {
   static const auto h = find_op<MulPairSig>("torchhessdiag::mul_pair");
+  return h;
+}
+inline const c10::TypedOperatorHandle<MulPairBackwardSig>& mul_pair_backward_op() {
+  static const auto h = find_op<MulPairBackwardSig>("torchhessdiag::mul_pair_backward");
   return h;
 }
 inline const c10::TypedOperatorHandle<BeyondSig>& beyond_op() {
@@ -338,21 +345,13 @@ struct GradBackwardNode final : Node {
         }
         if (need_g) d_g = times_deriv(at::mul(g2, gg), s, k + 1);
       }
-    } else {
+    } else {  // one fused pass (mul_pair_backward) on the kept derivatives
       const auto D = s->derivs({k, k + 1, k + 2});
-      const at::Tensor &s0 = D[0], &s1 = D[1], &s2 = D[2];
-      at::Tensor t = g2.defined() ? at::mul(g2, g) : at::Tensor();
-      if (need_gg) {
-        if (g1.defined()) d_gg = at::mul(g1, s0);
-        if (t.defined()) d_gg = d_gg.defined() ? at::addcmul(d_gg, t, s1) : at::mul(t, s1);
-      }
-      if (need_g && g2.defined()) d_g = at::mul(at::mul(g2, gg), s1);
-      if (need_z) {
-        at::Tensor inner;
-        if (g1.defined()) inner = at::mul(g1, s1);
-        if (t.defined()) inner = inner.defined() ? at::addcmul(inner, t, s2) : at::mul(t, s2);
-        d_z = at::mul(inner, gg);
-      }
+      Below below;
+      std::tie(d_gg, d_g, d_z) = mul_pair_backward_op().call(
+          g1.defined() ? c10::optional<at::Tensor>(g1) : c10::nullopt,
+          g2.defined() ? c10::optional<at::Tensor>(g2) : c10::nullopt, gg, g, D[0], D[1], D[2]);
+      if (!g2.defined()) d_g = at::Tensor();  // zeros: no gradient reached o2
     }
     out[0] = need_gg ? d_gg : at::Tensor();
     out[1] = need_g ? d_g : at::Tensor();
@@ -413,8 +412,14 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
   if (value != nullptr) {
     out = *value;
   } else {
-    // sigma^(k+1) too: the node's backward needs it, and one pass gives both
-    const auto D = k + 1 <= kMaxOrder ? s->derivs({k, k + 1}) : s->derivs({k});
+    // sigma^(k+1) too, in the same pass: the node's backward needs it. For the first-order node
+    // (k = 1, made by the first create_graph backward through act_forward) sigma''' as well: a
+    // backward of that backward (a training step through a nested-autograd loss) needs it, and
+    // one more output of the table pass costs ~5 % of the pass (tanh, silu, sigmoid: 65536
+    // doubles, 300 -> 313 us) where a second pass later would cost all of it.
+    const auto D = k == 1               ? s->derivs({1, 2, 3})
+                   : k + 1 <= kMaxOrder ? s->derivs({k, k + 1})
+                                        : s->derivs({k});
     Below below;
     out = at::mul(w, D[0]);
   }

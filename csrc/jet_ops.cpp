@@ -21,10 +21,10 @@ struct CpuExec {
   }
 };
 
-// The CPU compute half: the generic bodies, except the ops that evaluate the table
-// (act_derivatives, act_grad, act_grad_backward), which run the SIMD build of the table chosen at
-// run time (csrc/cpu/kernels.h). mul_pair is arithmetic only: the generic body, vectorised by the
-// compiler.
+// The CPU compute half: every op runs the SIMD build chosen at run time (csrc/cpu/kernels.h):
+// the table passes (act_derivatives, act_grad, act_grad_backward) and the arithmetic of the
+// backward passes (mul_pair, mul_pair_backward; this file itself is compiled for the baseline
+// instruction set only).
 struct CpuKernels : Kernels<CpuExec> {
   static void act_derivatives(const DerivsArgs& p) {
     const cpu::KernelTable& kt = cpu::kernels();
@@ -50,6 +50,22 @@ struct CpuKernels : Kernels<CpuExec> {
                              p.z, p.o1, p.o2, p.numel};
     auto fn = cpu::kernels().grad_backward[p.dtype == at::kDouble ? 1 : 0];
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void mul_pair(const MulPairArgs& p) {
+    cpu::MulPairJob job{p.w, p.g, p.d1, p.d2, p.o1, p.o2};
+    auto fn = cpu::kernels().mul_pair[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void mul_pair_backward(const MulPairBackwardArgs& p) {
+    cpu::MulPairBackwardJob job{p.g1, p.g2, p.w, p.g, p.d1, p.d2, p.d3, p.ow, p.og, p.oz};
+    auto fn = cpu::kernels().mul_pair_backward[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
   }
@@ -95,6 +111,9 @@ TORCH_LIBRARY(torchhessdiag, m) {
       "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
       " -> (Tensor, Tensor)");
   m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
+  m.def(
+      "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
+      "Tensor d3) -> (Tensor, Tensor, Tensor)");
   // sigma^(n)(z) past the table (n > 4): exact nested autograd, implemented in Python
   // (torchhessdiag/ops.py, CompositeImplicitAutograd); the C++ autograd below calls it
   m.def("act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor");
@@ -123,6 +142,7 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("act_grad", &thd::act_grad_impl<K>);
   m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
+  m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }
 
 #ifdef THD_WITH_CUDA
@@ -132,5 +152,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   m.impl("act_grad", &thd::act_grad_impl<K>);
   m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
+  m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }
 #endif

@@ -141,6 +141,40 @@ struct MulPairBody {
   }
 };
 
+// The backward of the pair (w d1(z), w g d2(z)) w.r.t. (w, g, z), given d3 = d2' and d2 = d1':
+//   ow = g1 d1 + g2 g d2,  og = g2 w d2,  oz = w (g1 d2 + g2 g d3)
+// (g1, g2: the gradients of the two outputs; a null one counts as zero.)
+template <typename T>
+struct MulPairBackwardBody {
+  const T* g1;
+  const T* g2;
+  const T* w;
+  const T* g;
+  const T* d1;
+  const T* d2;
+  const T* d3;
+  T* ow;
+  T* og;
+  T* oz;
+  THD_HD void operator()(index_t i) const {
+    const T v = w[i], s2 = d2[i];
+    T a = T(0), zi = T(0), b = T(0);
+    if (g1 != nullptr) {
+      a = g1[i] * d1[i];
+      zi = g1[i] * s2;
+    }
+    if (g2 != nullptr) {
+      const T t = g2[i] * g[i];
+      a = a + t * s2;
+      zi = zi + t * d3[i];
+      b = g2[i] * v * s2;
+    }
+    ow[i] = a;
+    og[i] = b;
+    oz[i] = v * zi;
+  }
+};
+
 // ---- the compute half ------------------------------------------------------------------------
 
 // Calls f(T{}) with T = double or float. Callers have checked the dtype (float32 or float64);
@@ -185,6 +219,12 @@ struct MulPairArgs {
   at::ScalarType dtype;
   const void *w, *g, *d1, *d2;
   void *o1, *o2;
+  index_t numel;
+};
+struct MulPairBackwardArgs {
+  at::ScalarType dtype;
+  const void *g1, *g2, *w, *g, *d1, *d2, *d3;  // g1, g2 may be null
+  void *ow, *og, *oz;
   index_t numel;
 };
 
@@ -248,6 +288,18 @@ struct Kernels {
                                         static_cast<T*>(p.o1), static_cast<T*>(p.o2)});
     });
   }
+
+  static void mul_pair_backward(const MulPairBackwardArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      Exec::run(p.numel, MulPairBackwardBody<T>{
+                             static_cast<const T*>(p.g1), static_cast<const T*>(p.g2),
+                             static_cast<const T*>(p.w), static_cast<const T*>(p.g),
+                             static_cast<const T*>(p.d1), static_cast<const T*>(p.d2),
+                             static_cast<const T*>(p.d3), static_cast<T*>(p.ow),
+                             static_cast<T*>(p.og), static_cast<T*>(p.oz)});
+    });
+  }
 };
 
 // The CUDA compute half, defined in csrc/cuda/jet_ops.cu as Kernels<CudaExec>.
@@ -256,6 +308,7 @@ struct CudaKernels {
   static void act_grad(const GradArgs& p);
   static void act_grad_backward(const GradBackwardArgs& p);
   static void mul_pair(const MulPairArgs& p);
+  static void mul_pair_backward(const MulPairBackwardArgs& p);
 };
 
 // ---- the op half (host compiler only) --------------------------------------------------------
@@ -278,6 +331,37 @@ std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at:
   K::mul_pair({w.scalar_type(), w.data_ptr(), g.data_ptr(), d1.data_ptr(), d2.data_ptr(),
                o1.data_ptr(), o2.data_ptr(), numel});
   return {o1, o2};
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mul_pair_backward_impl(
+    const c10::optional<at::Tensor>& g1_, const c10::optional<at::Tensor>& g2_,
+    const at::Tensor& w_, const at::Tensor& g_, const at::Tensor& d1_, const at::Tensor& d2_,
+    const at::Tensor& d3_) {
+  const char* op = "mul_pair_backward";
+  check_input(w_, "w", op);
+  const bool has1 = g1_.has_value() && g1_->defined(), has2 = g2_.has_value() && g2_->defined();
+  if (has1) check_like(*g1_, w_, "g1", op);
+  if (has2) check_like(*g2_, w_, "g2", op);
+  check_like(g_, w_, "g", op);
+  check_like(d1_, w_, "d1", op);
+  check_like(d2_, w_, "d2", op);
+  check_like(d3_, w_, "d3", op);
+  const at::OptionalDeviceGuard guard(at::device_of(w_));
+  const at::Tensor w = w_.contiguous(), g = g_.contiguous(), d1 = d1_.contiguous(),
+                   d2 = d2_.contiguous(), d3 = d3_.contiguous();
+  const at::Tensor g1 = has1 ? g1_->contiguous() : at::Tensor();
+  const at::Tensor g2 = has2 ? g2_->contiguous() : at::Tensor();
+  at::Tensor ow = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor og = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor oz = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const index_t numel = w.numel();
+  if (numel == 0) return {ow, og, oz};
+  K::mul_pair_backward({w.scalar_type(), has1 ? g1.data_ptr() : nullptr,
+                        has2 ? g2.data_ptr() : nullptr, w.data_ptr(), g.data_ptr(),
+                        d1.data_ptr(), d2.data_ptr(), d3.data_ptr(), ow.data_ptr(),
+                        og.data_ptr(), oz.data_ptr(), numel});
+  return {ow, og, oz};
 }
 
 template <class K>

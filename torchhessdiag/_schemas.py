@@ -16,6 +16,10 @@ SCHEMAS = {
         " -> (Tensor, Tensor)"
     ),
     "mul_pair": "mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)",
+    "mul_pair_backward": (
+        "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
+        "Tensor d3) -> (Tensor, Tensor, Tensor)"
+    ),
     "act_beyond_table": "act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor",
     "jet_layer": "jet_layer(Tensor J, Tensor s1, Tensor c, bool need_ja) -> (Tensor, Tensor)",
     "jet_layer_": "jet_layer_(Tensor(a!) J, Tensor s1, Tensor c) -> Tensor",

@@ -295,6 +295,30 @@ def _ref_taylor_act_backward(gY, D, H):
     return dD.contiguous(), dH.contiguous()
 
 
+def _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3):
+    _check_float(w, "w", "mul_pair_backward")
+    for t, name in ((g1, "g1"), (g2, "g2"), (g, "g"), (d1, "d1"), (d2, "d2"), (d3, "d3")):
+        if t is not None:
+            _check_like(t, w, name, "mul_pair_backward")
+
+
+def _mul_pair_backward_math(g1, g2, w, g, d1, d2, d3):
+    zero = torch.zeros_like(w)
+    ow, og, zi = zero, zero, zero
+    if g1 is not None:
+        ow, zi = g1 * d1, g1 * d2
+    if g2 is not None:
+        t = g2 * g
+        ow, zi, og = ow + t * d2, zi + t * d3, g2 * w * d2
+    return ow, og, w * zi
+
+
+def _ref_mul_pair_backward(g1, g2, w, g, d1, d2, d3):
+    _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3)
+    _warn_reference(w.device)
+    return tuple(t.contiguous() for t in _mul_pair_backward_math(g1, g2, w, g, d1, d2, d3))
+
+
 def _ref_mul_pair(w, g, d1, d2):
     _check_mul_pair(w, g, d1, d2)
     _warn_reference(w.device)
@@ -303,6 +327,7 @@ def _ref_mul_pair(w, g, d1, d2):
 
 _REF_KERNELS = {
     "mul_pair": _ref_mul_pair,
+    "mul_pair_backward": _ref_mul_pair_backward,
     "jet_layer": _ref_jet_layer,
     "jet_layer_": _ref_jet_layer_,
     "jet_layer_backward": _ref_jet_layer_backward,
@@ -366,6 +391,13 @@ def _(w, g, d1, d2):
         torch.empty_like(w, memory_format=torch.contiguous_format),
         torch.empty_like(w, memory_format=torch.contiguous_format),
     )
+
+
+@torch.library.register_fake("torchhessdiag::mul_pair_backward")
+def _(g1, g2, w, g, d1, d2, d3):
+    _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3)
+    cf = torch.contiguous_format
+    return tuple(torch.empty_like(w, memory_format=cf) for _ in range(3))
 
 
 @torch.library.register_fake("torchhessdiag::jet_layer")
@@ -621,6 +653,43 @@ def _mp_backward(ctx, g1, g2):
     )
 
 
+# mul_pair_backward: its own derivative (direct calls only; the drop-ins run it without a graph) -
+
+
+def _mpb_setup(ctx, inputs, output):
+    _keep_needs(ctx)
+    ctx.save_for_backward(*inputs)
+
+
+def _mpb_backward(ctx, a, b, c):
+    """ow = g1 d1 + g2 g d2, og = g2 w d2, oz = w (g1 d2 + g2 g d3), differentiated (torch ops, so
+    differentiable again); a, b, c: the gradients of ow, og, oz (None = zero)."""
+    g1, g2, w, g, d1, d2, d3 = ctx.saved_tensors
+    need = _needs(ctx)
+
+    def acc(*terms):  # sum of the products in terms, skipping those with a None factor
+        out = None
+        for factors in terms:
+            if any(f is None for f in factors):
+                continue
+            p = factors[0]
+            for f in factors[1:]:
+                p = p * f
+            out = p if out is None else out + p
+        return torch.zeros_like(w) if out is None else out
+
+    res = [
+        acc((a, d1), (c, w, d2)) if g1 is not None else None,  # g1
+        acc((a, g, d2), (b, w, d2), (c, w, g, d3)) if g2 is not None else None,  # g2
+        acc((b, g2, d2), (c, g1, d2), (c, g2, g, d3)),  # w
+        acc((a, g2, d2), (c, w, g2, d3)),  # g
+        acc((a, g1)),  # d1
+        acc((a, g2, g), (b, g2, w), (c, w, g1)),  # d2
+        acc((c, w, g2, g)),  # d3
+    ]
+    return tuple(r if n else None for r, n in zip(res, need))
+
+
 # act_grad_backward ----------------------------------------------------------------------------
 
 
@@ -717,6 +786,9 @@ _impl_lib.impl("act_beyond_table", _beyond_table_op, "CompositeImplicitAutograd"
 
 torch.library.register_autograd("torchhessdiag::taylor_act", _ta_backward, setup_context=_ta_setup)
 torch.library.register_autograd("torchhessdiag::mul_pair", _mp_backward, setup_context=_mp_setup)
+torch.library.register_autograd(
+    "torchhessdiag::mul_pair_backward", _mpb_backward, setup_context=_mpb_setup
+)
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 if not COMPILED:
     # compiled: the autograd of these four is C++, at the Autograd key (csrc/jet_autograd.h), with

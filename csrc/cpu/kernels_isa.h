@@ -350,8 +350,81 @@ void grad_backward_entry(const cpu::GradBackwardJob& p, int64_t begin, int64_t e
   });
 }
 
+template <class L>
+void mul_pair_entry(const cpu::MulPairJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ g = static_cast<const T*>(p.g);
+  const T* __restrict__ d1 = static_cast<const T*>(p.d1);
+  const T* __restrict__ d2 = static_cast<const T*>(p.d2);
+  T* __restrict__ o1 = static_cast<T*>(p.o1);
+  T* __restrict__ o2 = static_cast<T*>(p.o2);
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    const auto v = X::ld(w + i, cnt);
+    X::st(o1 + i, v * X::ld(d1 + i, cnt), cnt);
+    X::st(o2 + i, v * X::ld(g + i, cnt) * X::ld(d2 + i, cnt), cnt);
+  }
+}
+
+template <class L, bool G1, bool G2>
+void mul_pair_backward_body(const cpu::MulPairBackwardJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* __restrict__ g1 = static_cast<const T*>(p.g1);
+  const T* __restrict__ g2 = static_cast<const T*>(p.g2);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ g = static_cast<const T*>(p.g);
+  const T* __restrict__ d1 = static_cast<const T*>(p.d1);
+  const T* __restrict__ d2 = static_cast<const T*>(p.d2);
+  const T* __restrict__ d3 = static_cast<const T*>(p.d3);
+  T* __restrict__ ow = static_cast<T*>(p.ow);
+  T* __restrict__ og = static_cast<T*>(p.og);
+  T* __restrict__ oz = static_cast<T*>(p.oz);
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    const V vw = X::ld(w + i, cnt), s2 = X::ld(d2 + i, cnt);
+    V a = V(T(0)), zi = V(T(0)), b = V(T(0));
+    if constexpr (G1) {
+      const V v1 = X::ld(g1 + i, cnt);
+      a = v1 * X::ld(d1 + i, cnt);
+      zi = v1 * s2;
+    }
+    if constexpr (G2) {
+      const V v2 = X::ld(g2 + i, cnt);
+      const V t = v2 * X::ld(g + i, cnt);
+      a = G1 ? a + t * s2 : t * s2;
+      zi = G1 ? zi + t * X::ld(d3 + i, cnt) : t * X::ld(d3 + i, cnt);
+      b = v2 * vw * s2;
+    }
+    X::st(ow + i, a, cnt);
+    X::st(og + i, b, cnt);
+    X::st(oz + i, vw * zi, cnt);
+  }
+}
+
+template <class L>
+void mul_pair_backward_entry(const cpu::MulPairBackwardJob& p, int64_t begin, int64_t end) {
+  if (p.g1 != nullptr && p.g2 != nullptr)
+    mul_pair_backward_body<L, true, true>(p, begin, end);
+  else if (p.g1 != nullptr)
+    mul_pair_backward_body<L, true, false>(p, begin, end);
+  else if (p.g2 != nullptr)
+    mul_pair_backward_body<L, false, true>(p, begin, end);
+  else
+    mul_pair_backward_body<L, false, false>(p, begin, end);
+}
+
 template <class LF, class LD>
 void add_dropin_kernels(cpu::KernelTable& t) {
+  t.mul_pair[0] = &mul_pair_entry<LF>;
+  t.mul_pair[1] = &mul_pair_entry<LD>;
+  t.mul_pair_backward[0] = &mul_pair_backward_entry<LF>;
+  t.mul_pair_backward[1] = &mul_pair_backward_entry<LD>;
   t.grad[0] = &grad_entry<LF>;
   t.grad[1] = &grad_entry<LD>;
   t.grad_backward[0] = &grad_backward_entry<LF>;
