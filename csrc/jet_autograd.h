@@ -1,6 +1,6 @@
-// Autograd of the activation ops (act_forward, act_grad, act_grad_backward, act_derivatives) in
-// C++, at the Autograd dispatch key: no Python runs per backward node. This is what makes the
-// torchhessdiag.nn drop-ins cheap inside nested torch.autograd.grad loops (issue 14).
+// Autograd of the activation ops (act_forward, act_grad, act_derivatives) in C++, at the Autograd
+// dispatch key: no Python runs per backward node. This is what makes the torchhessdiag.nn
+// drop-ins cheap inside nested torch.autograd.grad loops (issue 14).
 //
 // Included once, by csrc/jet_ops.cpp (which defines the ops).
 //
@@ -9,8 +9,9 @@
 //   act_forward  ->  ActNode          (input z)          backward: g sigma'(z)
 //   act_grad     ->  GradNode(k)      (inputs g, z)      value g sigma^(k)(z)
 //                                                        backward: (w sigma^(k), w g sigma^(k+1))
-//   act_grad_backward -> GradBackwardNode(k) (inputs gg, g, z)
-//                                     value (gg sigma^(k), gg g sigma^(k+1))
+//   (act_grad's backward, recorded) -> GradBackwardNode(k) (inputs gg, g, z)
+//                                     value (gg sigma^(k), gg g sigma^(k+1)): the fused double
+//                                     backward, one mul_pair pass on the kept derivatives
 //   act_derivatives -> DerivsNode     (input z)          value sigma^(orders)(z)
 //
 // Every node of one activation shares one ActState: the saved z and the derivatives
@@ -62,9 +63,6 @@ using ForwardSig = at::Tensor(const at::Tensor&, c10::string_view, double, doubl
 using DerivsSig = at::Tensor(const at::Tensor&, c10::string_view, double, double, at::IntArrayRef);
 using GradSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double, double,
                            int64_t);
-using GradBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                           const at::Tensor&, c10::string_view,
-                                                           double, double, int64_t);
 using MulPairSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                       const at::Tensor&, const at::Tensor&);
 using MulPairBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -86,10 +84,6 @@ inline const c10::TypedOperatorHandle<DerivsSig>& derivs_op() {
 }
 inline const c10::TypedOperatorHandle<GradSig>& grad_op() {
   static const auto h = find_op<GradSig>("torchhessdiag::act_grad");
-  return h;
-}
-inline const c10::TypedOperatorHandle<GradBackwardSig>& grad_backward_op() {
-  static const auto h = find_op<GradBackwardSig>("torchhessdiag::act_grad_backward");
   return h;
 }
 inline const c10::TypedOperatorHandle<MulPairSig>& mul_pair_op() {
@@ -286,7 +280,8 @@ struct GradNode final : Node {
   }
 };
 
-// (o1, o2) = (gg sigma^(k)(z), gg g sigma^(k+1)(z)) (act_grad_backward); inputs gg, g, z.
+// (o1, o2) = (gg sigma^(k)(z), gg g sigma^(k+1)(z)), the recorded backward of GradNode; inputs
+// gg, g, z.
 //   d gg = g1 sigma^(k) + g2 g sigma^(k+1)
 //   d g  = g2 gg sigma^(k+1)
 //   d z  = g1 gg sigma^(k+1) + g2 gg g sigma^(k+2)
@@ -432,13 +427,9 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
 }
 
 inline std::tuple<at::Tensor, at::Tensor> make_grad_backward_node(
-    const at::Tensor& w, const at::Tensor& g, const at::Tensor& z, const StatePtr& s, int k,
-    const at::Tensor* o1 = nullptr, const at::Tensor* o2 = nullptr) {
+    const at::Tensor& w, const at::Tensor& g, const at::Tensor& z, const StatePtr& s, int k) {
   at::Tensor a1, a2;
-  if (o1 != nullptr) {
-    a1 = *o1;
-    a2 = *o2;
-  } else {
+  {
     const auto D = s->derivs({k, k + 1});
     Below below;
     std::tie(a1, a2) = mul_pair_op().call(w, g, D[0], D[1]);
@@ -503,19 +494,6 @@ inline at::Tensor act_grad_autograd(const at::Tensor& g, const at::Tensor& z,
   if (!any_requires_grad({&g, &z})) return out;
   auto s = std::make_shared<ActState>(z, parse_act(act_name), a, b);
   return make_grad_node(g, z, s, static_cast<int>(k), &out);
-}
-
-inline std::tuple<at::Tensor, at::Tensor> act_grad_backward_autograd(
-    const at::Tensor& gg, const at::Tensor& g, const at::Tensor& z, c10::string_view act_name,
-    double a, double b, int64_t k) {
-  at::Tensor o1, o2;
-  {
-    Below below;
-    std::tie(o1, o2) = grad_backward_op().call(gg, g, z, act_name, a, b, k);
-  }
-  if (!any_requires_grad({&gg, &g, &z})) return {o1, o2};
-  auto s = std::make_shared<ActState>(z, parse_act(act_name), a, b);
-  return make_grad_backward_node(gg, g, z, s, static_cast<int>(k), &o1, &o2);
 }
 
 inline at::Tensor act_derivatives_autograd(const at::Tensor& z, c10::string_view act_name,

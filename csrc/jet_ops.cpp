@@ -22,7 +22,7 @@ struct CpuExec {
 };
 
 // The CPU compute half: every op runs the SIMD build chosen at run time (csrc/cpu/kernels.h):
-// the table passes (act_derivatives, act_grad, act_grad_backward) and the arithmetic of the
+// the table passes (act_derivatives, act_grad) and the arithmetic of the
 // backward passes (mul_pair, mul_pair_backward; this file itself is compiled for the baseline
 // instruction set only).
 struct CpuKernels : Kernels<CpuExec> {
@@ -40,15 +40,6 @@ struct CpuKernels : Kernels<CpuExec> {
   static void act_grad(const GradArgs& p) {
     cpu::GradJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.g, p.z, p.out, p.numel};
     auto fn = cpu::kernels().grad[p.dtype == at::kDouble ? 1 : 0];
-    at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
-      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
-    });
-  }
-
-  static void act_grad_backward(const GradBackwardArgs& p) {
-    cpu::GradBackwardJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.gg, p.g,
-                             p.z, p.o1, p.o2, p.numel};
-    auto fn = cpu::kernels().grad_backward[p.dtype == at::kDouble ? 1 : 0];
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
@@ -107,9 +98,6 @@ TORCH_LIBRARY(torchhessdiag, m) {
   m.def("act_forward(Tensor z, str act, float a, float b) -> Tensor");
   m.def("act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor");
   m.def("act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor");
-  m.def(
-      "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
-      " -> (Tensor, Tensor)");
   m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
   m.def(
       "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
@@ -127,7 +115,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(torchhessdiag, Autograd, m) {
   m.impl("act_forward", &thd::ag::act_forward_autograd);
   m.impl("act_grad", &thd::ag::act_grad_autograd);
-  m.impl("act_grad_backward", &thd::ag::act_grad_backward_autograd);
   m.impl("act_derivatives", &thd::ag::act_derivatives_autograd);
 }
 
@@ -140,7 +127,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   using K = thd::CpuKernels;
   m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
   m.impl("act_grad", &thd::act_grad_impl<K>);
-  m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
   m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }
@@ -150,7 +136,6 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   using K = thd::CudaKernels;  // compute half in csrc/cuda/jet_ops.cu
   m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
   m.impl("act_grad", &thd::act_grad_impl<K>);
-  m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
   m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }

@@ -106,24 +106,6 @@ struct GradBody {
   }
 };
 
-// (o1, o2) = (gg * sigma^(N-1)(z), gg * g * sigma^(N)(z))
-template <typename A, int N, typename T>
-struct GradBackwardBody {
-  const T* gg;
-  const T* g;
-  const T* z;
-  T* o1;
-  T* o2;
-  T a, b;
-  THD_HD void operator()(index_t i) const {
-    T d[N + 1];
-    A::template eval<N>(z[i], a, b, d);
-    const T w = gg[i];
-    o1[i] = w * d[N - 1];
-    o2[i] = w * g[i] * d[N];
-  }
-};
-
 // (o1, o2) = (w * d1, w * g * d2): the double backward of an activation once sigma^(k) and
 // sigma^(k+1) are known (pure arithmetic, vectorisable).
 template <typename T>
@@ -206,15 +188,6 @@ struct GradArgs {
   double a, b;
   int k;
 };
-struct GradBackwardArgs {
-  Act act;
-  at::ScalarType dtype;
-  const void *gg, *g, *z;
-  void *o1, *o2;
-  index_t numel;
-  double a, b;
-  int k;
-};
 struct MulPairArgs {
   at::ScalarType dtype;
   const void *w, *g, *d1, *d2;
@@ -261,25 +234,6 @@ struct Kernels {
     });
   }
 
-  static void act_grad_backward(const GradBackwardArgs& p) {
-    dispatch_float(p.dtype, [&](auto t) {
-      using T = std::decay_t<decltype(t)>;
-      dispatch_act(p.act, [&](auto tag) {
-        using A = std::decay_t<decltype(tag)>;
-        dispatch_order(p.k + 1, [&](auto n) {
-          constexpr int N = std::decay_t<decltype(n)>::value;
-          if constexpr (N >= 1) {
-            Exec::run(p.numel, GradBackwardBody<A, N, T>{
-                                   static_cast<const T*>(p.gg), static_cast<const T*>(p.g),
-                                   static_cast<const T*>(p.z), static_cast<T*>(p.o1),
-                                   static_cast<T*>(p.o2), static_cast<T>(p.a),
-                                   static_cast<T>(p.b)});
-          }
-        });
-      });
-    });
-  }
-
   static void mul_pair(const MulPairArgs& p) {
     dispatch_float(p.dtype, [&](auto t) {
       using T = std::decay_t<decltype(t)>;
@@ -306,7 +260,6 @@ struct Kernels {
 struct CudaKernels {
   static void act_derivatives(const DerivsArgs& p);
   static void act_grad(const GradArgs& p);
-  static void act_grad_backward(const GradBackwardArgs& p);
   static void mul_pair(const MulPairArgs& p);
   static void mul_pair_backward(const MulPairBackwardArgs& p);
 };
@@ -410,30 +363,6 @@ at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string
   K::act_grad({act, z.scalar_type(), g.data_ptr(), z.data_ptr(), out.data_ptr(), numel, a, b,
                static_cast<int>(k)});
   return out;
-}
-
-template <class K>
-std::tuple<at::Tensor, at::Tensor> act_grad_backward_impl(const at::Tensor& gg_,
-                                                          const at::Tensor& g_,
-                                                          const at::Tensor& z_,
-                                                          c10::string_view act_name, double a,
-                                                          double b, int64_t k) {
-  const char* op = "act_grad_backward";
-  check_input(z_, "z", op);
-  check_like(gg_, z_, "gg", op);
-  check_like(g_, z_, "g", op);
-  const Act act = parse_act(act_name);
-  check_params(act, a, b);
-  check_order(k, kMaxOrder - 1, op);
-  const at::OptionalDeviceGuard guard(at::device_of(z_));
-  const at::Tensor z = z_.contiguous(), g = g_.contiguous(), gg = gg_.contiguous();
-  at::Tensor o1 = at::empty_like(z, at::MemoryFormat::Contiguous);
-  at::Tensor o2 = at::empty_like(z, at::MemoryFormat::Contiguous);
-  const index_t numel = z.numel();
-  if (numel == 0) return {o1, o2};
-  K::act_grad_backward({act, z.scalar_type(), gg.data_ptr(), g.data_ptr(), z.data_ptr(),
-                        o1.data_ptr(), o2.data_ptr(), numel, a, b, static_cast<int>(k)});
-  return {o1, o2};
 }
 
 }  // namespace thd

@@ -11,10 +11,6 @@ SCHEMAS = {
     "act_forward": "act_forward(Tensor z, str act, float a, float b) -> Tensor",
     "act_derivatives": "act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor",
     "act_grad": "act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor",
-    "act_grad_backward": (
-        "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
-        " -> (Tensor, Tensor)"
-    ),
     "mul_pair": "mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)",
     "mul_pair_backward": (
         "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "

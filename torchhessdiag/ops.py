@@ -5,8 +5,9 @@ The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
     act_forward(z, act, a, b)                 sigma(z)                       (ATen's own kernel)
     act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders, one table pass
     act_grad(g, z, act, a, b, k)              g * sigma^(k)(z)
-    act_grad_backward(gg, g, z, act, a, b, k) (gg * sigma^(k)(z), gg * g * sigma^(k+1)(z)), one pass
     mul_pair(w, g, d1, d2)                    (w * d1, w * g * d2)           (arithmetic only)
+    mul_pair_backward(g1, g2, w, g, d1, d2, d3)  its backward w.r.t. w, g and z (d2 = d1', d3 = d2')
+    act_beyond_table(z, act, a, b, n)         sigma^(n)(z) past the table: exact composite path
     jet_layer(J, s1, c, need_ja)              the engine's per-layer kernel (engine_ops.h)
     jet_layer_(J, s1, c)                      the same, in place
     jet_layer_backward(gJa, gacc, J, s1, c)   its fused backward
@@ -15,13 +16,14 @@ The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
     taylor_act_backward(gY, D, H)             its fused backward
 
 Autograd chains them so that differentiating the order-k derivative gives order k+1:
-``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` evaluates
-(sigma^(k), sigma^(k+1)) once per graph node and applies them with the fused ``mul_pair`` --
-nested-autograd loops revisit every node once per input dimension, and after the first visit
-each pass is pure arithmetic. Higher levels go through ``act_derivatives``, whose backward is
-``act_derivatives`` one order up; orders beyond the table (> 4) come from an exact composite path
-(see ``_beyond_table``). ``act_grad_backward`` is the same double backward in one pass, for direct
-use when a node is visited once.
+``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` is the fused
+pair (w sigma^(k), w g sigma^(k+1)) (``mul_pair``), whose backward is ``mul_pair_backward``.
+Nested-autograd loops revisit every node once per input dimension: the derivatives of one
+activation are evaluated once (sigma', sigma'', sigma''' in one table pass) and every later visit
+is pure arithmetic on them. With the compiled extension this autograd is C++
+(csrc/jet_autograd.h: no Python per backward node); the Python version below serves the reference
+backend, with the same formulas and per-node caching. Orders beyond the table (> 4) come from an
+exact composite path (``_beyond_table``, as the op ``act_beyond_table`` for the C++ side).
 
 Backends: the compiled extension ``torchhessdiag._C`` provides CPU kernels and, when built with
 CUDA, CUDA kernels. Where no compiled kernel exists (extension missing, CPU-only build with CUDA
@@ -155,14 +157,6 @@ def _check_grad(g, z, act, a, b, k):
     _check_order(k, MAX_ORDER, "act_grad")
 
 
-def _check_grad_backward(gg, g, z, act, a, b, k):
-    _check_float(z, "z", "act_grad_backward")
-    _check_like(gg, z, "gg", "act_grad_backward")
-    _check_like(g, z, "g", "act_grad_backward")
-    _check_act(act, a, "act_grad_backward")
-    _check_order(k, MAX_ORDER - 1, "act_grad_backward")
-
-
 def _check_layer(J, s1, c, op):
     for t in (J, s1, c):
         _check_float(t, "tensors", op)
@@ -249,13 +243,6 @@ def _ref_grad(g, z, act, a, b, k):
     return (g * reference.derivatives(z, act, a, b, k)[k]).contiguous()
 
 
-def _ref_grad_backward(gg, g, z, act, a, b, k):
-    _check_grad_backward(gg, g, z, act, a, b, k)
-    _warn_reference(z.device)
-    d = reference.derivatives(z, act, a, b, k + 1)
-    return (gg * d[k]).contiguous(), (gg * g * d[k + 1]).contiguous()
-
-
 def _ref_jet_layer(J, s1, c, need_ja):
     _check_layer(J, s1, c, "jet_layer")
     _warn_reference(J.device)
@@ -336,7 +323,6 @@ _REF_KERNELS = {
     "act_forward": _ref_forward,
     "act_derivatives": _ref_derivatives,
     "act_grad": _ref_grad,
-    "act_grad_backward": _ref_grad_backward,
 }
 
 _impl_lib = torch.library.Library("torchhessdiag", "IMPL")
@@ -373,15 +359,6 @@ def _(z, act, a, b, orders):
 def _(g, z, act, a, b, k):
     _check_grad(g, z, act, a, b, k)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("torchhessdiag::act_grad_backward")
-def _(gg, g, z, act, a, b, k):
-    _check_grad_backward(gg, g, z, act, a, b, k)
-    return (
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-    )
 
 
 @torch.library.register_fake("torchhessdiag::mul_pair")
@@ -690,30 +667,6 @@ def _mpb_backward(ctx, a, b, c):
     return tuple(r if n else None for r, n in zip(res, need))
 
 
-# act_grad_backward ----------------------------------------------------------------------------
-
-
-def _gb_setup(ctx, inputs, output):
-    gg, g, z, act, a, b, k = inputs
-    _save_common(ctx, act, a, b)
-    _keep_needs(ctx)
-    ctx.k = k
-    ctx.save_for_backward(gg, g, z)
-
-
-def _gb_backward(ctx, g1, g2):
-    gg, g, z = ctx.saved_tensors
-    spec, k = _spec_of(ctx), ctx.k
-    need_gg, need_g, need_z = _needs(ctx)[:3]
-    orders = [k, k + 1] + ([k + 2] if need_z else [])
-    d = _derivs(z, spec, orders)
-    dk, dk1 = d[0], d[1]
-    d_gg = g1 * dk + g2 * g * dk1 if need_gg else None
-    d_g = g2 * gg * dk1 if need_g else None
-    d_z = g1 * gg * dk1 + g2 * gg * g * d[2] if need_z else None
-    return d_gg, d_g, d_z, None, None, None, None
-
-
 # act_derivatives ------------------------------------------------------------------------------
 
 
@@ -791,14 +744,11 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 if not COMPILED:
-    # compiled: the autograd of these four is C++, at the Autograd key (csrc/jet_autograd.h), with
+    # compiled: the autograd of these three is C++, at the Autograd key (csrc/jet_autograd.h), with
     # the same formulas and the same derivative caching; this Python version serves the
     # reference backend
     torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
     torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
-    torch.library.register_autograd(
-        "torchhessdiag::act_grad_backward", _gb_backward, setup_context=_gb_setup
-    )
     torch.library.register_autograd(
         "torchhessdiag::act_derivatives", _ad_backward, setup_context=_ad_setup
     )
@@ -825,9 +775,9 @@ def activation(x: Tensor, act, **params) -> Tensor:
     """Apply an activation of the table with exact derivatives of every order.
 
     The value is computed by torch's own kernel for that function (bit-for-bit what torch gives);
-    the first derivative runs the fused ``act_grad`` kernel, the second the fused
-    ``act_grad_backward`` kernel, higher orders the table up to 4 and an exact composite path
-    beyond. Second derivatives never come back ``None``: they are zeros where they vanish.
+    derivatives come from the stable derivative table (orders 1-4, evaluated once per
+    application and kept for every later backward pass) and an exact composite path beyond.
+    Second derivatives never come back ``None``: they are zeros where they vanish.
 
     Args:
         x: float32 or float64 tensor, any shape, any device.

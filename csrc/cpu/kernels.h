@@ -60,8 +60,7 @@ struct MlpActJob {
 };
 
 // The drop-in activations' ops (issue 14), on [begin, end) of numel elements:
-//   act_grad:           out = g sigma^(k)(z)
-//   act_grad_backward:  o1 = gg sigma^(k)(z), o2 = gg g sigma^(k+1)(z)      (k + 1 <= 4)
+//   act_grad:  out = g sigma^(k)(z)
 struct GradJob {
   int act;
   double a, b;
@@ -69,17 +68,6 @@ struct GradJob {
   const void* g;
   const void* z;
   void* out;
-  int64_t numel;
-};
-struct GradBackwardJob {
-  int act;
-  double a, b;
-  int k;
-  const void* gg;
-  const void* g;
-  const void* z;
-  void* o1;
-  void* o2;
   int64_t numel;
 };
 
@@ -115,7 +103,6 @@ struct KernelTable {
   void (*mlp_act_backward[2])(const MlpActJob&);
   // the drop-in activations' ops (filled by add_dropin_kernels, kernels_isa.h)
   void (*grad[2])(const GradJob&, int64_t begin, int64_t end);
-  void (*grad_backward[2])(const GradBackwardJob&, int64_t begin, int64_t end);
   void (*mul_pair[2])(const MulPairJob&, int64_t begin, int64_t end);
   void (*mul_pair_backward[2])(const MulPairBackwardJob&, int64_t begin, int64_t end);
 };

@@ -283,7 +283,7 @@ cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
   return t;
 }
 
-// ---- the drop-in activations' ops (issue 14): act_grad, act_grad_backward ------------------------
+// ---- the drop-in activations' ops (issue 14): act_grad, mul_pair, mul_pair_backward ------------
 // One table evaluation per element, the products in the same pass (csrc/jet_ops_impl.h has the
 // scalar bodies the CUDA kernels run; these are the same arithmetic on lanes).
 
@@ -312,40 +312,6 @@ void grad_entry(const cpu::GradJob& p, int64_t begin, int64_t end) {
     dispatch_order(p.k, [&](auto n) {
       constexpr int N = decltype(n)::value;
       grad_body<L, A, N>(p, begin, end);
-    });
-  });
-}
-
-// N = k + 1 >= 1
-template <class L, class Act, int N>
-void grad_backward_body(const cpu::GradBackwardJob& p, int64_t begin, int64_t end) {
-  using T = typename L::T;
-  using V = typename L::V;
-  using X = Lanes<L>;
-  constexpr int W = L::width;
-  const T* z = static_cast<const T*>(p.z);
-  const T* g = static_cast<const T*>(p.g);
-  const T* gg = static_cast<const T*>(p.gg);
-  T* o1 = static_cast<T*>(p.o1);
-  T* o2 = static_cast<T*>(p.o2);
-  const V a = V(static_cast<T>(p.a)), b = V(static_cast<T>(p.b));
-  for (int64_t i = begin; i < end; i += W) {
-    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
-    V d[N + 1];
-    Act::template eval<N>(X::ld(z + i, cnt), a, b, d);
-    const V w = X::ld(gg + i, cnt);
-    X::st(o1 + i, w * d[N - 1], cnt);
-    X::st(o2 + i, w * X::ld(g + i, cnt) * d[N], cnt);
-  }
-}
-
-template <class L>
-void grad_backward_entry(const cpu::GradBackwardJob& p, int64_t begin, int64_t end) {
-  dispatch_act(static_cast<Act>(p.act), [&](auto tag) {
-    using A = decltype(tag);
-    dispatch_order(p.k + 1, [&](auto n) {
-      constexpr int N = decltype(n)::value;
-      if constexpr (N >= 1) grad_backward_body<L, A, N>(p, begin, end);
     });
   });
 }
@@ -427,8 +393,6 @@ void add_dropin_kernels(cpu::KernelTable& t) {
   t.mul_pair_backward[1] = &mul_pair_backward_entry<LD>;
   t.grad[0] = &grad_entry<LF>;
   t.grad[1] = &grad_entry<LD>;
-  t.grad_backward[0] = &grad_backward_entry<LF>;
-  t.grad_backward[1] = &grad_backward_entry<LD>;
 }
 
 }  // namespace THD_ISA_NS
