@@ -12,8 +12,12 @@ torch you actually use.
 What gets built:
   * the CPU kernels, always;
   * the CUDA kernels too, whenever the installed torch is a CUDA build and nvcc is found
-    (CUDA_HOME / PATH). No GPU has to be visible. Architectures follow TORCH_CUDA_ARCH_LIST,
-    default "8.0;9.0+PTX" to keep the build short.
+    (CUDA_HOME / PATH). No GPU has to be visible. Architectures (torchhessdiag/_archs.py):
+    TORCH_CUDA_ARCH_LIST when set; else the visible GPUs' own (e.g. "8.9+PTX" on an RTX 4090);
+    else, with no GPU visible, "7.0;7.5;8.0;8.6;8.9;9.0+PTX" (V100 .. H100, PTX for newer GPUs)
+    minus what this nvcc cannot target (CUDA 13 dropped sm_70: "7.5;...;9.0+PTX"). The list
+    built is compiled into the extension (torchhessdiag._C.cuda_archs()); a GPU it does not
+    cover is found at its first use and served by the reference kernels, with one warning.
 
 Environment switches:
   TORCHHESSDIAG_FORCE_CPU=1   build the CPU kernels only, even where CUDA could be built;
@@ -22,6 +26,7 @@ Environment switches:
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -77,6 +82,67 @@ def _cuda_buildable():
     return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
 
 
+def _load_archs_module():
+    """torchhessdiag/_archs.py (the choice of architectures), loaded by path: the package itself
+    cannot be imported before it is built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_thd_archs", os.path.join(HERE, "torchhessdiag", "_archs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nvcc_archs(archs_mod):
+    """The compute capabilities this nvcc can compile for, as "X.Y" strings (None if unknown)."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return archs_mod.nvcc_archs_from(out.stdout)
+
+
+def _visible_gpu_archs():
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [f"{a}.{b}" for a, b in (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))]
+    except Exception as e:  # a broken driver must not break a build that needs no GPU
+        print(f"torchhessdiag: could not query the visible GPUs ({e}); building the default list")
+        return []
+
+
+def _cuda_arch_list():
+    """(TORCH_CUDA_ARCH_LIST to build with, where it comes from): torchhessdiag/_archs.py."""
+    mod = _load_archs_module()
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    nvcc = None if env else _nvcc_archs(mod)
+    gpus = [] if env else _visible_gpu_archs()
+    try:
+        archs, why, notes = mod.choose_arch_list(env, nvcc, gpus)
+    except ValueError as e:
+        sys.exit(f"torchhessdiag: {e}")
+    for note in notes:
+        print(f"torchhessdiag: {note}")
+    return archs, why
+
+
+def _compiled_archs_macro():
+    """The -gencode targets torch will pass to nvcc for the current TORCH_CUDA_ARCH_LIST, as one
+    identifier (e.g. sm_80__sm_90__compute_90) that the extension reports at run time: the probe
+    (torchhessdiag/_cuda_probe.py) names them when a GPU has no kernel image."""
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # a private torch helper: if it moves, report "unknown" rather than fail
+        return "unknown"
+    codes = sorted(
+        {m.group(1) for f in flags for m in [re.search(r"code=((?:sm|compute)_\w+)", f)] if m},
+        key=lambda c: (c.startswith("compute"), int(re.sub(r"\D", "", c)), c),
+    )
+    return "__".join(codes) or "unknown"
+
+
 def _pip_cuda_include_dirs():
     """Header folders of the nvidia-* wheels that a pip CUDA torch brings (cusparse.h, cublas_v2.h,
     ...). A minimal CUDA toolkit (just nvcc and the runtime) lacks some headers that torch's CUDA
@@ -120,12 +186,11 @@ def _extensions():
         sys.exit(f"TORCHHESSDIAG_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     print(f"torchhessdiag: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += [
-            os.path.join("csrc", "cuda", "jet_ops.cu"),
-            os.path.join("csrc", "cuda", "engine_ops.cu"),
-            os.path.join("csrc", "cuda", "mlp_ops.cu"),
-        ]
+        archs, why = _cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        compiled = _compiled_archs_macro()
+        print(f"torchhessdiag: CUDA architectures {archs} ({why}): {compiled.replace('__', ' ')}")
+        sources += [os.path.join("csrc", "cuda", n) for n in ("jet_ops.cu", "engine_ops.cu", "mlp_ops.cu", "probe.cu")]
         extra_inc = []
         for inc in _pip_cuda_include_dirs():
             extra_inc += ["-isystem", inc]
@@ -133,7 +198,7 @@ def _extensions():
             cpp_extension.CUDAExtension(
                 "torchhessdiag._C",
                 sources,
-                define_macros=[("THD_WITH_CUDA", "1")],
+                define_macros=[("THD_WITH_CUDA", "1"), ("THD_CUDA_ARCHS", compiled)],
                 extra_compile_args={"cxx": cxx_flags + extra_inc, "nvcc": ["-O3", "-lineinfo"] + extra_inc},
                 extra_link_args=link_flags,
             )

@@ -101,16 +101,14 @@ struct IsVec : std::false_type {};
 // e = exp(-a) and em = e - 1 = expm1(-a) for a >= 0 (or NaN), both to full relative accuracy, for
 // the price of one transcendental: expm1 where e is near 1 (em would cancel), exp elsewhere (e is
 // at most 1/e there, so e - 1 does not cancel).
-// (SIMD lanes take both branches and select: two transcendentals, same values.)
+// (SIMD lanes, which cannot branch per lane, get both from one range reduction: exp_pair in
+// csrc/cpu/vec.h.)
 template <typename T>
 struct ExpPair {
   T e, em;
   THD_HD explicit ExpPair(T a) {
     if constexpr (IsVec<T>::value) {
-      const auto small = a < T(1);
-      const T em_s = t_expm1(-a), e_l = t_exp(-a);
-      e = t_sel(small, T(1) + em_s, e_l);
-      em = t_sel(small, em_s, e_l - T(1));
+      exp_pair(a, e, em);  // csrc/cpu/vec.h: both from one range reduction
     } else {
       if (a < T(1)) {
         em = t_expm1(-a);

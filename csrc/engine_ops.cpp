@@ -1,12 +1,14 @@
 // The engine's per-layer op (see engine_ops.h): the op half for both devices (checks,
 // allocation) and the CPU kernels. Parallel over points n; each point's K rows are contiguous,
 // the inner loops over j are unit-stride and vectorisable.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "cuda_gate.h"
 #include "engine_ops.h"
 #include "taylor.h"
 
@@ -201,6 +203,15 @@ void taylor_backward_host(const TaylorBackwardArgs& p) {
 
 // ---- the ops, for both devices: checks and allocation here, compute in Rows / Backward ----------
 
+// An in-place op's written tensor `out` must not share memory with an input it still reads
+// (both contiguous here, so ATen's overlap test is exact). Mirrored by ops._check_no_overlap.
+void check_no_overlap(const at::Tensor& out, const at::Tensor& in, const char* what,
+                      const char* op) {
+  THD_CHECK_VALUE(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, "torchhessdiag.",
+                  op, ": ", what, " shares memory with J, which this op overwrites while it still "
+                  "reads ", what, "; pass ", what, ".clone(), or use the out-of-place jet_layer");
+}
+
 template <void (*Rows)(const LayerRowsArgs&)>
 std::tuple<at::Tensor, at::Tensor> jet_layer_op(const at::Tensor& J_, const at::Tensor& s1_,
                                                 const at::Tensor& c_, bool need_ja) {
@@ -221,6 +232,10 @@ at::Tensor jet_layer_inplace_op(at::Tensor& J, const at::Tensor& s1_, const at::
   THD_CHECK_VALUE(J.is_contiguous(), "torchhessdiag.jet_layer_: J must be contiguous");
   const at::OptionalDeviceGuard guard(at::device_of(J));
   const at::Tensor s1 = s1_.contiguous(), c = c_.contiguous();
+  // J is overwritten while s1 and c are still being read (and the CUDA kernel declares them
+  // __restrict__): they must not share memory with J. A non-contiguous s1 / c was copied above.
+  check_no_overlap(J, s1, "s1", "jet_layer_");
+  check_no_overlap(J, c, "c", "jet_layer_");
   at::Tensor acc = at::empty({d.m, d.N, d.K}, J.options());
   if (J.numel() == 0) return acc.zero_();
   Rows({d, J.scalar_type(), J.data_ptr(), J.data_ptr(), s1.data_ptr(), c.data_ptr(),
@@ -300,12 +315,44 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_host>);
 }
 
+namespace thd {
+// The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
+constexpr char kRefJetLayer[] = "torchhessdiag_ref::jet_layer";
+constexpr char kRefJetLayerInplace[] = "torchhessdiag_ref::jet_layer_";
+constexpr char kRefJetLayerBackward[] = "torchhessdiag_ref::jet_layer_backward";
+constexpr char kRefTaylorAct[] = "torchhessdiag_ref::taylor_act";
+constexpr char kRefTaylorActBackward[] = "torchhessdiag_ref::taylor_act_backward";
+}  // namespace thd
+
+// The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
+TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
+  using thd::TestGate;
+  m.impl("jet_layer",
+         &TestGate<&thd::jet_layer_op<thd::layer_rows_host>, thd::kRefJetLayer>::call);
+  m.impl("jet_layer_", &TestGate<&thd::jet_layer_inplace_op<thd::layer_rows_host>,
+                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer_backward", &TestGate<&thd::jet_layer_backward_op<thd::layer_backward_host>,
+                                         thd::kRefJetLayerBackward>::call);
+  m.impl("taylor_act",
+         &TestGate<&thd::taylor_act_op<thd::taylor_host>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward",
+         &TestGate<&thd::taylor_act_backward_op<thd::taylor_backward_host>,
+                   thd::kRefTaylorActBackward>::call);
+}
+
 #ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
-  m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_cuda>);
-  m.impl("jet_layer_", &thd::jet_layer_inplace_op<thd::layer_rows_cuda>);
-  m.impl("jet_layer_backward", &thd::jet_layer_backward_op<thd::layer_backward_cuda>);
-  m.impl("taylor_act", &thd::taylor_act_op<thd::taylor_cuda>);
-  m.impl("taylor_act_backward", &thd::taylor_act_backward_op<thd::taylor_backward_cuda>);
+  using thd::CudaGate;
+  m.impl("jet_layer",
+         &CudaGate<&thd::jet_layer_op<thd::layer_rows_cuda>, thd::kRefJetLayer>::call);
+  m.impl("jet_layer_", &CudaGate<&thd::jet_layer_inplace_op<thd::layer_rows_cuda>,
+                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer_backward", &CudaGate<&thd::jet_layer_backward_op<thd::layer_backward_cuda>,
+                                         thd::kRefJetLayerBackward>::call);
+  m.impl("taylor_act",
+         &CudaGate<&thd::taylor_act_op<thd::taylor_cuda>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward",
+         &CudaGate<&thd::taylor_act_backward_op<thd::taylor_backward_cuda>,
+                   thd::kRefTaylorActBackward>::call);
 }
 #endif

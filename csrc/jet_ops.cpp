@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "cuda_gate.h"
 #include "jet_autograd.h"
 #include "jet_ops_impl.h"
 
@@ -131,12 +132,35 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }
 
+namespace thd {
+// The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
+constexpr char kRefActDerivatives[] = "torchhessdiag_ref::act_derivatives";
+constexpr char kRefActGrad[] = "torchhessdiag_ref::act_grad";
+constexpr char kRefMulPair[] = "torchhessdiag_ref::mul_pair";
+constexpr char kRefMulPairBackward[] = "torchhessdiag_ref::mul_pair_backward";
+}  // namespace thd
+
+// The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
+TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
+  using K = thd::Kernels<thd::CpuExec>;
+  using thd::TestGate;
+  m.impl("act_derivatives",
+         &TestGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
+  m.impl("act_grad", &TestGate<&thd::act_grad_impl<K>, thd::kRefActGrad>::call);
+  m.impl("mul_pair", &TestGate<&thd::mul_pair_impl<K>, thd::kRefMulPair>::call);
+  m.impl("mul_pair_backward",
+         &TestGate<&thd::mul_pair_backward_impl<K>, thd::kRefMulPairBackward>::call);
+}
+
 #ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   using K = thd::CudaKernels;  // compute half in csrc/cuda/jet_ops.cu
-  m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
-  m.impl("act_grad", &thd::act_grad_impl<K>);
-  m.impl("mul_pair", &thd::mul_pair_impl<K>);
-  m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
+  using thd::CudaGate;
+  m.impl("act_derivatives",
+         &CudaGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
+  m.impl("act_grad", &CudaGate<&thd::act_grad_impl<K>, thd::kRefActGrad>::call);
+  m.impl("mul_pair", &CudaGate<&thd::mul_pair_impl<K>, thd::kRefMulPair>::call);
+  m.impl("mul_pair_backward",
+         &CudaGate<&thd::mul_pair_backward_impl<K>, thd::kRefMulPairBackward>::call);
 }
 #endif

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include <string>
@@ -85,10 +86,21 @@ struct DerivsBody {
   T a, b;
   int n_orders;
   int orders[kMaxOrdersPerCall];
+  // slots[o]: bit j set where orders[j] == o. The CUDA body indexes only slots (with the
+  // compile-time o) and d (likewise): a runtime index into the orders array of the by-value
+  // kernel argument, or into d, would copy the functor and d to local memory (stack).
+  uint32_t slots[kMaxOrder + 1];
   THD_HD void operator()(index_t i) const {
     T d[N + 1];
     A::template eval<N>(z[i], a, b, d);
+#ifdef __CUDA_ARCH__
+#pragma unroll
+    for (int o = 0; o <= N; ++o)
+      for (uint32_t m = slots[o]; m != 0; m &= m - 1)
+        out[static_cast<index_t>(__ffs(static_cast<int>(m)) - 1) * numel + i] = d[o];
+#else
     for (int j = 0; j < n_orders; ++j) out[j * numel + i] = d[orders[j]];
+#endif
   }
 };
 
@@ -211,8 +223,11 @@ struct Kernels {
         dispatch_order(p.max_k, [&](auto n) {
           constexpr int N = std::decay_t<decltype(n)>::value;
           DerivsBody<A, N, T> body{static_cast<const T*>(p.z), static_cast<T*>(p.out), p.numel,
-                                   static_cast<T>(p.a), static_cast<T>(p.b), p.n_orders, {}};
-          for (int j = 0; j < p.n_orders; ++j) body.orders[j] = p.orders[j];
+                                   static_cast<T>(p.a), static_cast<T>(p.b), p.n_orders, {}, {}};
+          for (int j = 0; j < p.n_orders; ++j) {
+            body.orders[j] = p.orders[j];
+            body.slots[p.orders[j]] |= 1u << j;  // orders[j] <= max_k = N (checked by the op)
+          }
           Exec::run(p.numel, body);
         });
       });

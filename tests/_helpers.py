@@ -8,6 +8,10 @@
   the working precision raised until the result is stable (so exponentially small derivatives
   at large |z| are exact, not cancellation noise of the numerical differentiation).
 
+* ``WIDE_WIDTHS``, ``grid_pass(device, items_per_block)``, ``lanes_per_row(w)``: shapes that make
+  every loop of the CUDA kernels run more than once (issue 17), from the launch caps of
+  csrc/cuda/*.cu.
+
 Nothing here calls torchhessdiag's kernels: the expected values of the tests come from torch's
 own functions and autograd, or from mpmath.
 """
@@ -251,3 +255,39 @@ def mp_derivatives_many(spec: ActivationSpec, zs: Sequence[float], n: int) -> to
     """mp_derivatives at each point: tensor (n+1, len(zs)), float64."""
     cols = [mp_derivatives(spec, float(z), n) for z in zs]
     return torch.tensor(cols, dtype=torch.float64).T.contiguous()
+
+
+# ---- shapes that make every loop of the CUDA kernels iterate (issue 17) ------------------------
+#
+# Every launch in csrc/cuda/*.cu caps its grid at 32 blocks per SM (grid_for in engine_ops.cu,
+# CudaExec::run in jet_ops.cu) and walks the rest with a grid-stride loop; the layer kernel's
+# lanes stride over the width j. These widths run the lane loop with one lane per row (w = 1, 32
+# rows per warp), with a partial warp (31), with a second lane pass (33) and with several (100).
+
+WIDE_WIDTHS = (1, 31, 33, 100)
+GRID_BLOCKS_PER_SM = 32  # csrc/cuda/engine_ops.cu grid_for, csrc/cuda/jet_ops.cu CudaExec::run
+THREADS_PER_BLOCK = 256  # elementwise, taylor and backward kernels
+WARPS_PER_BLOCK = 8  # the layer forward kernel (kWarpsPerBlock)
+
+
+def lanes_per_row(w: int) -> int:
+    """Lanes per row of the layer forward kernel: smallest power of two >= w, at most 32."""
+    g = 1
+    while g < w and g < 32:
+        g *= 2
+    return g
+
+
+def grid_pass(device, items_per_block: int) -> int:
+    """Work items one pass of a capped grid-stride launch covers on a CUDA device (0 on the CPU,
+    which has no grid)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(dev).multi_processor_count * GRID_BLOCKS_PER_SM * items_per_block
+
+
+def beyond_one_pass(items_per_pass: int, per_item: int) -> int:
+    """The smallest count n with n * per_item > 1.25 passes of the grid, plus 7 (a ragged last
+    pass): every grid-stride loop runs a second, partial, iteration."""
+    return (5 * items_per_pass) // (4 * per_item) + 7

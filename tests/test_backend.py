@@ -27,7 +27,7 @@ from torchhessdiag._schemas import SCHEMAS
 from torchhessdiag.activations import NAMES
 
 FORCED_REFERENCE_ENV = os.environ.get("TORCHHESSDIAG_BACKEND", "").strip().lower() == "reference"
-DOCUMENTED_KEYS = {"compiled", "cuda_kernels", "devices", "load_error", "max_order", "activations"}
+DOCUMENTED_KEYS = {"compiled", "cuda_kernels", "cuda_archs", "cuda_fallback", "devices", "load_error", "max_order", "activations"}
 # Small tensors only: one intra-op thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,7 +49,8 @@ def test_backend_info_keys():
     if info["compiled"]:
         assert info["load_error"] is None
         assert info["devices"]["cpu"] == "compiled"
-        assert info["devices"]["cuda"] == ("compiled" if info["cuda_kernels"] else "reference")
+        # a GPU without a kernel image in this build is served by the reference (_cuda_probe)
+        assert info["devices"]["cuda"] == ("compiled" if info["cuda_kernels"] and not info["cuda_fallback"] else "reference")
     else:
         assert isinstance(info["load_error"], str) and info["load_error"]
         assert not info["cuda_kernels"]

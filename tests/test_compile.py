@@ -8,10 +8,10 @@
 * the drop-ins compile inside mlp_laplacian, and inside the user's own nested
   ``torch.autograd.grad`` with ``torch._dynamo.config.trace_autograd_ops = True`` (without it,
   torch.autograd.grad is a graph break: fullgraph raises torch's error);
-* ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` compile only with graph breaks (the model
-  is traced with torch.fx at call time, which dynamo does not trace through; on the engine path a
-  frame inspection for the warning's stacklevel): fullgraph raises, the default mode gives the
-  same numbers and parameter gradients (largely run eagerly: little to gain from compiling them);
+* ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` compile with ``fullgraph=True`` once the
+  model's traced program is cached (one eager call): one graph, the eager numbers and parameter
+  gradients; without a cached program the torch.fx trace is a graph break (fullgraph raises with
+  what to do); a changed model recompiles (dynamo guards on what the cache signature reads);
 * ``mlp_laplacian_hutchinson`` with a ``generator=`` argument is a graph break (dynamo cannot put
   a torch.Generator into a graph): fullgraph raises; the default mode draws the same probes from
   the generator as eager mode. From the global RNG it compiles with fullgraph;
@@ -234,16 +234,13 @@ def test_dropins_in_nested_autograd_with_trace_autograd_ops(device, backend):
         _same(a, b, backend)
 
 
-# torch's own warnings while dynamo steps through the torch.fx trace (not the library's)
-@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin:UserWarning")
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_general_functions_compile_with_graph_breaks(device, backend):
-    """laplacian / hessian_diag / axis_derivatives: on the jet path fullgraph raises (graph
-    breaks: the torch.fx trace of the model at call time); without fullgraph dynamo compiles what
-    it can around the breaks and runs the rest eagerly: same numbers and parameter gradients.
-    (How much ends up in compiled pieces is dynamo's business, not asserted.) On the MLP-engine
-    path there is no graph break: fullgraph=True compiles, with the same numbers."""
+def test_general_functions_fullgraph_with_a_cached_program(device, backend):
+    """laplacian / hessian_diag / axis_derivatives on the jet path: the model is traced with
+    torch.fx once (at compile time if no eager call cached it: dynamo runs the cache lookup as a
+    constant-result function) and a training step calling them compiles with fullgraph=True into
+    one graph (before issue 15 every call traced the model: graph breaks, fullgraph raised), with
+    the eager numbers and parameter gradients. On the MLP-engine path: the same."""
     model, _ = build_residual(3, 8, 1, [ACT_BY_LABEL["tanh"], ACT_BY_LABEL["silu"]], product=True, device=device)
     mlp = _model(device)
     x = _x(device)
@@ -251,13 +248,17 @@ def test_general_functions_compile_with_graph_breaks(device, backend):
         (model, lambda x: thd.laplacian(model, x, return_info=True), "jet"),
         (mlp, lambda x: thd.hessian_diag(mlp, x, return_info=True), "engine"),
         (model, lambda x: thd.axis_derivatives(model, x, order=3, return_info=True), "jet"),
+        (model, lambda x: thd.hessian_diag(model, x, return_info=True), "jet"),
     ]
-    for m, f, path in calls:
-        if path == "jet":
-            with pytest.raises(torch._dynamo.exc.Unsupported):
-                torch.compile(f, fullgraph=True, backend="eager")(x)
+    for i, (m, f, path) in enumerate(calls):
         torch._dynamo.reset()
-        (got, info_c), (want, info_e) = torch.compile(f, backend=backend, fullgraph=(path == "engine"))(x), f(x)
+        thd.clear_trace_cache()
+        if i % 2:
+            f(x)  # an eager call first caches the program; else it is traced at compile time
+        cap = _Capture(backend)
+        got, info_c = torch.compile(f, backend=cap, fullgraph=True)(x)
+        want, info_e = f(x)
+        assert len(cap.graphs) == 1
         assert info_c.path == info_e.path == path  # compiling does not send it down another path
         _same(got.detach(), want.detach(), backend)
         g_c = _param_grads(m, got.square().mean())
@@ -265,6 +266,25 @@ def test_general_functions_compile_with_graph_breaks(device, backend):
         assert any(g.abs().max() > 0 for g in g_e)
         for a, b in zip(g_c, g_e):
             _same(a, b, backend)
+
+
+def test_compiled_call_follows_model_changes(device):
+    """Under torch.compile the cached program is looked up by the same signature as in eager
+    mode, and dynamo guards on what it reads: a changed hyper-parameter recompiles and gives the
+    new model's numbers (not the stale program's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.LayerNorm(8), torch.nn.Softplus(beta=1.0), torch.nn.Linear(8, 1))
+    model = model.to(device, torch.float64)
+    x = _x(device)
+    f = lambda x: thd.laplacian(model, x)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    before = f(x)
+    assert torch.equal(compiled(x), before)
+    model[2].beta = 3.0
+    model[1].eps = 0.5
+    after = f(x)  # eager: retraced (the signature changed)
+    assert not torch.allclose(after, before)
+    assert torch.equal(compiled(x), after)
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning")

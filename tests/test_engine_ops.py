@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from torchhessdiag import ops as thd_ops
 from torchhessdiag import reference
 
 ops = torch.ops.torchhessdiag
@@ -439,3 +440,155 @@ def test_device_mismatch_cuda():
         ops.jet_layer_backward(None, gacc, J.cuda(), s1.cuda(), c.cuda())
     with pytest.raises(ValueError):
         ops.jet_layer_backward(torch.randn(3, 2, 4, **f64), gacc.cuda(), J.cuda(), s1.cuda(), c.cuda())
+
+
+# ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
+#
+# Widths {1, 31, 33, 100} (tests/_helpers.py WIDE_WIDTHS), m = 3 outputs, K = 3 directions, and on
+# CUDA enough points that the grid-stride loops of the forward kernel (rows N*K, 8 warps of 32/G
+# rows per block) and of the backward kernel (N*w threads) run a second, ragged pass over the
+# capped grid (32 blocks per SM, csrc/cuda/engine_ops.cu). On the CPU the same widths with several
+# parallel grains (16384 / (K w) points each). Tolerance: the w-term sums of acc carry up to
+# (w + 2) eps S of rounding on each side, so 2.2 (w + 2) eps S (S: sum of |terms|) -- FACTOR's
+# 50 eps S assumed w <= 16; the backward's sums have K = 3 or m = 3 terms, within FACTOR.
+
+from _helpers import WARPS_PER_BLOCK, WIDE_WIDTHS, THREADS_PER_BLOCK, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
+
+WIDE_K, WIDE_M = 3, 3
+
+
+def _wide_N(device, w, K=WIDE_K):
+    if torch.device(device).type == "cuda":
+        fwd_rows = grid_pass(device, WARPS_PER_BLOCK * (32 // lanes_per_row(w)))
+        bwd_items = grid_pass(device, THREADS_PER_BLOCK)
+        return max(beyond_one_pass(fwd_rows, K), beyond_one_pass(bwd_items, w))
+    return 3 * max(1, 16384 // (K * w)) + 7
+
+
+def _assert_wide_acc(acc, racc, scale, dtype, w, what):
+    err = (acc - racc).abs()
+    bound = max(FACTOR, 2.2 * (w + 2)) * torch.finfo(dtype).eps * scale
+    assert torch.isfinite(acc).all(), what
+    assert (err <= bound).all(), f"{what}: max err/bound {(err / bound.clamp_min(1e-300)).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w", WIDE_WIDTHS)
+def test_wide_forward_inplace_backward(device, dtype, w):
+    N = _wide_N(device, w)
+    if torch.device(device).type == "cuda":  # every loop has a second pass on this GPU
+        assert N * WIDE_K > grid_pass(device, WARPS_PER_BLOCK * (32 // lanes_per_row(w)))
+        assert N * w > grid_pass(device, THREADS_PER_BLOCK)
+    J, s1, c = _args(device, dtype, N=N, K=WIDE_K, w=w, m=WIDE_M, seed=w)
+    rJa, racc = reference.jet_layer(J, s1, c, True)
+    scale = _acc_scale(J, s1, c)
+    # forward, out of place (with and without Ja)
+    Ja, acc = ops.jet_layer(J, s1, c, True)
+    assert torch.equal(Ja, rJa), "Ja = s1 * J: one correctly rounded product per element"
+    _assert_wide_acc(acc, racc, scale, dtype, w, "acc")
+    _, acc_nj = ops.jet_layer(J, s1, c, False)
+    assert torch.equal(acc_nj, acc)
+    # in place: the same numbers, J overwritten
+    J2 = J.clone()
+    acc2 = ops.jet_layer_(J2, s1, c)
+    assert torch.equal(acc2, acc) and torch.equal(J2, Ja)
+    # backward, with and without gJa
+    g = torch.Generator().manual_seed(100 + w)
+    gacc = torch.randn(WIDE_M, N, WIDE_K, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    gJa = torch.randn(N, WIDE_K, w, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    for gj in (gJa, None):
+        out = ops.jet_layer_backward(gj, gacc, J, s1, c)
+        ref = reference.jet_layer_backward(gj, gacc, J, s1, c)
+        for a, b, s, name in zip(out, ref, _bwd_scales(gj, gacc, J, s1, c), ("dJ", "ds1", "dc")):
+            _assert_sum_close(a, b, s, dtype, f"{name} (gJa {'given' if gj is not None else 'None'})")
+
+
+@pytest.mark.parametrize("m", [5, 6])
+def test_backward_many_outputs(device, m):
+    """m > 4 outputs: the CUDA backward's generic path (m <= 4 keeps c in registers)."""
+    dtype = torch.float64
+    J, s1, c = _args(device, dtype, N=7, K=3, w=33, m=m, seed=m)
+    gacc = torch.randn(m, 7, 3, dtype=dtype, device=device)
+    gJa = torch.randn_like(J)
+    out = ops.jet_layer_backward(gJa, gacc, J, s1, c)
+    ref = reference.jet_layer_backward(gJa, gacc, J, s1, c)
+    for a, b, s, name in zip(out, ref, _bwd_scales(gJa, gacc, J, s1, c), ("dJ", "ds1", "dc")):
+        _assert_sum_close(a, b, s, dtype, name)
+
+
+# ---- the in-place op and memory shared with J (issue 17) ---------------------------------------
+#
+# jet_layer_ overwrites J while it still reads s1 and c (row by row; the CUDA kernel declares them
+# __restrict__): a contiguous s1 or c that shares memory with J is refused with a ValueError, by
+# the compiled op, the reference backend and the fake kernel alike, before anything is written. A
+# non-contiguous one is copied by the op first, so it is accepted and gives the right numbers.
+
+
+def _aliased(device, what, how):
+    """(J, s1, c) with `what` ("s1" or "c") sharing memory with J: "partial" overlaps J's tail,
+    "full" is J's own memory (K = 1, m = 1: s1 / c are views of J)."""
+    N, K, w, m = (4, 1, 5, 1) if how == "full" else (4, 3, 5, 2)
+    g = torch.Generator().manual_seed(7)
+    buf = torch.randn(N * K * w + m * N * w, generator=g, dtype=torch.float64).to(device)
+    J = buf[: N * K * w].view(N, K, w)
+    other = torch.randn(m * N * w + N * w, generator=g, dtype=torch.float64).to(device)
+    s1 = other[: N * w].view(N, w)
+    c = other[N * w :].view(m, N, w)
+    if how == "full":
+        alias = J.view(N, w) if what == "s1" else J.view(1, N, w)
+    else:
+        start = N * K * w - 3  # three elements inside J, the rest after it
+        alias = buf[start : start + (N * w if what == "s1" else m * N * w)]
+        alias = alias.view(N, w) if what == "s1" else alias.view(m, N, w)
+    return (J, alias, c) if what == "s1" else (J, s1, alias)
+
+
+@pytest.mark.parametrize("what", ["s1", "c"])
+@pytest.mark.parametrize("how", ["partial", "full"])
+@pytest.mark.parametrize("kernel", ["compiled", "reference", "fake"])
+def test_inplace_refuses_inputs_sharing_memory_with_J(device, what, how, kernel):
+    J, s1, c = _aliased(device, what, how)
+    J0 = J.clone()
+    match = f"{what} shares memory with J.*{what}.clone\\(\\)"
+    if kernel == "compiled":
+        with pytest.raises(ValueError, match=match):
+            ops.jet_layer_(J, s1, c)
+    elif kernel == "reference":
+        with pytest.raises(ValueError, match=match):
+            thd_ops._ref_jet_layer_(J, s1, c)  # the reference backend's kernel
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fbuf = mode.from_tensor(J._base if J._base is not None else J)
+            # rebuild the same aliasing on fake tensors (views of one fake storage)
+            fJ = fbuf.as_strided(J.shape, J.stride(), J.storage_offset())
+            alias = s1 if what == "s1" else c
+            fA = fbuf.as_strided(alias.shape, alias.stride(), alias.storage_offset())
+            fo = mode.from_tensor(c if what == "s1" else s1)
+            args = (fJ, fA, fo) if what == "s1" else (fJ, fo, fA)
+            with pytest.raises(ValueError, match=match):
+                ops.jet_layer_(*args)
+    assert torch.equal(J, J0), "nothing may be written before the refusal"
+
+
+def test_inplace_accepts_disjoint_views_and_non_contiguous_aliases(device):
+    """Views of one buffer that do not overlap J are fine; so is a non-contiguous s1 that reads
+    J's own memory (the op copies it before writing J)."""
+    N, K, w, m = 4, 3, 5, 2
+    buf = torch.randn(N * K * w + N * w + m * N * w, dtype=torch.float64, device=device)
+    J = buf[: N * K * w].view(N, K, w)
+    s1 = buf[N * K * w : N * K * w + N * w].view(N, w)
+    c = buf[N * K * w + N * w :].view(m, N, w)
+    rJa, racc = reference.jet_layer(J.clone(), s1.clone(), c.clone(), True)
+    scale = _acc_scale(J, s1, c)
+    acc = ops.jet_layer_(J, s1, c)
+    assert torch.equal(J, rJa)
+    _assert_sum_close(acc, racc, scale, torch.float64, "acc (disjoint views)")
+    J = torch.randn(N, K, w, dtype=torch.float64, device=device)
+    s1_alias = J[:, 1, :]  # (N, w) view of J with row stride K*w: not contiguous -> copied
+    assert not s1_alias.is_contiguous()
+    c = torch.randn(m, N, w, dtype=torch.float64, device=device)
+    rJa, racc = reference.jet_layer(J.clone(), s1_alias.clone(), c, True)
+    scale = _acc_scale(J, s1_alias, c)
+    acc = ops.jet_layer_(J, s1_alias, c)
+    assert torch.equal(J, rJa), "J = (copy of J[:, 1]) * J"
+    _assert_sum_close(acc, racc, scale, torch.float64, "acc (non-contiguous alias)")

@@ -297,17 +297,17 @@ def test_shared_first_order_rows_before_the_first_nonlinearity():
     x = torch.randn(5, 3, dtype=DT)
     V = torch.eye(3, dtype=DT)
     seen = {}
-    orig = taylor._rule_linear
+    orig = taylor.RULES["linear_module"]  # nn.Linear modules: the rule gets the module first
 
-    def spy(ctx, p, h, *a, **k):
+    def spy(ctx, p, m, h, *a, **k):
         seen.setdefault("first", h.coefs[0].shape)
-        return orig(ctx, p, h, *a, **k)
+        return orig(ctx, p, m, h, *a, **k)
 
-    taylor.RULES["linear"] = spy
+    taylor.RULES["linear_module"] = spy
     try:
         taylor.propagate(prog, x, V, 2)
     finally:
-        taylor.RULES["linear"] = orig
+        taylor.RULES["linear_module"] = orig
     assert seen["first"] == (3, 3)  # (K, d), not (N, K, d)
 
 
@@ -350,13 +350,20 @@ def test_numbers_on_either_side_and_alpha():
     _check_all(f, torch.randn(4, 2, dtype=DT))
 
 
-def test_division_by_an_input_dependent_value_falls_back_exactly():
+def test_division_sqrt_and_real_powers_of_input_dependent_values():
+    """1/h, a/h, sqrt, rsqrt, reciprocal, h ** -1.5 (Faa di Bruno with the closed-form derivatives of
+    t^p): the jet path, exact to order 4 (before issue 15 division by an input-dependent value went
+    to the fallback)."""
+    torch.manual_seed(12)
     lin = nn.Linear(2, 3).double()
-    f = lambda x: (1.0 / (2 + torch.tanh(lin(x)))).sum(-1)  # noqa: E731
+
+    def f(x):
+        h = 2 + torch.tanh(lin(x))
+        y = 1.0 / h + x[:, :1] / h + torch.sqrt(h) * torch.rsqrt(h + 1) + h.reciprocal() + h ** -1.5 + h.pow(0.5)
+        return y.sum(-1)
+
     x = torch.randn(4, 2, dtype=DT)
-    got, info = thd.axis_derivatives(f, x, 3, return_info=True)
-    assert info.path == "autograd" and "division by an input-dependent value" in info.reason
-    assert_close(got, oracle(f, x, 3), 1e-10, "1/(2 + tanh)")
+    _check_all(f, x)
 
 
 def test_fused_taylor_act_and_torch_ops_paths_agree(monkeypatch):

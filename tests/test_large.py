@@ -170,10 +170,10 @@ def _peak_bytes(device, fn) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def test_no_grad_peak_memory_bounded_by_chunk_size(device, monkeypatch):
-    """Without a graph: with chunk_size the peak stays flat as N grows 8x (only the outputs grow),
-    without it (automatic chunking switched off) it grows with N. Rows here: K*w = 8*128 float64
-    per point (8 KiB), outputs 64 B per point."""
+def test_no_grad_peak_memory_bounded_by_chunk_size(device, reverse_path, monkeypatch):
+    """The reverse sweep without a graph: with chunk_size the peak stays flat as N grows 8x (only
+    the outputs grow), without it (automatic chunking switched off) it grows with N. Rows here:
+    K*w = 8*128 float64 per point (8 KiB), outputs 64 B per point."""
     monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 1 << 40)  # no automatic chunks: one block
     monkeypatch.setattr(engine, "_CHUNK_ELEMENTS_GPU", 1 << 40)
     torch.manual_seed(0)
@@ -192,6 +192,21 @@ def test_no_grad_peak_memory_bounded_by_chunk_size(device, monkeypatch):
     assert q_big >= 6 * q_small  # one block: the rows grow with N
     assert q_big >= 2 * 4096 * row_bytes  # the two row buffers of the whole batch
     assert p_big <= q_big / 8
+
+
+def test_fused_no_grad_memory_flat_in_n(device):
+    """The fused op without a graph allocates its outputs only: the rows live in per-thread
+    scratch of at most 5 x 2^16 elements per thread (csrc/mlp_ops.cpp), whatever N is. Rows here:
+    (1 + 2K) * w = 17 * 128 float64 per point (17 KiB); outputs 64 B per point (value, diagonal)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+    model = model.double().to(device)
+    x = torch.randn(4096, 8, dtype=torch.float64, device=device)
+    if device.type != "cpu":
+        pytest.skip("the CUDA program holds one block's rows (its caching allocator reuses them)")
+    with torch.no_grad():
+        p = _peak_bytes(device, lambda: thd.mlp_hessian_diag(model, x))
+    assert p <= 4096 * 17 * 8 * 4  # the outputs (17 rows of 8 B per point at most), far below 17 KiB per point
 
 
 def test_training_memory_bounded_by_backward_per_chunk(device):

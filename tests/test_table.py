@@ -488,3 +488,74 @@ def test_kink_at_zero_follows_torch(spec, device, impl, dtype):
         d1 = torch.tensor(spec.a if spec.name == "elu" else 1.0, dtype=dtype).item()  # alpha, as T
         assert ours[1].tolist() == [d1, d1]
         assert (ours[2:] == 0).all()
+
+
+# ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
+#
+# The table ops (act_derivatives, act_grad, mul_pair, mul_pair_backward) run one grid-stride
+# kernel over the elements (csrc/cuda/jet_ops.cu, 32 blocks of 256 threads per SM). On (N, w)
+# inputs with w in {1, 31, 33, 100} and, on CUDA, more elements than one pass of that grid (on
+# the CPU several parallel grains of 2048), at random points in [-4, 4] (well conditioned; no
+# neighbour is close to another, so a misplaced element is an O(1) error):
+# * against the reference, within 32 eps (max |f^(k)| + 4 max |f^(k+1)|) per order k -- the bound of
+#   test_compiled_matches_reference with the local scales replaced by global maxima;
+# * mul_pair's products exactly (one product, or two in the same order, on both sides);
+# * exact indexing: the same op over chunks of rows (each within one grid pass) gives
+#   bit-identical results.
+
+from _helpers import THREADS_PER_BLOCK, WIDE_WIDTHS, beyond_one_pass, grid_pass  # noqa: E402
+
+WIDE_SPECS = [make_spec("tanh"), make_spec("softplus", beta=2.0, threshold=5.0), make_spec("sin", w=3.0)]
+
+
+def _wide_rows(device, w):
+    if torch.device(device).type == "cuda":
+        return beyond_one_pass(grid_pass(device, THREADS_PER_BLOCK), w)
+    return 3 * max(1, 2048 // w) + 7
+
+
+@pytest.mark.parametrize("spec", WIDE_SPECS, ids=lambda s: s.name)
+@device_params
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w", WIDE_WIDTHS)
+def test_wide_shapes(spec, device, dtype, w):
+    N = _wide_rows(device, w)
+    if torch.device(device).type == "cuda":
+        assert N * w > grid_pass(device, THREADS_PER_BLOCK)
+    g = torch.Generator().manual_seed(w)
+    z, gg, gr = ((torch.rand(N, w, generator=g, dtype=torch.float64) * 8 - 4).to(device=device, dtype=dtype) for _ in range(3))
+    ops = torch.ops.torchhessdiag
+    eps = torch.finfo(dtype).eps
+    ref = torch.stack(reference.derivatives(z, spec.name, spec.a, spec.b, 4))
+    nxt = next_order(z.double(), spec).to(dtype)  # f^(1..5)
+    tol = [32 * eps * (ref[k].abs().max() + 4 * nxt[k].abs().max()) for k in range(5)]
+
+    def close(ours, k, scale=None, what=""):
+        expected = ref[k] if scale is None else scale * ref[k]
+        t = tol[k] if scale is None else tol[k] * scale.abs()
+        bad = (ours - expected).abs() > t
+        assert not bad.any(), f"{what} order {k}: {bad.sum().item()} elements off, max err {(ours - expected).abs().max().item():.3g}"
+
+    D = ops.act_derivatives(z, spec.name, spec.a, spec.b, [0, 1, 2, 3, 4])
+    for k in range(5):
+        close(D[k], k, what="act_derivatives")
+    D31 = ops.act_derivatives(z, spec.name, spec.a, spec.b, [3, 1])  # any order, any subset
+    assert torch.equal(D31[0], D[3]) and torch.equal(D31[1], D[1])
+    G = ops.act_grad(gr, z, spec.name, spec.a, spec.b, 2)
+    close(G, 2, scale=gr, what="act_grad")
+    m1, m2 = ops.mul_pair(gg, gr, D[1], D[2])
+    assert torch.equal(m1, gg * D[1]) and torch.equal(m2, gg * gr * D[2])
+    # its backward (g1 = gr, g2 = z as upstream): sums of two products, FMA-contracted or not
+    B = ops.mul_pair_backward(gr, z, gg, gr, D[1], D[2], D[3])
+    E = (gr * D[1] + z * gr * D[2], z * gg * D[2], gg * (gr * D[2] + z * gr * D[3]))
+    S = ((gr * D[1]).abs() + (z * gr * D[2]).abs(), (z * gg * D[2]).abs(),
+         gg.abs() * ((gr * D[2]).abs() + (z * gr * D[3]).abs()))
+    for b, e, sc, what in zip(B, E, S, ("ow", "og", "oz")):
+        assert ((b - e).abs() <= 4 * eps * sc + torch.finfo(dtype).tiny).all(), f"mul_pair_backward {what}"
+    step = max(1, N // 5)
+    for r0 in range(0, N, step):
+        sl = slice(r0, min(N, r0 + step))
+        assert torch.equal(ops.act_derivatives(z[sl], spec.name, spec.a, spec.b, [0, 1, 2, 3, 4]), D[:, sl])
+        assert torch.equal(ops.act_grad(gr[sl], z[sl], spec.name, spec.a, spec.b, 2), G[sl])
+        C = ops.mul_pair_backward(gr[sl], z[sl], gg[sl], gr[sl], D[1, sl], D[2, sl], D[3, sl])
+        assert all(torch.equal(c, b[sl]) for c, b in zip(C, B))

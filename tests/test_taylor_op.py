@@ -156,3 +156,46 @@ def test_bad_arguments(device):
         ops.taylor_act_backward(H[:, :1], D, H)
     with pytest.raises(TypeError, match="gY has dtype"):
         ops.taylor_act_backward(H.float(), D, H)
+
+
+# ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
+#
+# Widths {1, 31, 33, 100} and K = 3 directions; on CUDA enough points that the grid-stride loops
+# of the forward kernel (N*K*w threads, with the (p, k, j) index advanced by carries) and of the
+# backward kernel (N*w threads) run a second, ragged pass over the capped grid (32 blocks of 256
+# threads per SM); on the CPU several parallel grains (16384 / (n K w) points). Same tolerances as
+# test_kernel_matches_reference; the indices must also be exact: a chunked call (each chunk one
+# grid pass or less) gives bit-identical results.
+
+from _helpers import THREADS_PER_BLOCK, WIDE_WIDTHS, beyond_one_pass, grid_pass  # noqa: E402
+
+
+def _wide_N(device, n, K, w):
+    if torch.device(device).type == "cuda":
+        return beyond_one_pass(grid_pass(device, THREADS_PER_BLOCK), w)  # N*w, so N*K*w too
+    return 3 * max(1, 16384 // (n * K * w)) + 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w", WIDE_WIDTHS)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_wide_shapes(device, dtype, w, n):
+    K = 3
+    N = _wide_N(device, n, K, w)
+    if torch.device(device).type == "cuda":
+        assert N * w > grid_pass(device, THREADS_PER_BLOCK)
+    D, H = _args(n, device, dtype, N=N, K=K, w=w, seed=w)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    Y = ops.taylor_act(D, H)
+    assert _rel(Y, reference.taylor_act(D, H)) <= tol
+    gY = _rand(*H.shape, seed=50 + w, device=device, dtype=dtype)
+    dD, dH = ops.taylor_act_backward(gY, D, H)
+    rD, rH = reference.taylor_act_backward(gY, D, H)
+    assert _rel(dD, rD) <= tol and _rel(dH, rH) <= tol
+    # exact indexing: the same op over chunks of points, each within one grid pass
+    step = max(1, N // 5)
+    for p0 in range(0, N, step):
+        sl = slice(p0, min(N, p0 + step))
+        assert torch.equal(ops.taylor_act(D[:, sl], H[:, sl]), Y[:, sl])
+        cD, cH = ops.taylor_act_backward(gY[:, sl], D[:, sl], H[:, sl])
+        assert torch.equal(cD, dD[:, sl]) and torch.equal(cH, dH[:, sl])

@@ -23,7 +23,8 @@ from .custom import (  # noqa: E402
     register_activation,
     unregister_activation,
 )
-from .ops import activation, activation_derivatives, backend_info  # noqa: E402
+from .ops import activation, activation_derivatives, backend_info, empty_cache  # noqa: E402
+from ._precision import TF32Warning  # noqa: E402
 from .api import (  # noqa: E402
     MLPDerivatives,
     mlp_derivatives,
@@ -36,16 +37,21 @@ from .api import (  # noqa: E402
 from .general import (  # noqa: E402
     PathInfo,
     axis_derivatives,
+    clear_trace_cache,
     explain,
     get_fallback,
     hessian_diag,
     laplacian,
     set_fallback,
+    trace_cache_info,
 )
 
 __all__ = [
     "PathInfo",
+    "TF32Warning",
     "axis_derivatives",
+    "clear_trace_cache",
+    "trace_cache_info",
     "explain",
     "get_fallback",
     "hessian_diag",
@@ -67,6 +73,7 @@ __all__ = [
     "activation_derivatives",
     "activations",
     "backend_info",
+    "empty_cache",
     "make_spec",
     "nn",
     "reference",

@@ -58,6 +58,9 @@ MAX_PARAMS = 2
 
 _lock = threading.Lock()
 _REGISTRY: Dict[str, "RegisteredActivation"] = {}  # key: name.lower()
+#: incremented by every register / replace / unregister (part of the trace cache's signature:
+#: torchhessdiag/graph.py)
+_GENERATION = 0
 
 DEFAULT_CHECK_POINTS: Tuple[float, ...] = tuple(-4.9 + 0.5 * i for i in range(21))
 DEFAULT_RTOL = 1e-6
@@ -231,9 +234,11 @@ def unregister_activation(name: str) -> None:
         name = name.name
     if not isinstance(name, str):
         raise TypeError(f"unregister_activation: name must be a str, got {type(name).__name__}")
+    global _GENERATION
     with _lock:
         if _REGISTRY.pop(name.lower(), None) is None:
             raise ValueError(f"unregister_activation: no activation {name!r} is registered")
+        _GENERATION += 1
 
 
 def register_activation(
@@ -343,8 +348,10 @@ def register_activation(
         )
     if check:
         _check(candidate, candidate._default_kwargs(), check_points, rtol, atol, where=f"{where}({name!r}, check=True)")
+    global _GENERATION
     with _lock:
         existing = _REGISTRY.get(name.lower())
+        _GENERATION += 1
         if existing is not None:
             if not replace:
                 raise ValueError(f"{where}: an activation {existing.name!r} is already registered")

@@ -55,13 +55,28 @@ class Net:
         return next(W.shape[0] for W, a in zip(self.weights, self.acts) if a >= 0)
 
 
+_CUDA_OK: dict = {}
+
+
 def available(x: Tensor) -> bool:
-    """Whether a compiled mlp_jet kernel serves x's device."""
+    """Whether a compiled mlp_jet kernel serves x's device. On a GPU this build has no kernel
+    image for (the probe in torchhessdiag/_cuda_probe.py, asked once per device) the engine takes
+    the reverse sweep, whose ops fall back to the reference kernels there."""
     if not ops.COMPILED or ops.FORCED_REFERENCE:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and ops.CUDA_KERNELS
+    if x.device.type != "cuda" or not ops.CUDA_KERNELS:
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _CUDA_OK.get(idx)
+    if ok is None:
+        if torch.compiler.is_compiling():
+            return True  # (eager calls ask the probe; a trace assumes the compiled kernels)
+        from . import _cuda_probe
+
+        ok = _CUDA_OK[idx] = not _cuda_probe.on_first_use(idx)
+    return ok
 
 
 def _bias_args(net: Net, x: Tensor) -> List[Tensor]:
@@ -266,12 +281,16 @@ def _backward(ctx, gout, gsaved):
         # A differentiable backward is wanted (double backward), or no compiled kernel: recompute
         # the jet with torch ops from the saved inputs (which keep their own graphs) and
         # differentiate that.
+        # (views as aliases: see _bw_backward)
         create = torch.is_grad_enabled()
-        with torch.enable_grad():
-            out = reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
         inputs = [x] + weights + [b for b, h in zip(biases, has_b) if h]
         wanted = [t for t in inputs if t.requires_grad]
-        got = torch.autograd.grad(out, wanted, gout, create_graph=create, allow_unused=True) if wanted else ()
+        with torch.enable_grad():
+            al = {id(t): t.view_as(t) for t in wanted}
+            out = reference_jet(al.get(id(x), x), [al.get(id(W), W) for W in weights],
+                                [al.get(id(b), b) for b in biases], acts, act_a, act_b, V, axes, sel, diag, grad_rows)
+        got = torch.autograd.grad(out, [al[id(t)] for t in wanted], gout, create_graph=create,
+                                  allow_unused=True) if wanted else ()
         by_id = {id(t): g for t, g in zip(wanted, got)}
         gW = [by_id.get(id(W)) for W in weights]
         gb = [by_id.get(id(b)) if h else None for b, h in zip(biases, has_b)]
@@ -290,6 +309,7 @@ def _bw_setup(ctx, inputs, output):
     gout, x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, saved, need_gx = inputs
     ctx.static = (list(acts), list(act_a), list(act_b), list(axes), list(sel), diag, grad_rows)
     ctx.n_layers, ctx.n_saved, ctx.has_V = len(weights), len(saved), V is not None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gout, x, *([V] if V is not None else []), *weights, *biases)
 
 
@@ -300,24 +320,41 @@ def _bw_backward(ctx, ggx, ggW, ggb):
     V = t.pop(0) if ctx.has_V else None
     weights, biases = t[:L], t[L:]
     acts, act_a, act_b, axes, sel, diag, grad_rows = ctx.static
-    # the tensors whose first-order gradient is being differentiated, with its cotangent
-    pairs = [(x, ggx)] + list(zip(weights, ggW or [None] * L)) + [
-        (b, g) for b, g in zip(biases, ggb or [None] * L) if b.numel()
+    # Differentiate with respect to fresh aliases of the inputs, never the inputs themselves: an
+    # input's own graph may reach another input (gout depends on the weights whenever the loss is
+    # nonlinear in the jet), and differentiating through it here would count that path twice --
+    # autograd follows it anyway from the gradients returned for gout. Aliases that are views
+    # keep the graph to the inputs (for a further derivative); inputs that do not require grad
+    # get leaf copies (the first VJP with respect to them is still needed).
+    def alias(t):
+        return t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
+
+    with torch.enable_grad():  # (a view made with grad mode off would not track its base)
+        gv, xv = alias(gout), alias(x)
+        Wv = [alias(W) for W in weights]
+        bv = [alias(b) if b.numel() else b for b in biases]
+    if ggx is not None and ggx.shape != x.shape:  # gx was not computed (need_gx False)
+        ggx = None
+    # the first-order gradients being differentiated, each with its cotangent
+    pairs = [(xv, ggx)] + list(zip(Wv, ggW or [None] * L)) + [
+        (b, g) for b, g in zip(bv, ggb or [None] * L) if b.numel()
     ]
-    pairs = [(p, g) for p, g in pairs if g is not None and p.requires_grad]
-    targets = [p for p in (gout, x, *weights, *biases) if p.requires_grad]
+    pairs = [(p, g) for p, g in pairs if g is not None]
+    originals = [gout, x, *weights, *[b for b in biases if b.numel()]]
+    aliases = [gv, xv, *Wv, *[b for b in bv if b.numel()]]
+    targets = [(o, a) for o, a in zip(originals, aliases) if o.requires_grad]
     grads = {}
     if pairs and targets:
         with torch.enable_grad():
-            out = reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
-            first = torch.autograd.grad(out, [p for p, _ in pairs], gout, create_graph=True, allow_unused=True)
-            used = [(f, g) for f, (_, g) in zip(first, pairs) if f is not None]
+            out = reference_jet(xv, Wv, bv, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
+            first = torch.autograd.grad(out, [p for p, _ in pairs], gv, create_graph=True, allow_unused=True)
+            used = [(f, g) for f, (_, g) in zip(first, pairs) if f is not None and f.requires_grad]
             if used:
                 got = torch.autograd.grad(
-                    [f for f, _ in used], targets, [g for _, g in used],
+                    [f for f, _ in used], [a for _, a in targets], [g for _, g in used],
                     create_graph=torch.is_grad_enabled(), allow_unused=True,
                 )
-                grads = {id(p): g for p, g in zip(targets, got)}
+                grads = {id(o): g for (o, _), g in zip(targets, got)}
     nones = [] if not axes else None
     return (
         grads.get(id(gout)),

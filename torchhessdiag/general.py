@@ -6,18 +6,23 @@ Each call takes the first of these exact paths that applies:
    K+2 rows per point, fused layer kernels (``laplacian``, ``hessian_diag``, and
    ``axis_derivatives`` of order 2);
 2. ``jet`` -- a model or function that torch.fx traces into supported pieces (linear layers,
-   table activations as modules or functions, add/sub, products, scalar/constant mul/div,
-   integer powers, indexing/concatenation of feature dims, sums, residual connections, input
-   normalisation, sin/cos/exp features): Taylor jets along the coordinate axes, propagated over
-   the traced graph (torchhessdiag/graph.py, torchhessdiag/taylor.py), orders 1-4;
+   table activations as modules or functions, add/sub, products, division, real powers,
+   indexing/concatenation of feature dims, sums, residual connections, input normalisation,
+   sin/cos/exp features, LayerNorm/RMSNorm, softmax, attention): Taylor jets along the
+   coordinate axes, propagated over the traced graph (torchhessdiag/graph.py, taylor.py,
+   taylor_nn.py), orders 1-4. The trace is cached per model (graph.get_program; see
+   :func:`clear_trace_cache`);
 3. ``autograd`` -- everything else (Python control flow on tensor values, ops without a jet rule,
    custom autograd.Functions, orders above 4): nested ``torch.autograd.grad`` (reverse over
    reverse, one backward per output component, axis and order), with ``torch.func``'s nested
    ``jvp`` (vmapped over the axes) where reverse mode cannot run ``f`` or where its backward graph
-   ends (see :func:`_autograd_derivatives` for why in this order). As exact as torch's own
-   derivative rules of the ops ``f`` uses. It says so once per cause in a debug-level message of
-   the ``"torchhessdiag"`` logger; ``fallback="error"`` (or :func:`set_fallback`, or the
-   environment variable ``TORCHHESSDIAG_FALLBACK=error``) turns it into a ``NotImplementedError``.
+   ends (see :func:`_autograd_derivatives` for why in this order), while f's layer_norm,
+   instance_norm and attention run as exact stand-ins (torchhessdiag/fallback_ops.py: torch's own
+   higher derivatives of those are wrong or missing). Once-differentiable custom Functions raise
+   (``allow_unconfirmed_zeros=True``: zeros with a warning). It says so once per cause in a
+   debug-level message of the ``"torchhessdiag"`` logger; ``fallback="error"`` (or
+   :func:`set_fallback`, or the environment variable ``TORCHHESSDIAG_FALLBACK=error``) turns it
+   into a ``NotImplementedError``.
 
 ``return_info=True`` returns ``(result, PathInfo)``; :func:`explain` tells which path a call
 takes without computing the slow path.
@@ -37,12 +42,22 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import engine, graph, ops, taylor
+from . import engine, fallback_ops, graph, ops, taylor
 from .api import _dims_matrix
 
 Tensor = torch.Tensor
 
-__all__ = ["PathInfo", "laplacian", "hessian_diag", "axis_derivatives", "explain", "set_fallback", "get_fallback"]
+__all__ = [
+    "PathInfo",
+    "laplacian",
+    "hessian_diag",
+    "axis_derivatives",
+    "explain",
+    "set_fallback",
+    "get_fallback",
+    "clear_trace_cache",
+    "trace_cache_info",
+]
 
 logger = logging.getLogger("torchhessdiag")
 
@@ -84,10 +99,38 @@ def get_fallback() -> str:
     return _fallback_mode
 
 
+def clear_trace_cache(f: Optional[Callable] = None) -> None:
+    """Forget the traced programs of ``f`` (a model or function), or of every model.
+
+    ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` trace a model with torch.fx once and
+    reuse the program while the model is unchanged: the cache checks on every call the model's
+    structure (submodules, their classes, train/eval, hyper-parameters, hooks, which parameters
+    are None), the input's feature count, dtype and device, grad mode and the registered
+    activations; weights are read on every run. Entries live as long as their model. Clearing is
+    never needed for correctness after changes to the model's own attributes; it is after changes
+    the signature cannot see (e.g. rebinding a global that a helper called by a plain function
+    reads, or monkey-patching a class's forward)."""
+    graph.clear_cache(f)
+
+
+def trace_cache_info() -> dict:
+    """Counters of the trace cache: ``models`` and ``programs`` cached now (failures included),
+    ``hits`` and ``misses`` since the process started."""
+    return graph.cache_info()
+
+
 # ---- public functions --------------------------------------------------------------------------
 
 
-def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, dims=None, *, fallback: Optional[str] = None, return_info: bool = False):
+def laplacian(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    dims=None,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
     """Exact Laplacian sum_i d^2 f / dx_i^2 of any model or function, per point.
 
     Args:
@@ -99,21 +142,33 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, dims=None, *, fallback: 
         fallback: ``"autograd"`` or ``"error"`` when no fast path applies (default: the global
             mode, see :func:`set_fallback`).
         return_info: also return a :class:`PathInfo` saying which path ran.
+        allow_unconfirmed_zeros: on the autograd fallback, a derivative of order >= 2 through a
+            custom ``torch.autograd.Function`` whose backward cannot be differentiated again
+            (``@once_differentiable``, a backward that detaches) is unknown: by default that raises
+            a NotImplementedError naming the Function; True returns 0 there with a warning.
 
     Returns:
         A tensor shaped like ``f(x)``: (N,) or (N, m) (unbatched: () or (m,)). Never ``None``; zeros
         where f is linear in x. Differentiable w.r.t. the parameters (and x) when grad mode is on.
     """
-    return _compute(f, x, dims, "laplacian", 2, fallback, return_info, "torchhessdiag.laplacian")
+    return _compute(f, x, dims, "laplacian", 2, fallback, return_info, "torchhessdiag.laplacian", allow_zeros=allow_unconfirmed_zeros)
 
 
-def hessian_diag(f: Callable[[Tensor], Tensor], x: Tensor, dims=None, *, fallback: Optional[str] = None, return_info: bool = False):
+def hessian_diag(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    dims=None,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
     """Exact Hessian diagonal d^2 f / dx_i^2 for i in ``dims`` (default all), per point.
 
     Same arguments as :func:`laplacian`. Returns ``f(x).shape + (D,)`` with D = len(dims): (N, D)
     for a scalar f, (N, m, D) for m outputs (unbatched: no N). Never builds the d x d Hessian.
     """
-    return _compute(f, x, dims, "diag", 2, fallback, return_info, "torchhessdiag.hessian_diag")
+    return _compute(f, x, dims, "diag", 2, fallback, return_info, "torchhessdiag.hessian_diag", allow_zeros=allow_unconfirmed_zeros)
 
 
 def axis_derivatives(
@@ -124,6 +179,7 @@ def axis_derivatives(
     *,
     fallback: Optional[str] = None,
     return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
 ):
     """Derivatives d^k f / dx_i^k along the coordinate axes, for k = 0..order, in one tensor.
 
@@ -140,7 +196,7 @@ def axis_derivatives(
     where = "torchhessdiag.axis_derivatives"
     if isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise ValueError(f"{where}: order must be an int >= 0, got {order!r}")
-    return _compute(f, x, dims, "axis", order, fallback, return_info, where)
+    return _compute(f, x, dims, "axis", order, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros)
 
 
 def explain(f: Callable[[Tensor], Tensor], x: Tensor, function: str = "laplacian", order: int = 4, dims=None) -> PathInfo:
@@ -256,8 +312,10 @@ def _check_mode(fallback: Optional[str], where: str) -> str:
     return mode
 
 
-def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False):
+def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False, allow_zeros: bool = False):
     mode = _check_mode(fallback, where)
+    if not isinstance(allow_zeros, bool):
+        raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
     if not callable(f):
         raise TypeError(f"{where}: f must be a callable (an nn.Module or a function of x), got {type(f).__name__}")
     ops.check_float_tensor(x, "x", where)
@@ -310,13 +368,20 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         out = y.unsqueeze(-1).expand(tuple(y.shape) + (V.shape[1],)).unsqueeze(0).clone()
         return done(out.squeeze(1) if unbatched else out, info)
 
+    ops.warn_if_tf32(x2, stacklevel=4)  # TF32 policy (torchhessdiag/_precision.py): jets, autograd
     # 2. Taylor jets over the traced graph --------------------------------------------------------
     if order <= taylor.MAX_ORDER:
         try:
-            program = graph.build_program(f)
-            out, ctx = taylor.propagate_chunked(program, x2, V, order, collapsed=(what == "laplacian"))
+            program = graph.get_program(f, x2)
+            out, ctx = taylor.propagate_chunked(
+                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f)
+            )
+        except graph.ShapeError as e:
+            raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None
         except graph.Unsupported as e:
             reasons.append(f"not traceable to supported pieces: {e}")
+            if N > 1 and not torch.compiler.is_compiling():  # a rule refused a step at run time: remember it
+                graph.remember_failure(f, x2, str(e))
         else:
             info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes)")
             if dry:
@@ -352,12 +417,83 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
     if cause not in _logged:
         _logged.add(cause)
         logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
-    value = _check_output(f(x2), N, where)
-    derivs, method = _autograd_derivatives(f, x2, V, order)
+    with fallback_ops.ExactDerivatives():  # layer_norm & co. with exact higher derivatives
+        try:
+            y = f(x2)
+        except RuntimeError as e:
+            _diagnose_shapes(f, x2, where, e)
+            raise
+        value = _check_output(y, N, where)
+        derivs, method = _autograd_derivatives(f, x2, V, order, allow_zeros, where)
     derivs = [_constant_of(t, value) for t in derivs]
     if what == "laplacian":
         derivs = [derivs[0], derivs[1].sum(1)]
     return done(_finish(what, value, derivs, unbatched), PathInfo("autograd", reason, method))
+
+
+def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> None:
+    """f(x) raised: if f is a module and one of its layers got the wrong number of features, say
+    which (run f again with a shape check before every nn.Linear / nn.LayerNorm / nn.RMSNorm /
+    nn.MultiheadAttention of f; hooks removed after). Returns silently otherwise."""
+    module = graph.traced_callable(f)
+    if isinstance(module, nn.Module):
+        roots = [("", module)]
+    else:  # a plain function: the modules in its closure and the globals it names
+        roots = []
+        code = getattr(module, "__code__", None)
+        cells = [c.cell_contents for c in (getattr(module, "__closure__", None) or ()) if _cell_full(c)]
+        named = [getattr(module, "__globals__", {}).get(n) for n in (code.co_names if code else ())]
+        for v in cells + named:
+            if isinstance(v, nn.Module) and all(v is not r for _, r in roots):
+                roots.append((f"{type(v).__name__}:", v))
+        if not roots:
+            return
+    found: List[str] = []
+
+    def check(name: str, m: nn.Module):
+        def hook(mod, args):
+            if found or not args or not isinstance(args[0], Tensor):
+                return
+            t = args[0]
+            if isinstance(mod, nn.Linear):
+                want, got, what = mod.in_features, t.shape[-1] if t.dim() else None, "input features"
+            elif isinstance(mod, nn.MultiheadAttention):
+                want, got, what = mod.embed_dim, t.shape[-1] if t.dim() else None, "features (embed_dim)"
+            else:
+                shape = tuple(mod.normalized_shape)
+                want, got, what = shape, tuple(t.shape[t.dim() - len(shape):]), "trailing dims (normalized_shape)"
+            if got != want:
+                found.append(f"{type(mod).__name__} '{name}' takes {want} {what}, but gets shape {tuple(t.shape)}")
+                raise _ShapeFound()
+
+        return m.register_forward_pre_hook(hook)
+
+    kinds = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    handles = [check(prefix + n, m) for prefix, root in roots for n, m in root.named_modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            f(x)
+    except _ShapeFound:
+        pass
+    except Exception:  # noqa: BLE001 - some other failure: the original error stands
+        return
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {found[0]}") from err
+
+
+class _ShapeFound(Exception):
+    pass
+
+
+def _cell_full(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 # ---- the exact slow path ------------------------------------------------------------------------
@@ -440,10 +576,22 @@ def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool)
     return (out if keep else [t.detach() for t in out]), unknown
 
 
-def _custom_functions(f: Callable, x: Tensor) -> List[str]:
+#: the code object of torch's @once_differentiable wrapper (the same for every decorated backward)
+_ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx, *g: g).__code__
+
+
+def _is_once_differentiable(node: Any) -> bool:
+    backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+    return getattr(backward, "__code__", None) is _ONCE_CODE
+
+
+def _custom_functions(f: Callable, x: Tensor, once_only: bool = False) -> List[str]:
     """Names of the custom torch.autograd.Functions in f's autograd graph at x (walked from the
-    output). torch.func's nested forward mode silently returns zeros through them
-    (pytorch/pytorch#197867), so it must not be used to settle their derivatives."""
+    output); ``once_only``: only those whose backward is ``@once_differentiable``. torch.func's
+    nested forward mode silently returns zeros through custom Functions (pytorch/pytorch#197867),
+    so it must not be used to settle their derivatives; a once-differentiable backward can make
+    nested reverse mode silently incomplete as well (its part of a higher derivative is dropped
+    while other paths keep the graph alive)."""
     with torch.enable_grad():
         y = f(x.detach().requires_grad_(True))
     found, seen = set(), set()
@@ -453,13 +601,26 @@ def _custom_functions(f: Callable, x: Tensor) -> List[str]:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and (not once_only or _is_once_differentiable(node)):
             found.add(type(node).__name__.replace("Backward", ""))
         stack.extend(n for n, _ in node.next_functions)
     return sorted(found)
 
 
-def _autograd_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[List[Tensor], str]:
+def _once_differentiable_error(where: str, customs: List[str], cause: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{where}: f uses the custom torch.autograd.Function(s) {', '.join(customs)}, and {cause}: its backward "
+        "cannot be differentiated again (e.g. @once_differentiable, or a backward that detaches), so derivatives "
+        "of order >= 2 through it are unknown (torch.func's forward mode gives zeros through custom Functions, "
+        "pytorch/pytorch#197867). Write the backward with differentiable torch ops, or register the activation "
+        "with its derivatives (torchhessdiag.register_activation); pass allow_unconfirmed_zeros=True to take "
+        "those derivatives as 0 (with a warning)"
+    )
+
+
+def _autograd_derivatives(
+    f: Callable, x: Tensor, V: Tensor, order: int, allow_zeros: bool = False, where: str = "torchhessdiag"
+) -> Tuple[List[Tensor], str]:
     """The exact slow path: nested torch.autograd.grad (reverse over reverse), and torch.func's
     nested jvp where reverse mode cannot run f or cannot settle an entry.
 
@@ -467,14 +628,32 @@ def _autograd_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tupl
     rules: forward-over-forward is silently wrong for some ops (e.g. F.layer_norm's second-order
     JVP in torch 2.13, pytorch/pytorch#196700, umbrella #198017), silently zero through custom
     autograd.Functions (#197867), and missing for others (silu_backward has no forward-AD
-    formula, so nested jvp of F.silu stops at order 2)."""
+    formula, so nested jvp of F.silu stops at order 2). The ops known to be wrong are replaced by
+    exact stand-ins while f runs (torchhessdiag/fallback_ops.py; the caller activates it).
+
+    Where a custom autograd.Function's backward cannot be differentiated again, the derivatives
+    through it are unknown: NotImplementedError naming it, or (``allow_zeros``) 0 with a warning."""
     keep = torch.is_grad_enabled()
+    once = _custom_functions(f, x, once_only=True) if order >= 2 else []
+    if once and not allow_zeros:
+        raise _once_differentiable_error(where, once, "its backward is @once_differentiable")
+    if once:
+        warnings.warn(
+            f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
+            "as 0 (allow_unconfirmed_zeros=True)",
+            UserWarning,
+            stacklevel=_stacklevel(),
+        )
     try:
         derivs, unknown = _grad_derivatives(f, x, V, order, keep)
     except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
         logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
-        if _custom_functions(f, x):
-            raise  # torch.func would give zeros through them: the reverse-mode error is the answer
+        customs = _custom_functions(f, x)
+        if customs == ["CompiledFunction"]:  # torch.compile's AOTAutograd graph: torch's error says it all
+            raise
+        if customs:
+            # torch.func would give zeros through them: nothing can compute these derivatives
+            raise _once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
         try:
             return _func_derivatives(f, x, V, order)
         except Exception:  # noqa: BLE001 - neither can: report the reverse-mode error, the usual one
@@ -488,6 +667,8 @@ def _autograd_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tupl
     customs = _custom_functions(f, x)
     why = None
     if customs:
+        if not allow_zeros:
+            raise _once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
         why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
     else:
         try:

@@ -28,8 +28,10 @@ exact composite path (``_beyond_table``, as the op ``act_beyond_table`` for the 
 Backends: the compiled extension ``torchhessdiag._C`` provides CPU kernels and, when built with
 CUDA, CUDA kernels. Where no compiled kernel exists (extension missing, CPU-only build with CUDA
 tensors, other devices) the same ops run the pure-PyTorch reference (torchhessdiag/reference.py)
-with the same argument checks, and warn once. ``TORCHHESSDIAG_BACKEND=reference`` forces the
-reference everywhere.
+with the same argument checks, and warn once. A GPU that the CUDA kernels were not compiled for
+is found at its first op call and served by the same reference kernels (``torchhessdiag_ref::*``,
+see _cuda_probe.py), with one warning. ``TORCHHESSDIAG_BACKEND=reference`` forces the reference
+everywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 
 from . import custom as _custom
 from . import reference
+from ._precision import warn_if_tf32  # noqa: F401  (the TF32 policy, for general.py's paths)
 from ._schemas import SCHEMAS
 from .activations import ActivationSpec, make_spec, torch_function
 
@@ -89,6 +92,10 @@ _warned_devices = set()
 def _warn_reference(device: torch.device) -> None:
     if device.type in _warned_devices or FORCED_REFERENCE or not COMPILED:
         return  # without the extension the import already warned
+    if device.type == "cpu" or (device.type == "cuda" and CUDA_KERNELS):
+        # compiled kernels exist for this device type: the reference runs only as the fallback
+        # of a GPU without a kernel image (torchhessdiag_ref::*), and _cuda_probe warned for it
+        return
     _warned_devices.add(device.type)
     warnings.warn(
         f"torchhessdiag: no compiled kernel for {device.type} tensors (the extension was built "
@@ -249,10 +256,30 @@ def _ref_jet_layer(J, s1, c, need_ja):
     return reference.jet_layer(J, s1, c, need_ja)
 
 
+def _shares_memory(a, b) -> bool:
+    """Whether contiguous a and b overlap in memory (ATen's get_overlap_status != No; metadata
+    only, so fake tensors work too)."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_no_overlap(out, t, what, op):
+    # as csrc/engine_ops.cpp check_no_overlap; a non-contiguous t is copied there, so never aliases
+    if t.is_contiguous() and _shares_memory(out, t):
+        raise ValueError(
+            f"torchhessdiag.{op}: {what} shares memory with J, which this op overwrites while it "
+            f"still reads {what}; pass {what}.clone(), or use the out-of-place jet_layer"
+        )
+
+
 def _check_layer_inplace(J, s1, c):
     _check_layer(J, s1, c, "jet_layer_")
     if not J.is_contiguous():
         raise ValueError("torchhessdiag.jet_layer_: J must be contiguous")
+    _check_no_overlap(J, s1, "s1", "jet_layer_")
+    _check_no_overlap(J, c, "c", "jet_layer_")
 
 
 def _ref_jet_layer_(J, s1, c):
@@ -338,6 +365,22 @@ for _key in _ref_keys:
             _impl_lib.impl(_name, _fn, _key)
         except (RuntimeError, ValueError):  # a dispatch key this torch build does not know
             pass
+
+
+# The same reference kernels as ops of their own, torchhessdiag_ref::<op>: what the compiled CUDA
+# ops call on a GPU this build has no kernel image for (csrc/cuda_gate.h, _cuda_probe.py).
+# CompositeExplicitAutograd: they serve any device (tests call them on the CPU).
+# torchhessdiag_gatetest::<op> (CPU only, compiled kernels in C++): the same gate as the CUDA
+# ops, deciding "reference" always -- the fallback path, testable without a GPU.
+if COMPILED:
+    _ref_def_lib = torch.library.Library("torchhessdiag_ref", "DEF")
+    _gatetest_def_lib = torch.library.Library("torchhessdiag_gatetest", "DEF")
+    for _name, _fn in _REF_KERNELS.items():
+        if _name == "act_forward":
+            continue  # the compiled act_forward (ATen's own function) serves every device
+        _ref_def_lib.define(SCHEMAS[_name])
+        _ref_def_lib.impl(_name, _fn, "CompositeExplicitAutograd")
+        _gatetest_def_lib.define(SCHEMAS[_name])
 
 
 # ---- fake (meta) kernels, for torch.compile / export -----------------------------------------
@@ -820,12 +863,21 @@ def backend_info() -> dict:
     """Which implementation serves the ops, and why.
 
     Returns a dict with ``compiled`` (the extension loaded), ``cuda_kernels`` (it was built with
-    CUDA), ``devices`` (``"compiled"`` or ``"reference"`` per device type), ``load_error`` (why
-    the extension did not load, if it did not), ``max_order``, ``activations`` (the table) and
-    ``user_activations`` (the names registered with ``register_activation``).
+    CUDA), ``cuda_archs`` (the GPU architectures those kernels were compiled for, e.g.
+    ``"sm_80 sm_90 compute_90"``), ``cuda_fallback`` (``{"cuda:i": why}`` for the GPUs found to
+    have no kernel image in this build, which run the reference kernels -- see
+    torchhessdiag/_cuda_probe.py; filled at the first op call on each GPU), ``devices``
+    (``"compiled"`` or ``"reference"`` per device type; ``"cuda"`` is ``"reference"`` also when
+    any GPU is in ``cuda_fallback``), ``load_error`` (why the extension did not load, if it did
+    not), ``max_order``, ``activations`` (the table), ``user_activations`` (the names
+    registered with ``register_activation``), ``cpu_isa`` (the instruction set of the CPU kernels:
+    ``"avx512"``, ``"avx2"`` or ``"scalar"``) and ``cache_bytes`` (CPU memory the fused MLP op
+    keeps for reuse, see :func:`empty_cache`).
     """
-    from . import __version__
+    from . import __version__, _cuda_probe
     from .activations import NAMES
+
+    fallback = _cuda_probe.fallback_devices()
 
     return {
         "version": __version__,
@@ -833,12 +885,24 @@ def backend_info() -> dict:
         "compiled": COMPILED,
         "cuda_kernels": CUDA_KERNELS,
         "forced_reference": FORCED_REFERENCE,
+        "cuda_archs": _cuda_probe.compiled_archs(),
+        "cuda_fallback": fallback,
         "load_error": LOAD_ERROR,
         "devices": {
             "cpu": "compiled" if COMPILED else "reference",
-            "cuda": "compiled" if CUDA_KERNELS else "reference",
+            "cuda": "compiled" if CUDA_KERNELS and not fallback else "reference",
         },
         "max_order": MAX_ORDER,
         "activations": tuple(_C.activations()) if COMPILED else NAMES,
         "user_activations": _custom.registered_names(),
+        "cpu_isa": _C.cpu_isa() if COMPILED else None,
+        "cache_bytes": _C.cache_bytes() if COMPILED else 0,
     }
+
+
+def empty_cache() -> int:
+    """Release the CPU buffers the fused MLP op keeps between training steps (the rows saved for
+    the backward, reused by the next step instead of being allocated -- and page-faulted -- again).
+    Returns the bytes released. Buffers still held by a graph are kept until it is freed. Like
+    ``torch.cuda.empty_cache()``: for memory, never needed for correctness."""
+    return int(_C.empty_cache()) if COMPILED else 0

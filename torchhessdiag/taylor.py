@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .activations import ActivationSpec
-from .graph import Program, Unsupported, fetch_attr
+from .graph import _RUNTIME, Program, ShapeError, Unsupported
 
 Tensor = torch.Tensor
 
@@ -76,7 +76,9 @@ class Context:
         self.N, self.K, self.order, self.collapsed = N, K, order, collapsed
         self.piecewise_linear_seen = False
         self.node = ""  # the node being evaluated, for messages
+        self.kind = ""
         self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
+        self.total_row = 0  # per-point elements of every jet made (value and coefficients)
 
     def is_sum(self, k: int) -> bool:
         """Coefficient k is the collapsed sum over directions, (N, *S)."""
@@ -113,12 +115,23 @@ def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _mul(*factors) -> Optional[Tensor]:
-    out = 1
+    """The product of the factors (tensors or numbers), None (zero) if any is None."""
     for f in factors:
         if f is None:
             return None
-        out = f * out if isinstance(out, int) else out * f
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
     return out
+
+
+def _fma(acc: Optional[Tensor], a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """acc + a * b (one fused pass, torch.addcmul), None meaning zero."""
+    if a is None or b is None:
+        return acc
+    if acc is None:
+        return a * b
+    return torch.addcmul(acc, a, b)
 
 
 def _check(ctx: Context, jet: Jet) -> Jet:
@@ -130,7 +143,9 @@ def _check(ctx: Context, jet: Jet) -> Jet:
             f"longer has the {ctx.N} points in its first dimension (the jet rules keep points apart)"
         )
     S = tuple(v.shape[1:])
-    ctx.max_row = max(ctx.max_row, ctx.K * math.prod(v.shape[1:]))  # not v[0]: N may be 0
+    width = math.prod(S)  # not v[0]: N may be 0
+    ctx.max_row = max(ctx.max_row, ctx.K * width)
+    ctx.total_row += width * (1 + sum(0 if c is None else (1 if ctx.is_sum(k) else ctx.K) for k, c in enumerate(jet.coefs, start=1)))
     for k, c in enumerate(jet.coefs, start=1):
         if c is None:
             continue
@@ -244,9 +259,9 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
             raise ValueError("activation_jet: collapsed jets are second order")
         h1, s = H
         s1, s2 = D[0], D[1]
-        y1 = _mul(s1.unsqueeze(1), h1)
+        y1 = None if s1 is None else _mul(s1.unsqueeze(1), h1)
         sq = None if h1 is None else _ksum(h1 * h1, vdim)
-        return [y1, _add(_mul(s2, sq), _mul(s1, s))]
+        return [y1, _fma(_mul(s2, sq), s1, s)]
     d = [None if t is None else t.unsqueeze(1) for t in D] + [None] * (MAX_ORDER - n)
     h = list(H) + [None] * (MAX_ORDER - n)
     s1, s2, s3, s4 = d
@@ -304,17 +319,28 @@ def _const(ctx: Context, t: Any, what: str) -> Any:
     return t
 
 
+def _layer_name(ctx: Context, p: dict, what: str) -> str:
+    name = p.get("name")
+    return f"{what} '{name}'" if name else f"{what} (node '{ctx.node}')"
+
+
 def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
-    m = p.get("module")
-    if m is not None:
-        weight, bias = m.weight, m.bias
     weight = _const(ctx, weight, "the weight of a linear layer")
     bias = _const(ctx, bias, "the bias of a linear layer")
     if not isinstance(x, Jet):
         return F.linear(x, weight, bias)
     if weight.dim() != 2:
         raise Unsupported(f"node '{ctx.node}': linear with a {weight.dim()}-d weight")
+    if x.value.shape[-1] != weight.shape[1]:
+        raise ShapeError(
+            f"{_layer_name(ctx, p, 'linear layer')} takes {weight.shape[1]} input features, but the "
+            f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
+        )
     return _map(x, lambda t, off: F.linear(t, weight), value=F.linear(x.value, weight, bias))
+
+
+def _rule_linear_module(ctx: Context, p: dict, m, x) -> Any:
+    return _rule_linear(ctx, p, x, m.weight, m.bias)
 
 
 def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
@@ -325,6 +351,12 @@ def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
         )
     if not isinstance(b, Tensor) or b.dim() not in (1, 2) or a.value.dim() < 2:
         raise Unsupported(f"node '{ctx.node}': matmul with shapes {tuple(a.value.shape)} @ {getattr(b, 'shape', b)}")
+    if a.value.shape[-1] != b.shape[0]:
+        raise ShapeError(
+            f"matmul (node '{ctx.node}'): the input-dependent value has {a.value.shape[-1]} features "
+            f"(shape {tuple(a.value.shape)}) but the matrix it multiplies has {b.shape[0]} rows "
+            f"(shape {tuple(b.shape)})"
+        )
     return _map(a, lambda t, off: torch.matmul(t, b))
 
 
@@ -352,7 +384,17 @@ def _shape_of(t) -> tuple:
 
 
 def _out_shape(a, b) -> tuple:
-    return tuple(torch.broadcast_shapes(_shape_of(a), _shape_of(b)))
+    sa, sb = _shape_of(a), _shape_of(b)
+    if sa == sb:
+        return sa
+    n = max(len(sa), len(sb))
+    sa, sb = (1,) * (n - len(sa)) + sa, (1,) * (n - len(sb)) + sb
+    out = []
+    for p, q in zip(sa, sb):
+        if p != q and p != 1 and q != 1:
+            raise RuntimeError(f"shapes {sa} and {sb} do not broadcast")
+        out.append(q if p == 1 else p)
+    return tuple(out)
 
 
 def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
@@ -370,9 +412,16 @@ def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
     for k in range(n):
         ca = ja.coefs[k] if ja is not None else None
         cb = jb.coefs[k] if jb is not None else None
-        if cb is not None and scale_b != 1:
-            cb = cb * scale_b
-        coefs.append(_add(ca, cb))
+        if cb is None:
+            coefs.append(ca)
+        elif ca is None:
+            coefs.append(cb if scale_b == 1 else cb * scale_b)
+        elif scale_b == 1:
+            coefs.append(ca + cb)
+        elif scale_b == -1:
+            coefs.append(ca - cb)
+        else:
+            coefs.append(torch.add(ca, cb, alpha=scale_b))
     out = Jet(value, coefs)
     # a shared coefficient added to a point one is point-shaped by broadcasting already
     return out
@@ -430,20 +479,24 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
     if ctx.collapsed:
         a1, sa = a.coefs
         b1, sb = b.coefs
-        y1 = _add(_mul(a0.unsqueeze(1), b1), _mul(a1, b0.unsqueeze(1)))
+        y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
         cross = _mul(a1, b1)
-        s = _add(_mul(a0, sb), _mul(b0, sa), None if cross is None else 2.0 * _ksum(cross, vdim))
+        s = _fma(_fma(None if cross is None else 2.0 * _ksum(cross, vdim), a0, sb), b0, sa)
         return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, s, 2, vdim)])
     A = [a0.unsqueeze(1)] + list(a.coefs)
     B = [b0.unsqueeze(1)] + list(b.coefs)
     coefs = []
     for k in range(1, n + 1):
-        terms = []
-        for j in range(k + 1):
-            t = _mul(A[j], B[k - j])
+        acc = None
+        for j in range(k + 1):  # acc += C(k, j) a_j b_(k-j), one fused pass per term
+            if A[j] is None or B[k - j] is None:
+                continue
             c = math.comb(k, j)
-            terms.append(t * float(c) if t is not None and c != 1 else t)
-        coefs.append(_fix(ctx, _add(*terms), k, vdim))
+            if acc is None:
+                acc = A[j] * B[k - j] if c == 1 else torch.mul(A[j], B[k - j]).mul_(float(c))
+            else:
+                acc = torch.addcmul(acc, A[j], B[k - j], value=float(c))
+        coefs.append(_fix(ctx, acc, k, vdim))
     return Jet(value, coefs)
 
 
@@ -656,6 +709,7 @@ def _rule_squeeze(ctx: Context, p: dict, x, dim=None) -> Any:
 RULES: Dict[str, Callable[..., Any]] = {
     "activation": _rule_activation,
     "linear": _rule_linear,
+    "linear_module": _rule_linear_module,
     "matmul": _rule_matmul,
     "identity": _rule_identity,
     "neg": _rule_neg,
@@ -685,54 +739,46 @@ def _plain(a: Any) -> Any:
     return a.value if isinstance(a, Jet) else a
 
 
-def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+def _input_jet(ctx: Context, x: Tensor, V: Tensor) -> Jet:
+    return Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (ctx.order - 1))
+
+
+def _check_if_jet(ctx: Context, res: Any) -> Any:
+    return _check(ctx, res) if isinstance(res, Jet) else res
+
+
+_RUNTIME.rules = RULES
+_RUNTIME.input = _input_jet
+_RUNTIME.check = _check_if_jet
+_RUNTIME.plain = _plain
+
+#: errors that are the caller's or the machine's, never "this model is not supported"
+_PASS_THROUGH = (ShapeError, NotImplementedError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
     """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order.
+
+    ``f`` is the model (or function) the program was traced from: its weights and submodules are
+    read from it on every run (default: the one it was traced from, if it is still alive).
 
     Returns ``(out, ctx)``: ``out`` is the output :class:`Jet` (or a plain tensor when the output
     does not depend on x), ``ctx.piecewise_linear_seen`` tells whether a piecewise-linear
     activation was met. Raises :class:`~torchhessdiag.graph.Unsupported` when some step cannot be
-    represented.
+    represented, :class:`ShapeError` (a ValueError) when x does not fit the model.
     """
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
-    N = x.shape[0]
-    ctx = Context(N, V.shape[1], order, collapsed)
-    env: Dict[str, Any] = {}
-
-    def load(a: fx.Node) -> Any:
-        return env[a.name]
-
-    out = None
-    for step in program.steps:
-        node = step.node
-        ctx.node = node.name
-        kind = step.kind
-        if kind == "input":
-            env[node.name] = Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (order - 1))
-            continue
-        if kind == "attr":
-            env[node.name] = fetch_attr(program.root, node.target)
-            continue
-        args = fx.node.map_arg(node.args, load)
-        kwargs = fx.node.map_arg(node.kwargs, load)
-        if kind == "output":
-            out = args[0]
-            break
-        if kind == "const":
-            env[node.name] = step.params["fn"](*args, **kwargs)
-            continue
-        if kind in ("meta", "like"):
-            args = tuple(_plain(a) for a in args)
-            env[node.name] = step.params["fn"](*args, **kwargs)
-            continue
-        try:
-            res = RULES[kind](ctx, step.params, *args, **kwargs)
-        except Unsupported:
-            raise
-        except Exception as e:  # noqa: BLE001 - a form of the op the rule does not handle
-            # (a genuine error of f itself is raised again, unchanged, by the autograd fallback)
-            raise Unsupported(f"node '{node.name}' ({kind}): {type(e).__name__}: {str(e)[:200]}") from None
-        env[node.name] = _check(ctx, res) if isinstance(res, Jet) else res
+    ctx = Context(x.shape[0], V.shape[1], order, collapsed)
+    if f is None and program.fn_ref is not None:
+        f = program.fn_ref()
+    try:
+        out = program.run(ctx, x, V, f, program.root)
+    except (Unsupported, *_PASS_THROUGH):
+        raise
+    except Exception as e:  # noqa: BLE001 - a form of the op the rule does not handle
+        # (a genuine error of f itself is raised again, unchanged, by the autograd fallback)
+        raise Unsupported(f"node '{ctx.node}' ({ctx.kind}): {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(out, (tuple, list, dict)):
         raise Unsupported("f returns a tuple/list/dict; it must return one tensor")
     return out, ctx
@@ -763,24 +809,63 @@ def _cat_outputs_ctx(parts: List[Any], ctx: Context) -> Any:
     return Jet(torch.cat([p.value for p in parts]), coefs)
 
 
-def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False):
+def _graph_wanted(x: Tensor, f: Any) -> bool:
+    """Will the result carry an autograd graph? (grad mode on, and x or a parameter of f needs
+    grad; for a plain function, whose parameters are not known, assumed so)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    if isinstance(f, torch.nn.Module):
+        return any(p.requires_grad for p in f.parameters())
+    return True
+
+
+def chunk_points(x: Tensor, ctx: Context, first: int) -> int:
+    """Points per chunk after a first chunk of ``first`` points measured the jet sizes (ctx).
+
+    CPU: about ``_CHUNK_ELEMENTS`` elements per coefficient tensor, so that an elementwise step
+    stays in cache. CUDA: as many points as fit in half the free device memory
+    (``torch.cuda.mem_get_info``), counting every jet the program creates as if all were alive at
+    once (values are freed after their last use, so fewer are), capped at
+    ``_CHUNK_ELEMENTS_GPU`` elements per coefficient tensor."""
+    N = x.shape[0]
+    rows = max(1, ctx.max_row)
+    if x.device.type != "cuda":
+        return max(_FIRST_CHUNK, _CHUNK_ELEMENTS // rows)
+    chunk = max(_FIRST_CHUNK, _CHUNK_ELEMENTS_GPU // rows)
+    try:
+        free, _ = torch.cuda.mem_get_info(x.device)
+    except Exception:  # noqa: BLE001 - no information: the element cap alone
+        return chunk
+    per_point = max(1, ctx.total_row) * x.element_size()
+    fit = int(0.5 * free // per_point)
+    return max(min(first, N), min(chunk, fit))
+
+
+def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
     """:func:`propagate` over chunks of points (rows are independent), concatenated.
 
-    The first chunk tells the largest jet row; the rest go in chunks of about
-    ``_CHUNK_ELEMENTS`` elements per coefficient tensor. When the result carries an autograd
-    graph the rest goes in one block (the graph is kept whole either way)."""
+    With an autograd graph to keep (training) all points go in one block: the graph is kept
+    whole either way, and one block has the least overhead. Without one, a first chunk of
+    ``_FIRST_CHUNK`` points tells the jet sizes, and the rest go in chunks of
+    :func:`chunk_points` (bounded memory; on CUDA sized from the free device memory)."""
     N = x.shape[0]
+    if _graph_wanted(x, f):
+        return propagate(program, x, V, order, collapsed, f)
     first = min(N, _FIRST_CHUNK)
-    out, ctx = propagate(program, x[:first], V, order, collapsed)
+    out, ctx = propagate(program, x[:first], V, order, collapsed, f)
     if first == N:
         return out, ctx
     parts = [out]
-    graph_kept = torch.is_grad_enabled() and isinstance(out, (Jet, Tensor)) and _value_of(out).requires_grad
-    budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
-    chunk = N - first if graph_kept else max(_FIRST_CHUNK, budget // max(1, ctx.max_row))
+    chunk = chunk_points(x, ctx, first)
     for i in range(first, N, chunk):
-        part, c = propagate(program, x[i : i + chunk], V, order, collapsed)
+        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f)
         ctx.piecewise_linear_seen |= c.piecewise_linear_seen
         parts.append(part)
     ctx.N = N
     return _cat_outputs_ctx(parts, ctx), ctx
+
+
+# the rules for normalisation, softmax and attention (they build on the ones above)
+from . import taylor_nn as _taylor_nn  # noqa: E402,F401

@@ -155,6 +155,64 @@ THD_VEC_MATH(t_sin, sin, u10)
 THD_VEC_MATH(t_cos, cos, u10)
 #undef THD_VEC_MATH
 
+// e = exp(-a) and em = expm1(-a) = e - 1 for a >= 0 (and NaN), both to full relative accuracy,
+// from ONE range reduction (where ExpPair's scalar form calls either expm1 or exp, lanes would
+// need both): -a = k ln2 + r, |r| <= ln2/2, p = expm1(r) by its Taylor polynomial (degree 13 in
+// double, 8 in float: truncation below half an ulp), then e = 2^k (1 + p) and
+// em = (2^k - 1) + 2^k p, where 2^k - 1 is exact and the sum never cancels (2^k <= 1). 2^k is
+// applied as 2^k1 2^k2 (k1 + k2 = k) so e keeps its gradual underflow; beyond a = 1100 (double)
+// or 110 (float) e is 0 and em -1 to working precision. Accuracy (tests/test_table.py, SIMD vs
+// scalar builds): within a few ulp of libm's exp and expm1.
+template <typename T>
+THD_HD void exp_pair(Vec<T> a, Vec<T>& e, Vec<T>& em) {
+  using V = Vec<T>;
+  using I = typename VecTraits<T>::ints;
+  using raw = typename V::raw;
+  constexpr bool kDouble = sizeof(T) == 8;
+  const V big = V(kDouble ? 1100.0 : 110.0);
+  const auto ok = a <= big;  // false for NaN and beyond
+  const V x = -t_sel(ok, a, big);
+  const V magic = V(kDouble ? 6755399441055744.0 : 12582912.0);  // 1.5 * 2^52, 1.5 * 2^23
+  const V t = x * V(1.4426950408889634074) + magic;                // round(x / ln2) in its bits
+  const V kf = t - magic;
+  const I k = (I)t.v - (I)magic.v;
+  // Cody-Waite: ln2 = C1 + C2 with C1 short enough that kf * C1 is exact
+  const V C1 = V(kDouble ? 6.93145751953125E-1 : 0.693359375);
+  const V C2 = V(kDouble ? 1.42860682030941723212E-6 : -2.12194440E-4);
+  const V r = (x - kf * C1) - kf * C2;
+  V q;  // expm1(r) = r + r^2 q(r)
+  if constexpr (kDouble) {
+    q = V(1.0 / 6227020800.0);  // 1/13!
+    q = q * r + V(1.0 / 479001600.0);
+    q = q * r + V(1.0 / 39916800.0);
+    q = q * r + V(1.0 / 3628800.0);
+    q = q * r + V(1.0 / 362880.0);
+    q = q * r + V(1.0 / 40320.0);
+    q = q * r + V(1.0 / 5040.0);
+    q = q * r + V(1.0 / 720.0);
+    q = q * r + V(1.0 / 120.0);
+    q = q * r + V(1.0 / 24.0);
+    q = q * r + V(1.0 / 6.0);
+    q = q * r + V(0.5);
+  } else {
+    q = V(1.0 / 40320.0);
+    q = q * r + V(1.0 / 5040.0);
+    q = q * r + V(1.0 / 720.0);
+    q = q * r + V(1.0 / 120.0);
+    q = q * r + V(1.0 / 24.0);
+    q = q * r + V(1.0 / 6.0);
+    q = q * r + V(0.5);
+  }
+  const V p = r + r * r * q;
+  const int shift = kDouble ? 52 : 23;
+  const I bias = I{} + (kDouble ? 1023 : 127);
+  const I k1 = k >> 1, k2 = k - k1;
+  const V s1 = V((raw)((k1 + bias) << shift)), s2 = V((raw)((k2 + bias) << shift));
+  const V scale = s1 * s2;
+  e = t_sel(ok, s1 * (s2 * (V(T(1)) + p)), t_sel(a > big, V(T(0)), a));
+  em = t_sel(ok, (scale - V(T(1))) + scale * p, t_sel(a > big, V(T(-1)), a));
+}
+
 // Whether every SLEEF function the table uses was found in the loaded torch.
 inline bool sleef_linked() {
 #define THD_HAS(fn, u) (THD_SLEEF_F(fn, u) != nullptr && THD_SLEEF_D(fn, u) != nullptr)

@@ -69,6 +69,9 @@ PRESETS = {
     "gpu": dict(device=["cuda"], dtype=["float32", "float64"], d=[2, 16, 100, 1000],
                 width=[256], depth=[4], n=[4096, 65536], repeats=10, budget=30.0,
                 method_budget=15.0, diag_max_d=100, extra_taylor=True),
+    # PINN architectures beyond MLPs (torchhessdiag/bench/models.py, which runs it)
+    "models": dict(device=["cpu"], dtype=["float32", "float64"], d=[2, 3], width=[128],
+                   depth=[4], n=[4096], repeats=5, budget=60.0, method_budget=30.0, check_n=16),
 }
 
 
@@ -84,7 +87,8 @@ def parse_args(argv=None):
                    help="a grid: quick (~1 min on 2 CPU cores), cpu (the README setting), "
                         "taylor (the Taylor-mode paper's setting), gpu (the full GPU grid), "
                         "pinn (issue 13's PINN grid; its parts pinn-train, pinn-train64, "
-                        "pinn-infer, pinn-infer64, pinn-overhead; pinn-tiny: a smoke run). "
+                        "pinn-infer, pinn-infer64, pinn-overhead; pinn-tiny: a smoke run), models "
+                        "(PINN architectures: python -m torchhessdiag.bench.models --help). "
                         "Default: gpu where CUDA is available, else cpu. Explicit options below "
                         "override the preset's values.")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -297,6 +301,10 @@ def load_records(path: str) -> List[dict]:
 def main(argv=None) -> int:
     """Run the grid; returns the exit status (0 ok, 1 a check failed, 3 blocks left)."""
     a = parse_args(argv)
+    if a.preset == "models":  # its own grid and methods: torchhessdiag/bench/models.py
+        from .models import main_from_cli
+
+        return main_from_cli(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.worker:
