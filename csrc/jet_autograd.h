@@ -147,9 +147,33 @@ struct ActState {
   // z, with its autograd history (checks that it was not modified in place since)
   at::Tensor z() const { return z_.unpack(); }
 
+  // ReLU, LeakyReLU, Identity: every derivative of order >= 2 is identically 0. Those products
+  // are zeros without a graph (as torch's own threshold_backward gives them): nothing to
+  // evaluate, no node, and no work in any later backward.
+  bool zero_from_2() const {
+    return act == Act::ReLU || act == Act::LeakyReLU || act == Act::Identity;
+  }
+
+  // exp: every derivative is the forward's output y (ATen's exp(z), within an ulp of the
+  // table's), so no table pass is needed at all. Kept without its autograd history (no
+  // reference cycle through the node) and with y's version, to refuse an in-place change of y
+  // as torch's ExpBackward0 does.
+  void keep_output(const at::Tensor& y) {
+    y_ = y.detach();
+    y_version_ = y_._version();
+  }
+  const at::Tensor& output() const {
+    TORCH_CHECK(y_._version() == y_version_,
+                "one of the variables needed for gradient computation has been modified by an "
+                "inplace operation: the output of a torchhessdiag.nn.Exp (ThdActivationBackward) "
+                "is at version ", y_._version(), "; expected version ", y_version_, " instead.");
+    return y_;
+  }
+
   // sigma^(k)(z) for k in ks, without a graph. Orders of the table (<= 4) not evaluated yet are
   // evaluated together, in one pass of the table; higher ones by the exact composite path.
   std::vector<at::Tensor> derivs(std::initializer_list<int> ks) {
+    if (y_.defined()) return std::vector<at::Tensor>(ks.size(), output());
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<int64_t> missing;
     for (int k : ks) {
@@ -188,6 +212,8 @@ struct ActState {
  private:
   std::mutex mu_;
   std::vector<at::Tensor> d_;  // d_[k] = sigma^(k)(z), once evaluated
+  at::Tensor y_;               // exp only (keep_output)
+  int64_t y_version_ = 0;
 };
 
 using StatePtr = std::shared_ptr<ActState>;
@@ -257,6 +283,11 @@ struct GradNode final : Node {
     if (need_z) warn_piecewise_linear(s->act);
     const at::Tensor g = g_.unpack();
     const at::Tensor z = s->z();
+    if (s->zero_from_2() && k >= 1) {  // d z = go g sigma^(k+1) = 0
+      if (need_g) out[0] = times_deriv(go, s, k);
+      if (need_z) out[1] = at::zeros_like(z, at::MemoryFormat::Contiguous);
+      return out;
+    }
     if (any_requires_grad({&go, &g, &z})) {  // this backward is recorded: differentiable nodes
       if (need_g && need_z) {
         std::tie(out[0], out[1]) = times_deriv_pair(go, g, s, k);
@@ -412,7 +443,8 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
     // backward of that backward (a training step through a nested-autograd loss) needs it, and
     // one more output of the table pass costs ~5 % of the pass (tanh, silu, sigmoid: 65536
     // doubles, 300 -> 313 us) where a second pass later would cost all of it.
-    const auto D = k == 1               ? s->derivs({1, 2, 3})
+    const auto D = s->zero_from_2()     ? s->derivs({k})
+                   : k == 1             ? s->derivs({1, 2, 3})
                    : k + 1 <= kMaxOrder ? s->derivs({k, k + 1})
                                         : s->derivs({k});
     Below below;
@@ -445,6 +477,7 @@ inline std::tuple<at::Tensor, at::Tensor> make_grad_backward_node(
 }
 
 inline at::Tensor times_deriv(const at::Tensor& w, const StatePtr& s, int k) {
+  if (s->zero_from_2() && k >= 2) return at::zeros_like(w, at::MemoryFormat::Contiguous);
   const at::Tensor z = s->z();
   if (any_requires_grad({&w, &z})) {
     if (k <= kMaxOrder) return make_grad_node(w, z, s, k);
@@ -457,6 +490,8 @@ inline at::Tensor times_deriv(const at::Tensor& w, const StatePtr& s, int k) {
 inline std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w,
                                                            const at::Tensor& g,
                                                            const StatePtr& s, int k) {
+  if (s->zero_from_2() && k + 1 >= 2)
+    return {times_deriv(w, s, k), at::zeros_like(w, at::MemoryFormat::Contiguous)};
   const at::Tensor z = s->z();
   if (any_requires_grad({&w, &g, &z})) {
     if (k + 1 <= kMaxOrder) return make_grad_backward_node(w, g, z, s, k);
@@ -478,6 +513,7 @@ inline at::Tensor act_forward_autograd(const at::Tensor& z, c10::string_view act
   }
   if (!any_requires_grad({&z})) return y;
   auto s = std::make_shared<ActState>(z, parse_act(act_name), a, b);
+  if (s->act == Act::Exp) s->keep_output(y);
   auto node = new_node<ActNode>(torch::autograd::collect_next_edges(z));
   node->st = std::move(s);
   torch::autograd::set_history(y, node);

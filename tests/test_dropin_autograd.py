@@ -184,6 +184,36 @@ def test_table_evaluated_once_per_activation(train):
         assert c.counts["mul_pair_backward"] >= 5 * 2  # the fused triple backward
 
 
+@COMPILED
+@pytest.mark.parametrize("act, passes", [(thnn.ReLU, 3), (thnn.Identity, 3), (thnn.Exp, 0)],
+                         ids=["relu", "identity", "exp"])
+def test_no_table_work_where_none_is_needed(act, passes):
+    """ReLU/Identity: derivatives of order >= 2 are identically 0 -- one table pass for sigma'
+    per layer, and the products with sigma'', sigma''' are zeros without a graph (no mul_pair, no
+    mul_pair_backward; torch's own threshold_backward does the same). exp: every derivative is the
+    forward's output, no table pass at all. Training step, d = 4, 3 activation layers."""
+    model = _mlp(act, 4, 8, 3, seed=3)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with OpCounter() as c:
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        lap = sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True, allow_unused=True,
+                                      materialize_grads=True)[0][:, i] for i in range(4))
+        loss = ((lap - 1) ** 2).mean()
+        if loss.requires_grad:
+            loss.backward()
+    assert c.counts["act_derivatives"] == passes, c.counts
+    if passes:
+        assert c.counts["mul_pair"] == 0 and c.counts["mul_pair_backward"] == 0, c.counts
+
+
+def test_exp_output_modified_in_place_is_detected(device):
+    x = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    y = thnn.Exp()(x * 0.5)
+    y.mul_(2.0)  # the saved output (every derivative of exp) changed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x)
+
+
 # ---- autograd hygiene ------------------------------------------------------------------------------
 
 
