@@ -115,6 +115,28 @@ inline at::Tensor add_opt(const at::Tensor& x, const at::Tensor& y) {
   return at::add(x, y);
 }
 
+// ---- forward-mode AD ------------------------------------------------------------------------------
+// Tangents (torch.autograd.forward_ad, torch.func.jvp) at level 0, as torch's generated kernels
+// set them: computed from the primals with the ops themselves (with autograd, so a tangent is
+// differentiable in reverse mode too). A backward node that meets a dual tensor (forward-over-
+// reverse) does not use its kept derivatives, which carry no tangent: it calls the ops, whose
+// autograd kernels set the tangents.
+
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+inline bool any_tangent(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (has_tangent(*t)) return true;
+  return false;
+}
+inline at::Tensor primal(const at::Tensor& t) { return has_tangent(t) ? t._fw_primal(0) : t; }
+
+// w sigma^(k)(z) through the ops, with autograd and forward AD (past the table: the composite op)
+inline at::Tensor grad_through_op(const at::Tensor& w, const at::Tensor& z, c10::string_view act,
+                                  double a, double b, int64_t k) {
+  if (k <= kMaxOrder) return grad_op().call(w, z, act, a, b, k);
+  return at::mul(w, beyond_op().call(z, act, a, b, k));
+}
+
 // ---- the piecewise-linear warning (once per process and activation) ------------------------------
 
 inline std::atomic<bool>* pwl_warned() {
@@ -250,6 +272,10 @@ struct ActNode final : Node {
     const at::Tensor& gy = grads[0];
     if (!gy.defined() || !task_should_compute_output(0)) return out;
     const at::Tensor z = s->z();
+    if (any_tangent({&gy, &z})) {
+      out[0] = grad_through_op(gy, z, s->name(), s->a, s->b, 1);
+      return out;
+    }
     // (the graph-free product is always g * the kept sigma': a fused g sigma'(z) pass could round
     // sigma' differently from the kept one, and a backward run twice must give the same bits)
     out[0] = times_deriv(gy, s, 1);
@@ -283,6 +309,11 @@ struct GradNode final : Node {
     if (need_z) warn_piecewise_linear(s->act);
     const at::Tensor g = g_.unpack();
     const at::Tensor z = s->z();
+    if (any_tangent({&go, &g, &z})) {
+      if (need_g) out[0] = grad_through_op(go, z, s->name(), s->a, s->b, k);
+      if (need_z) out[1] = grad_through_op(at::mul(go, g), z, s->name(), s->a, s->b, k + 1);
+      return out;
+    }
     if (s->zero_from_2() && k >= 1) {  // d z = go g sigma^(k+1) = 0
       if (need_g) out[0] = times_deriv(go, s, k);
       if (need_z) out[1] = at::zeros_like(z, at::MemoryFormat::Contiguous);
@@ -345,7 +376,21 @@ struct GradBackwardNode final : Node {
     const at::Tensor gg = gg_.unpack(), g = g_.unpack();
     const at::Tensor z = s->z();
     at::Tensor d_gg, d_g, d_z;
-    if (any_requires_grad({&g1, &g2, &gg, &g, &z})) {
+    if (any_tangent({&g1, &g2, &gg, &g, &z})) {
+      auto op = [&](const at::Tensor& w, int64_t j) {
+        return grad_through_op(w, z, s->name(), s->a, s->b, j);
+      };
+      if (g1.defined()) {
+        if (need_gg) d_gg = op(g1, k);
+        if (need_z) d_z = op(at::mul(g1, gg), k + 1);
+      }
+      if (g2.defined()) {
+        const at::Tensor t = at::mul(g2, g);
+        if (need_gg) d_gg = add_opt(d_gg, op(t, k + 1));
+        if (need_z) d_z = add_opt(d_z, op(at::mul(t, gg), k + 2));
+        if (need_g) d_g = op(at::mul(g2, gg), k + 1);
+      }
+    } else if (any_requires_grad({&g1, &g2, &gg, &g, &z})) {
       if (g1.defined()) {  // (g1 sigma^(k), g1 gg sigma^(k+1))
         if (need_gg && need_z) {
           std::tie(d_gg, d_z) = times_deriv_pair(g1, gg, s, k);
@@ -408,12 +453,15 @@ struct DerivsNode final : Node {
     const at::Tensor& gD = grads[0];
     if (!gD.defined() || !task_should_compute_output(0)) return out;
     const at::Tensor z = s->z();
+    const bool dual = any_tangent({&gD, &z});
     const bool graph = any_requires_grad({&gD, &z});
     at::Tensor dz;
     for (size_t j = 0; j < orders.size(); ++j) {
       const int up = static_cast<int>(orders[j]) + 1;
       const at::Tensor gj = gD.select(0, static_cast<int64_t>(j));
-      if (graph) {
+      if (dual) {
+        dz = add_opt(dz, grad_through_op(gj, z, s->name(), s->a, s->b, up));
+      } else if (graph) {
         dz = add_opt(dz, times_deriv(gj, s, up));
       } else {
         const at::Tensor d = s->derivs({up})[0];
@@ -511,6 +559,10 @@ inline at::Tensor act_forward_autograd(const at::Tensor& z, c10::string_view act
     Below below;
     y = forward_op().call(z, act_name, a, b);
   }
+  if (has_tangent(z)) {  // y' = sigma'(z) z'
+    const at::Tensor t = grad_through_op(z._fw_grad(0), primal(z), act_name, a, b, 1);
+    y._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+  }
   if (!any_requires_grad({&z})) return y;
   auto s = std::make_shared<ActState>(z, parse_act(act_name), a, b);
   if (s->act == Act::Exp) s->keep_output(y);
@@ -527,6 +579,15 @@ inline at::Tensor act_grad_autograd(const at::Tensor& g, const at::Tensor& z,
     Below below;  // checks the arguments
     out = grad_op().call(g, z, act_name, a, b, k);
   }
+  if (any_tangent({&g, &z})) {  // out' = g' sigma^(k)(z) + g sigma^(k+1)(z) z'
+    const at::Tensor zp = primal(z);
+    at::Tensor t;
+    if (has_tangent(g)) t = grad_through_op(g._fw_grad(0), zp, act_name, a, b, k);
+    if (has_tangent(z))
+      t = add_opt(t, grad_through_op(at::mul(primal(g), z._fw_grad(0)), zp, act_name, a, b,
+                                     k + 1));
+    out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+  }
   if (!any_requires_grad({&g, &z})) return out;
   auto s = std::make_shared<ActState>(z, parse_act(act_name), a, b);
   return make_grad_node(g, z, s, static_cast<int>(k), &out);
@@ -538,6 +599,12 @@ inline at::Tensor act_derivatives_autograd(const at::Tensor& z, c10::string_view
   {
     Below below;
     D = derivs_op().call(z, act_name, a, b, orders);
+  }
+  if (has_tangent(z)) {  // D[j]' = sigma^(orders[j] + 1)(z) z'
+    std::vector<at::Tensor> ts;
+    for (int64_t o : orders)
+      ts.push_back(grad_through_op(z._fw_grad(0), primal(z), act_name, a, b, o + 1));
+    D._set_fw_grad(at::stack(ts), /*level=*/0, /*is_inplace_op=*/false);
   }
   if (!any_requires_grad({&z})) return D;
   auto node = new_node<DerivsNode>(torch::autograd::collect_next_edges(z));
