@@ -227,6 +227,12 @@ struct ActState {
     return out;
   }
 
+  // w sigma^(k)(z) without a graph. ReLU, LeakyReLU, Identity: sigma' is a compare, so the fused
+  // act_grad pass (one read of z and w) costs what a product with a kept sigma' would, and keeps
+  // nothing; the product is one multiply by 0, 1 or the slope either way, so every visit gives
+  // the same bits. Others: the product with the kept derivative.
+  at::Tensor plain_product(const at::Tensor& w, int k);
+
   SavedVariable z_;
   const Act act;
   const double a, b;
@@ -334,7 +340,7 @@ struct GradNode final : Node {
       Below below;
       std::tie(out[0], out[1]) = mul_pair_op().call(go, g, D[0], D[1]);
     } else if (need_g) {
-      out[0] = at::mul(go, s->derivs({k})[0]);
+      out[0] = s->plain_product(go, k);
     } else {
       out[1] = at::mul(at::mul(go, g), s->derivs({k + 1})[0]);
     }
@@ -485,14 +491,16 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
   at::Tensor out;
   if (value != nullptr) {
     out = *value;
+  } else if (s->zero_from_2()) {
+    Below below;
+    out = s->plain_product(w, k);
   } else {
     // sigma^(k+1) too, in the same pass: the node's backward needs it. For the first-order node
     // (k = 1, made by the first create_graph backward through act_forward) sigma''' as well: a
     // backward of that backward (a training step through a nested-autograd loss) needs it, and
     // one more output of the table pass costs ~5 % of the pass (tanh, silu, sigmoid: 65536
     // doubles, 300 -> 313 us) where a second pass later would cost all of it.
-    const auto D = s->zero_from_2()     ? s->derivs({k})
-                   : k == 1             ? s->derivs({1, 2, 3})
+    const auto D = k == 1               ? s->derivs({1, 2, 3})
                    : k + 1 <= kMaxOrder ? s->derivs({k, k + 1})
                                         : s->derivs({k});
     Below below;
@@ -532,7 +540,16 @@ inline at::Tensor times_deriv(const at::Tensor& w, const StatePtr& s, int k) {
     // beyond the table: the composite op records its own (exact) graph
     return at::mul(w, beyond_op().call(z, s->name(), s->a, s->b, k));
   }
-  return at::mul(w, s->derivs({k})[0]);
+  return s->plain_product(w, k);
+}
+
+inline at::Tensor ActState::plain_product(const at::Tensor& w, int k) {
+  if (zero_from_2() && k >= 2) return at::zeros_like(w, at::MemoryFormat::Contiguous);
+  if (zero_from_2()) {
+    Below below;
+    return grad_op().call(w, z(), name(), a, b, k);
+  }
+  return at::mul(w, derivs({k})[0]);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w,
