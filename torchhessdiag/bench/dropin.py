@@ -579,6 +579,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     g = PRESET_GRIDS[a.preset]
+    a.overridden = [k for k in ("activation", "dtype", "d", "width", "depth", "n", "modes")
+                    if getattr(a, k) is not None]
     for k in ("activation", "dtype", "d", "width", "depth", "n", "modes"):
         if getattr(a, k) is None:
             setattr(a, k, list(g[k]))
@@ -615,7 +617,9 @@ def main(argv=None) -> int:
     env = M.env_info(torch.device(a.device))
     env.update(torchhessdiag=thd.__version__, cpu_isa=thd.backend_info().get("cpu_isa"), git=M.git_info(),
                loadavg=M.loadavg(), clock=a.clock, preset=a.preset)
-    print(f"# drop-in benchmark ({a.preset}): {len(blocks)} blocks, {len(blocks) - len(todo)} already in "
+    what = a.preset + (f" with --{', --'.join(a.overridden)} replaced" if a.overridden else "")
+    env["grid"] = what
+    print(f"# drop-in benchmark ({what}): {len(blocks)} blocks, {len(blocks) - len(todo)} already in "
           f"{out}; {a.threads} threads, clock {a.clock}; load average {env['loadavg'][:1]}")
     bar = M.Progress(len(todo), "dropin", enabled=a.progress)
     new, left = [], 0
