@@ -313,16 +313,18 @@ struct GradNode final : Node {
     const bool need_g = task_should_compute_output(0), need_z = task_should_compute_output(1);
     if (!go.defined() || !(need_g || need_z)) return out;
     if (need_z) warn_piecewise_linear(s->act);
-    const at::Tensor g = g_.unpack();
     const at::Tensor z = s->z();
+    if (s->zero_from_2() && k >= 1) {  // d z = go g sigma^(k+1) = 0 (g is not even kept)
+      if (need_g)
+        out[0] = any_tangent({&go, &z}) ? grad_through_op(go, z, s->name(), s->a, s->b, k)
+                                        : times_deriv(go, s, k);
+      if (need_z) out[1] = at::zeros_like(z, at::MemoryFormat::Contiguous);
+      return out;
+    }
+    const at::Tensor g = g_.unpack();
     if (any_tangent({&go, &g, &z})) {
       if (need_g) out[0] = grad_through_op(go, z, s->name(), s->a, s->b, k);
       if (need_z) out[1] = grad_through_op(at::mul(go, g), z, s->name(), s->a, s->b, k + 1);
-      return out;
-    }
-    if (s->zero_from_2() && k >= 1) {  // d z = go g sigma^(k+1) = 0
-      if (need_g) out[0] = times_deriv(go, s, k);
-      if (need_z) out[1] = at::zeros_like(z, at::MemoryFormat::Contiguous);
       return out;
     }
     if (any_requires_grad({&go, &g, &z})) {  // this backward is recorded: differentiable nodes
@@ -508,7 +510,8 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
   }
   auto node = new_node<GradNode>(torch::autograd::collect_next_edges(w, z));
   node->st = s;
-  node->g_ = SavedVariable(w, /*is_output=*/false);
+  // (ReLU & co: the backward never reads g -- d z = 0 -- so it is not kept alive)
+  if (!(s->zero_from_2() && k >= 1)) node->g_ = SavedVariable(w, /*is_output=*/false);
   node->k = k;
   torch::autograd::set_history(out, node);
   return out;
