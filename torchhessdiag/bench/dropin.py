@@ -530,21 +530,23 @@ def load_records(path: str) -> List[dict]:
 
 
 def plan(blocks: List[dict], a) -> str:
-    """A rough duration: GEMM FLOPs of nested autograd at an assumed rate (25 GFLOP/s float32,
-    12 float64 on 2 threads of the CPU this was written on, small GEMMs) plus a per-op overhead,
-    times the calls of a block (check, probe, warm-up, repeats) for both methods. +-50 %."""
+    """A rough duration: GEMM FLOPs of nested autograd at an assumed rate (50 GFLOP/s float32,
+    25 float64: what one thread of the 2-core AMD EPYC this was written on reached in these
+    blocks) plus a per-op overhead, times the calls of a block (check, probe, warm-up, repeats)
+    for both methods, plus ~0.5 s of checks per block. Calibrated on three runs of 16-28 blocks
+    (15-36 s measured); take it as +-2x."""
     total = 0.0
     for b in blocks:
         w, L, d, n = b["width"], b["depth"], b["d"], b["N"]
         macs = n * (d * w + (L - 1) * w * w + w)
         passes = 1 + 1 + 2 * d  # forward, gradient, d backward passes (~2 GEMMs each per layer)
         flops = 2 * macs * passes * (3 if b["mode"] == "train" else 1)
-        rate = 25e9 if b["dtype"] == "float32" else 12e9
+        rate = 50e9 if b["dtype"] == "float32" else 25e9
         call = flops / rate + 40e-6 * L * (d + 2) * (3 if b["mode"] == "train" else 1)
         calls = a.repeats + 4 + (1 if a.memory else 0)
         total += 2 * calls * max(call, a.min_sample_ms / 1e3 if call < a.min_sample_ms / 1e3 else call) + 0.5
-    return (f"{len(blocks)} blocks, roughly {total / 60:.0f} minutes on an idle 2-core CPU (+-50 %; a "
-            f"loaded one is slower); split it with --max-minutes and --resume.")
+    return (f"{len(blocks)} blocks, roughly {total / 60:.1f} minutes (+-2x; a loaded machine is "
+            f"slower); split a long grid with --max-minutes and --resume.")
 
 
 def parse_args(argv=None):
