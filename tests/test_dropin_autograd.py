@@ -37,6 +37,10 @@ pytestmark = [
 _ops = torch.ops.torchhessdiag
 EPS64 = torch.finfo(torch.float64).eps
 COMPILED = pytest.mark.skipif(not ops.COMPILED, reason="the C++ autograd belongs to the compiled extension")
+# forward-mode AD is set by the C++ Autograd kernels; the reference backend's torch.library autograd
+# has backward formulas only (its tangents are None / zero, as every register_autograd op's)
+FORWARD_AD = pytest.mark.skipif(not ops.COMPILED, reason="forward-mode AD through the ops needs the compiled "
+                                "extension (torch.library.register_autograd has no forward-mode formulas)")
 
 
 class Fn(nn.Module):
@@ -208,6 +212,7 @@ def test_no_table_work_where_none_is_needed(act):
         assert c.counts["mul_pair"] == 0 and c.counts["mul_pair_backward"] == 0, c.counts
 
 
+@COMPILED  # (the reference backend's autograd computes exp's derivatives from z: nothing to detect)
 def test_exp_output_modified_in_place_is_detected(device):
     x = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
     y = thnn.Exp()(x * 0.5)
@@ -219,6 +224,7 @@ def test_exp_output_modified_in_place_is_detected(device):
 # ---- forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) ----------------------------
 
 
+@FORWARD_AD
 @pytest.mark.parametrize("name", list(DROPINS))
 def test_forward_ad_through_dropins(name, device):
     """Tangent of the output (jvp) and, forward over reverse, of the gradient (the Hessian-vector
@@ -247,6 +253,7 @@ def test_forward_ad_through_dropins(name, device):
         assert ((ours - theirs).abs().max() / scale).item() <= 1e-11, what
 
 
+@FORWARD_AD
 @pytest.mark.parametrize("spec", [make_spec("tanh"), make_spec("gelu"), make_spec("softplus", beta=2.0, threshold=5.0),
                                   make_spec("sin", w=3.0), make_spec("exp")], ids=str)
 def test_torch_func_forward_mode_of_activation(spec, device):
@@ -265,6 +272,7 @@ def test_torch_func_forward_mode_of_activation(spec, device):
     torch.testing.assert_close(h_rf, D[2], rtol=1e-13, atol=1e-13)
 
 
+@FORWARD_AD
 def test_forward_ad_of_the_ops(device):
     """Tangents of act_grad (both arguments dual, k = 4: the z-part leaves the table) and
     act_derivatives, against the formulas."""
