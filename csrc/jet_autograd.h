@@ -151,12 +151,17 @@ inline void reset_piecewise_linear_warnings() {
 inline void warn_piecewise_linear(Act act) {
   if (act != Act::ReLU && act != Act::LeakyReLU) return;
   if (pwl_warned()[static_cast<int>(act)].exchange(true)) return;
-  TORCH_WARN("torchhessdiag: second and higher derivatives of ", kActNames[static_cast<int>(act)],
-             " are exactly 0 -- it is piecewise linear, and its true second derivative is a "
-             "Dirac delta at 0 that no autograd can see. A network built only from such "
-             "activations has a zero Hessian (and Laplacian) almost everywhere; use a smooth "
-             "activation (Tanh, SiLU, GELU, Softplus) where second derivatives matter, e.g. in a "
-             "PDE loss.");
+  // verbatim: the message as the Python backend words it, without torch's "Triggered internally
+  // at <source path>" suffix
+  ::c10::warn(::c10::Warning(
+      ::c10::UserWarning(), ::c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+      std::string("torchhessdiag: second and higher derivatives of ") +
+          kActNames[static_cast<int>(act)] +
+          " are exactly 0 -- it is piecewise linear, and its true second derivative is a Dirac "
+          "delta at 0 that no autograd can see. A network built only from such activations has "
+          "a zero Hessian (and Laplacian) almost everywhere; use a smooth activation (Tanh, "
+          "SiLU, GELU, Softplus) where second derivatives matter, e.g. in a PDE loss.",
+      /*verbatim=*/true));
 }
 
 // ---- the state shared by the nodes of one activation ---------------------------------------------
