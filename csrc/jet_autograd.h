@@ -16,12 +16,19 @@
 //
 // Every node of one activation shares one ActState: the saved z and the derivatives
 // sigma^(k)(z) evaluated so far, without a graph. A nested-autograd loop visits the nodes of an
-// activation once per input dimension; the table is evaluated once (sigma', sigma'' in one pass, at
-// the first backward that records a graph, i.e. the create_graph=True gradient), and every later
-// visit is arithmetic on the saved derivatives: g sigma' (one ATen mul) for ActNode, the fused
-// mul_pair kernel for GradNode. (Not in the forward pass: sigma itself comes from ATen's own
-// kernel so that outputs stay bit-identical to torch.nn, and a forward without a second backward
-// -- inference, or plain training -- would pay for derivatives it never uses.)
+// activation once per input dimension; the table is evaluated once (sigma', sigma'', sigma''' in
+// one pass, at the first backward that records a graph, i.e. the create_graph=True gradient), and
+// every later visit is arithmetic on the saved derivatives: g sigma' (one ATen mul) for ActNode,
+// the fused mul_pair kernel for GradNode, mul_pair_backward for GradBackwardNode. (Not in the
+// forward pass: sigma itself comes from ATen's own kernel so that outputs stay bit-identical to
+// torch.nn, and a forward without a second backward -- inference, or plain training -- would pay
+// for derivatives it never uses.) ReLU, LeakyReLU, Identity keep nothing (sigma'' = 0; g sigma'
+// is the fused act_grad pass); exp's derivatives are its output.
+//
+// Measured (thread CPU time, 1 thread, d = 2, 3x32, N = 512, float32, nested-autograd Laplacian
+// vs torch.nn): this C++ autograd took the drop-ins from 0.48x to 0.94x (tanh, training step) and
+// 0.72x to 1.48x (SiLU) of torch.nn's speed, where the Python register_autograd wrapper per node
+// had made them slower than torch.nn.
 //
 // When a backward is itself recorded (create_graph=True, or any input requiring grad with grad
 // mode on), it does not do plain arithmetic: it builds the next node of this family (GradNode,
