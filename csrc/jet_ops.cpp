@@ -5,6 +5,7 @@
 
 #include "cpu/kernels.h"
 #include "cuda_gate.h"
+#include "jet_autograd.h"
 #include "jet_ops_impl.h"
 
 namespace thd {
@@ -21,8 +22,10 @@ struct CpuExec {
   }
 };
 
-// The CPU compute half: the generic bodies, except the table pass act_derivatives, which runs the
-// SIMD build of the table chosen at run time (csrc/cpu/kernels.h).
+// The CPU compute half: every op runs the SIMD build chosen at run time (csrc/cpu/kernels.h):
+// the table passes (act_derivatives, act_grad) and the arithmetic of the
+// backward passes (mul_pair, mul_pair_backward; this file itself is compiled for the baseline
+// instruction set only).
 struct CpuKernels : Kernels<CpuExec> {
   static void act_derivatives(const DerivsArgs& p) {
     const cpu::KernelTable& kt = cpu::kernels();
@@ -31,6 +34,30 @@ struct CpuKernels : Kernels<CpuExec> {
     auto fn = kt.derivs[p.dtype == at::kDouble ? 1 : 0];
     // chunks of whole SIMD vectors, so only the last chunk has a partial one
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void act_grad(const GradArgs& p) {
+    cpu::GradJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.g, p.z, p.out, p.numel};
+    auto fn = cpu::kernels().grad[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void mul_pair(const MulPairArgs& p) {
+    cpu::MulPairJob job{p.w, p.g, p.d1, p.d2, p.o1, p.o2};
+    auto fn = cpu::kernels().mul_pair[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
+      fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
+    });
+  }
+
+  static void mul_pair_backward(const MulPairBackwardArgs& p) {
+    cpu::MulPairBackwardJob job{p.g1, p.g2, p.w, p.g, p.d1, p.d2, p.d3, p.ow, p.og, p.oz};
+    auto fn = cpu::kernels().mul_pair_backward[p.dtype == at::kDouble ? 1 : 0];
+    at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
   }
@@ -72,30 +99,45 @@ TORCH_LIBRARY(torchhessdiag, m) {
   m.def("act_forward(Tensor z, str act, float a, float b) -> Tensor");
   m.def("act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor");
   m.def("act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor");
-  m.def(
-      "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
-      " -> (Tensor, Tensor)");
   m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
+  m.def(
+      "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
+      "Tensor d3) -> (Tensor, Tensor, Tensor)");
+  // sigma^(n)(z) past the table (n > 4): exact nested autograd, implemented in Python
+  // (torchhessdiag/ops.py, CompositeImplicitAutograd); the C++ autograd below calls it
+  m.def("act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
   m.impl("act_forward", &thd::act_forward);
 }
 
+// The autograd of the activation ops, in C++ (csrc/jet_autograd.h): no Python per backward node.
+TORCH_LIBRARY_IMPL(torchhessdiag, Autograd, m) {
+  m.impl("act_forward", &thd::ag::act_forward_autograd);
+  m.impl("act_grad", &thd::ag::act_grad_autograd);
+  m.impl("act_derivatives", &thd::ag::act_derivatives_autograd);
+}
+
+namespace thd {
+// for torchhessdiag._C._reset_piecewise_linear_warnings (csrc/module.cpp; tests)
+void reset_piecewise_linear_warnings() { ag::reset_piecewise_linear_warnings(); }
+}  // namespace thd
+
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   using K = thd::CpuKernels;
   m.impl("act_derivatives", &thd::act_derivatives_impl<K>);
   m.impl("act_grad", &thd::act_grad_impl<K>);
-  m.impl("act_grad_backward", &thd::act_grad_backward_impl<K>);
   m.impl("mul_pair", &thd::mul_pair_impl<K>);
+  m.impl("mul_pair_backward", &thd::mul_pair_backward_impl<K>);
 }
 
 namespace thd {
 // The reference ops a CUDA device without a kernel image falls back to (csrc/cuda_gate.h).
 constexpr char kRefActDerivatives[] = "torchhessdiag_ref::act_derivatives";
 constexpr char kRefActGrad[] = "torchhessdiag_ref::act_grad";
-constexpr char kRefActGradBackward[] = "torchhessdiag_ref::act_grad_backward";
 constexpr char kRefMulPair[] = "torchhessdiag_ref::mul_pair";
+constexpr char kRefMulPairBackward[] = "torchhessdiag_ref::mul_pair_backward";
 }  // namespace thd
 
 // The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
@@ -105,9 +147,9 @@ TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
   m.impl("act_derivatives",
          &TestGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
   m.impl("act_grad", &TestGate<&thd::act_grad_impl<K>, thd::kRefActGrad>::call);
-  m.impl("act_grad_backward",
-         &TestGate<&thd::act_grad_backward_impl<K>, thd::kRefActGradBackward>::call);
   m.impl("mul_pair", &TestGate<&thd::mul_pair_impl<K>, thd::kRefMulPair>::call);
+  m.impl("mul_pair_backward",
+         &TestGate<&thd::mul_pair_backward_impl<K>, thd::kRefMulPairBackward>::call);
 }
 
 #ifdef THD_WITH_CUDA
@@ -117,8 +159,8 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   m.impl("act_derivatives",
          &CudaGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
   m.impl("act_grad", &CudaGate<&thd::act_grad_impl<K>, thd::kRefActGrad>::call);
-  m.impl("act_grad_backward",
-         &CudaGate<&thd::act_grad_backward_impl<K>, thd::kRefActGradBackward>::call);
   m.impl("mul_pair", &CudaGate<&thd::mul_pair_impl<K>, thd::kRefMulPair>::call);
+  m.impl("mul_pair_backward",
+         &CudaGate<&thd::mul_pair_backward_impl<K>, thd::kRefMulPairBackward>::call);
 }
 #endif

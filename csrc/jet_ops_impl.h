@@ -118,24 +118,6 @@ struct GradBody {
   }
 };
 
-// (o1, o2) = (gg * sigma^(N-1)(z), gg * g * sigma^(N)(z))
-template <typename A, int N, typename T>
-struct GradBackwardBody {
-  const T* gg;
-  const T* g;
-  const T* z;
-  T* o1;
-  T* o2;
-  T a, b;
-  THD_HD void operator()(index_t i) const {
-    T d[N + 1];
-    A::template eval<N>(z[i], a, b, d);
-    const T w = gg[i];
-    o1[i] = w * d[N - 1];
-    o2[i] = w * g[i] * d[N];
-  }
-};
-
 // (o1, o2) = (w * d1, w * g * d2): the double backward of an activation once sigma^(k) and
 // sigma^(k+1) are known (pure arithmetic, vectorisable).
 template <typename T>
@@ -150,6 +132,40 @@ struct MulPairBody {
     const T v = w[i];
     o1[i] = v * d1[i];
     o2[i] = v * g[i] * d2[i];
+  }
+};
+
+// The backward of the pair (w d1(z), w g d2(z)) w.r.t. (w, g, z), given d3 = d2' and d2 = d1':
+//   ow = g1 d1 + g2 g d2,  og = g2 w d2,  oz = w (g1 d2 + g2 g d3)
+// (g1, g2: the gradients of the two outputs; a null one counts as zero.)
+template <typename T>
+struct MulPairBackwardBody {
+  const T* g1;
+  const T* g2;
+  const T* w;
+  const T* g;
+  const T* d1;
+  const T* d2;
+  const T* d3;
+  T* ow;
+  T* og;
+  T* oz;
+  THD_HD void operator()(index_t i) const {
+    const T v = w[i], s2 = d2[i];
+    T a = T(0), zi = T(0), b = T(0);
+    if (g1 != nullptr) {
+      a = g1[i] * d1[i];
+      zi = g1[i] * s2;
+    }
+    if (g2 != nullptr) {
+      const T t = g2[i] * g[i];
+      a = a + t * s2;
+      zi = zi + t * d3[i];
+      b = g2[i] * v * s2;
+    }
+    ow[i] = a;
+    og[i] = b;
+    oz[i] = v * zi;
   }
 };
 
@@ -184,19 +200,16 @@ struct GradArgs {
   double a, b;
   int k;
 };
-struct GradBackwardArgs {
-  Act act;
-  at::ScalarType dtype;
-  const void *gg, *g, *z;
-  void *o1, *o2;
-  index_t numel;
-  double a, b;
-  int k;
-};
 struct MulPairArgs {
   at::ScalarType dtype;
   const void *w, *g, *d1, *d2;
   void *o1, *o2;
+  index_t numel;
+};
+struct MulPairBackwardArgs {
+  at::ScalarType dtype;
+  const void *g1, *g2, *w, *g, *d1, *d2, *d3;  // g1, g2 may be null
+  void *ow, *og, *oz;
   index_t numel;
 };
 
@@ -236,25 +249,6 @@ struct Kernels {
     });
   }
 
-  static void act_grad_backward(const GradBackwardArgs& p) {
-    dispatch_float(p.dtype, [&](auto t) {
-      using T = std::decay_t<decltype(t)>;
-      dispatch_act(p.act, [&](auto tag) {
-        using A = std::decay_t<decltype(tag)>;
-        dispatch_order(p.k + 1, [&](auto n) {
-          constexpr int N = std::decay_t<decltype(n)>::value;
-          if constexpr (N >= 1) {
-            Exec::run(p.numel, GradBackwardBody<A, N, T>{
-                                   static_cast<const T*>(p.gg), static_cast<const T*>(p.g),
-                                   static_cast<const T*>(p.z), static_cast<T*>(p.o1),
-                                   static_cast<T*>(p.o2), static_cast<T>(p.a),
-                                   static_cast<T>(p.b)});
-          }
-        });
-      });
-    });
-  }
-
   static void mul_pair(const MulPairArgs& p) {
     dispatch_float(p.dtype, [&](auto t) {
       using T = std::decay_t<decltype(t)>;
@@ -263,14 +257,26 @@ struct Kernels {
                                         static_cast<T*>(p.o1), static_cast<T*>(p.o2)});
     });
   }
+
+  static void mul_pair_backward(const MulPairBackwardArgs& p) {
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = std::decay_t<decltype(t)>;
+      Exec::run(p.numel, MulPairBackwardBody<T>{
+                             static_cast<const T*>(p.g1), static_cast<const T*>(p.g2),
+                             static_cast<const T*>(p.w), static_cast<const T*>(p.g),
+                             static_cast<const T*>(p.d1), static_cast<const T*>(p.d2),
+                             static_cast<const T*>(p.d3), static_cast<T*>(p.ow),
+                             static_cast<T*>(p.og), static_cast<T*>(p.oz)});
+    });
+  }
 };
 
 // The CUDA compute half, defined in csrc/cuda/jet_ops.cu as Kernels<CudaExec>.
 struct CudaKernels {
   static void act_derivatives(const DerivsArgs& p);
   static void act_grad(const GradArgs& p);
-  static void act_grad_backward(const GradBackwardArgs& p);
   static void mul_pair(const MulPairArgs& p);
+  static void mul_pair_backward(const MulPairBackwardArgs& p);
 };
 
 // ---- the op half (host compiler only) --------------------------------------------------------
@@ -293,6 +299,37 @@ std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at:
   K::mul_pair({w.scalar_type(), w.data_ptr(), g.data_ptr(), d1.data_ptr(), d2.data_ptr(),
                o1.data_ptr(), o2.data_ptr(), numel});
   return {o1, o2};
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mul_pair_backward_impl(
+    const c10::optional<at::Tensor>& g1_, const c10::optional<at::Tensor>& g2_,
+    const at::Tensor& w_, const at::Tensor& g_, const at::Tensor& d1_, const at::Tensor& d2_,
+    const at::Tensor& d3_) {
+  const char* op = "mul_pair_backward";
+  check_input(w_, "w", op);
+  const bool has1 = g1_.has_value() && g1_->defined(), has2 = g2_.has_value() && g2_->defined();
+  if (has1) check_like(*g1_, w_, "g1", op);
+  if (has2) check_like(*g2_, w_, "g2", op);
+  check_like(g_, w_, "g", op);
+  check_like(d1_, w_, "d1", op);
+  check_like(d2_, w_, "d2", op);
+  check_like(d3_, w_, "d3", op);
+  const at::OptionalDeviceGuard guard(at::device_of(w_));
+  const at::Tensor w = w_.contiguous(), g = g_.contiguous(), d1 = d1_.contiguous(),
+                   d2 = d2_.contiguous(), d3 = d3_.contiguous();
+  const at::Tensor g1 = has1 ? g1_->contiguous() : at::Tensor();
+  const at::Tensor g2 = has2 ? g2_->contiguous() : at::Tensor();
+  at::Tensor ow = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor og = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor oz = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const index_t numel = w.numel();
+  if (numel == 0) return {ow, og, oz};
+  K::mul_pair_backward({w.scalar_type(), has1 ? g1.data_ptr() : nullptr,
+                        has2 ? g2.data_ptr() : nullptr, w.data_ptr(), g.data_ptr(),
+                        d1.data_ptr(), d2.data_ptr(), d3.data_ptr(), ow.data_ptr(),
+                        og.data_ptr(), oz.data_ptr(), numel});
+  return {ow, og, oz};
 }
 
 template <class K>
@@ -341,30 +378,6 @@ at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string
   K::act_grad({act, z.scalar_type(), g.data_ptr(), z.data_ptr(), out.data_ptr(), numel, a, b,
                static_cast<int>(k)});
   return out;
-}
-
-template <class K>
-std::tuple<at::Tensor, at::Tensor> act_grad_backward_impl(const at::Tensor& gg_,
-                                                          const at::Tensor& g_,
-                                                          const at::Tensor& z_,
-                                                          c10::string_view act_name, double a,
-                                                          double b, int64_t k) {
-  const char* op = "act_grad_backward";
-  check_input(z_, "z", op);
-  check_like(gg_, z_, "gg", op);
-  check_like(g_, z_, "g", op);
-  const Act act = parse_act(act_name);
-  check_params(act, a, b);
-  check_order(k, kMaxOrder - 1, op);
-  const at::OptionalDeviceGuard guard(at::device_of(z_));
-  const at::Tensor z = z_.contiguous(), g = g_.contiguous(), gg = gg_.contiguous();
-  at::Tensor o1 = at::empty_like(z, at::MemoryFormat::Contiguous);
-  at::Tensor o2 = at::empty_like(z, at::MemoryFormat::Contiguous);
-  const index_t numel = z.numel();
-  if (numel == 0) return {o1, o2};
-  K::act_grad_backward({act, z.scalar_type(), gg.data_ptr(), g.data_ptr(), z.data_ptr(),
-                        o1.data_ptr(), o2.data_ptr(), numel, a, b, static_cast<int>(k)});
-  return {o1, o2};
 }
 
 }  // namespace thd

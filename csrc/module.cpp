@@ -49,7 +49,16 @@ bool cuda_use_reference(int device) {
 }
 }  // namespace thd
 
+namespace thd {
+void reset_piecewise_linear_warnings();  // csrc/jet_ops.cpp
+}
+
 namespace {
+
+PyObject* reset_pwl_warnings(PyObject*, PyObject*) {
+  thd::reset_piecewise_linear_warnings();
+  Py_RETURN_NONE;
+}
 
 PyObject* cuda_compiled(PyObject*, PyObject*) {
 #ifdef THD_WITH_CUDA
@@ -158,6 +167,8 @@ PyMethodDef kMethods[] = {
     {"cuda_probe_state", cuda_probe_state, METH_O, "0 not probed, 1 compiled kernels, 2 reference."},
     {"max_order", max_order, METH_NOARGS, "Highest derivative order in the table."},
     {"activations", activations, METH_NOARGS, "Names of the activations in the table."},
+    {"_reset_piecewise_linear_warnings", reset_pwl_warnings, METH_NOARGS,
+     "Let the once-per-process piecewise-linear warning of the drop-ins fire again (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -52,7 +52,7 @@ import torchhessdiag as thd
 info = thd.backend_info()
 assert info["compiled"], info["load_error"]
 assert info["cuda_kernels"], "extension was built without the CUDA kernels"
-for op in ("act_derivatives", "act_grad", "act_grad_backward", "mul_pair", "jet_layer",
+for op in ("act_derivatives", "act_grad", "mul_pair", "mul_pair_backward", "jet_layer",
            "jet_layer_", "jet_layer_backward", "taylor_act", "taylor_act_backward"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchhessdiag::{op}", "CUDA"), op
     # the fallback of a GPU without a kernel image (csrc/cuda_gate.h)

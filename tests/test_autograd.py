@@ -63,7 +63,6 @@ OP_CASES = (
     [("act_forward", None)]
     + [("act_derivatives", o) for o in ([0, 2, 4], [3, 4], [1])]  # [3, 4]: backward needs 5, 6
     + [("act_grad", k) for k in range(5)]  # k = 4: z-gradient needs order 5 (beyond the table)
-    + [("act_grad_backward", k) for k in range(4)]
 )
 OP_IDS = [f"{op}-{arg}" if arg is not None else op for op, arg in OP_CASES]
 
@@ -80,8 +79,6 @@ def op_fn_and_inputs(op: str, arg, spec, device):
         return (lambda z: ops.act_derivatives(z, *a, arg)), (z,)
     if op == "act_grad":
         return (lambda g, z: ops.act_grad(g, z, *a, arg)), (g, z)
-    if op == "act_grad_backward":
-        return (lambda gg, g, z: ops.act_grad_backward(gg, g, z, *a, arg)), (gg, g, z)
     raise KeyError(op)
 
 
@@ -90,7 +87,7 @@ def op_fn_and_inputs(op: str, arg, spec, device):
 @device_params
 def test_gradcheck_and_gradgradcheck(op, arg, spec, device):
     """First and second derivatives of each op (w.r.t. every tensor input, both outputs of
-    act_grad_backward) against central finite differences, float64, default tolerances
+    the pair act_grad's backward gives) against central finite differences, float64, default tolerances
     (atol 1e-5, rtol 1e-3 on a 1e-6 step). fast_mode: a random projection u^T J v of the
     Jacobian instead of all of it -- an error in any entry changes it with probability 1, and
     it keeps the whole matrix of ops x activations fast."""
@@ -134,7 +131,7 @@ def nested_grid(spec, device) -> torch.Tensor:
 @device_params
 def test_four_nested_grads_match_torch(spec, device):
     """Four nested torch.autograd.grad calls through torchhessdiag.activation (forward ->
-    act_grad -> act_grad_backward -> act_derivatives -> ...) reproduce torch's own nested
+    act_grad -> the fused pair -> its backward -> ...) reproduce torch's own nested
     autograd of torch's own function, where torch's is finite, within torch_tolerance
     (1e-12 * max(1, |torch|), torch's own formula error; celu: torch's float32 1/alpha)."""
     z = nested_grid(spec, device)
@@ -195,9 +192,8 @@ OPCHECK_CASES = [
     # which AOT dispatch then traces
     ("act_grad", make_spec("sin", w=3.0), torch.float32, "transposed", 4),
     ("act_grad", make_spec("relu"), torch.float64, "sliced", 0),
-    ("act_grad_backward", make_spec("tanh"), torch.float64, "contiguous", 0),
-    ("act_grad_backward", make_spec("celu", alpha=0.7), torch.float32, "transposed", 2),
-    ("act_grad_backward", make_spec("softplus"), torch.float64, "sliced", 3),
+    ("act_beyond_table", make_spec("tanh"), torch.float64, "contiguous", 5),
+    ("act_beyond_table", make_spec("celu", alpha=0.7), torch.float32, "transposed", 2),
 ]
 OPCHECK_IDS = [f"{op}-{s}-{str(d)[6:]}-{lay}-{arg}".replace(" ", "") for op, s, d, lay, arg in OPCHECK_CASES]
 
@@ -216,7 +212,7 @@ def test_opcheck(op, spec, dtype, lay, arg, device):
         "act_forward": (z, *a),
         "act_derivatives": (z, *a, arg),
         "act_grad": (g, z, *a, arg),
-        "act_grad_backward": (gg, g, z, *a, arg),
+        "act_beyond_table": (z, *a, arg),
     }[op]
     torch.library.opcheck(getattr(ops, op), args)
 
@@ -239,7 +235,8 @@ def test_fake_kernel_strides_match_real_kernel(lay, device):
             "act_forward": lambda z: ops.act_forward(z, *a),
             "act_derivatives": lambda z: ops.act_derivatives(z, *a, [0, 2]),
             "act_grad": lambda z: ops.act_grad(z, z, *a, 1),
-            "act_grad_backward": lambda z: ops.act_grad_backward(z, z, z, *a, 1)[1],
+            "mul_pair": lambda z: ops.mul_pair(z, z, z, z)[1],
+            "mul_pair_backward": lambda z: ops.mul_pair_backward(z, None, z, z, z, z, z)[2],
         }
         for op, call in calls.items():
             real = call(z)
@@ -279,7 +276,7 @@ def nig_close(actual, expected, spec):
 def test_act_grad_needs_input_grad(spec, k, wrt, device):
     """out = g sigma^(k)(z): d/dg = gout sigma^(k), d/dz = gout g sigma^(k+1), whichever of g
     and z require grad (the backward takes a different path for each combination: fused
-    act_grad_backward for both, act_grad of order k or k+1 -- or beyond the table -- for one)."""
+    the fused pair for both, act_grad of order k or k+1 -- or beyond the table -- for one)."""
     a = (spec.name, spec.a, spec.b)
     z = kink_free_inputs(6, device, seed=8).requires_grad_(wrt in ("z", "both"))
     g = randn(6, device, seed=9).requires_grad_(wrt in ("g", "both"))
@@ -298,23 +295,25 @@ def test_act_grad_needs_input_grad(spec, k, wrt, device):
 @pytest.mark.parametrize("k", range(4))
 @pytest.mark.parametrize("wrt", ["gg", "g", "z", "gg+z", "g+z", "all"])
 @device_params
-def test_act_grad_backward_needs_input_grad(spec, k, wrt, device):
-    """(o1, o2) = (gg sigma^(k), gg g sigma^(k+1)). With upstream (w1, w2):
-    d/dgg = w1 sigma^(k) + w2 g sigma^(k+1), d/dg = w2 gg sigma^(k+1),
-    d/dz = w1 gg sigma^(k+1) + w2 gg g sigma^(k+2) -- for each subset of inputs requiring grad,
-    and for each output alone (the other's gradient None)."""
+def test_fused_double_backward_needs_input_grad(spec, k, wrt, device):
+    """The recorded backward of out = g sigma^(k)(z) w.r.t. (g, z) with upstream gg is the fused
+    pair (o1, o2) = (gg sigma^(k), gg g sigma^(k+1)) (one node; compiled: GradBackwardNode).
+    Its backward with upstream (w1, w2): d/dgg = w1 sigma^(k) + w2 g sigma^(k+1),
+    d/dg = w2 gg sigma^(k+1), d/dz = w1 gg sigma^(k+1) + w2 gg g sigma^(k+2) -- for each subset
+    of (gg, g, z) asked for, and for each output alone (the other's gradient None)."""
     a = (spec.name, spec.a, spec.b)
-    req = {"gg": "gg" in wrt or wrt == "all", "g": wrt in ("g", "g+z", "all"), "z": "z" in wrt or wrt == "all"}
-    z = kink_free_inputs(6, device, seed=11).requires_grad_(req["z"])
-    g = randn(6, device, seed=12).requires_grad_(req["g"])
-    gg = randn(6, device, seed=13).requires_grad_(req["gg"])
+    ask = {"gg": "gg" in wrt or wrt == "all", "g": wrt in ("g", "g+z", "all"), "z": "z" in wrt or wrt == "all"}
+    z = kink_free_inputs(6, device, seed=11).requires_grad_(True)
+    g = randn(6, device, seed=12).requires_grad_(True)
+    gg = randn(6, device, seed=13).requires_grad_(True)
     w1, w2 = randn(6, device, seed=14), randn(6, device, seed=15)
-    o1, o2 = ops.act_grad_backward(gg, g, z, *a, k)
+    out = ops.act_grad(g, z, *a, k)
+    o1, o2 = torch.autograd.grad(out, (g, z), gg, create_graph=True)
     d = torch_derivs(spec, z.detach(), k + 2)
     G, GG = g.detach(), gg.detach()
     nig_close(o1.detach(), GG * d[k], spec)
     nig_close(o2.detach(), GG * G * d[k + 1], spec)
-    names = [n for n in ("gg", "g", "z") if req[n]]
+    names = [n for n in ("gg", "g", "z") if ask[n]]
     tensors = {"gg": gg, "g": g, "z": z}
     for upstream in [(w1, w2), (w1, None), (None, w2)]:
         u1 = upstream[0] if upstream[0] is not None else torch.zeros_like(w1)

@@ -202,16 +202,16 @@ VALIDATION = textwrap.dedent(
                 lambda: ops.act_derivatives(x, "softplus", 0.0, 20.0, [1])),
             "celu alpha=0": (ValueError, lambda: ops.act_grad(x, x, "celu", 0.0, 0.0, 1)),
             "act_grad k=5": (ValueError, lambda: ops.act_grad(x, x, "tanh", 0.0, 0.0, 5)),
-            "act_grad_backward k=4": (ValueError,
-                lambda: ops.act_grad_backward(x, x, x, "tanh", 0.0, 0.0, 4)),
+            "mul_pair_backward g1 shape": (ValueError,
+                lambda: ops.mul_pair_backward(x[:3], x, x, x, x, x, x)),
             "act_derivatives orders=[]": (ValueError,
                 lambda: ops.act_derivatives(x, "tanh", 0.0, 0.0, [])),
             "act_derivatives orders=[7]": (ValueError,
                 lambda: ops.act_derivatives(x, "tanh", 0.0, 0.0, [7])),
             "act_derivatives orders=[0, 1, -1]": (ValueError,
                 lambda: ops.act_derivatives(x, "tanh", 0.0, 0.0, [0, 1, -1])),
-            "act_grad_backward k=-1": (ValueError,
-                lambda: ops.act_grad_backward(x, x, x, "tanh", 0.0, 0.0, -1)),
+            "act_beyond_table n=-1": (ValueError,
+                lambda: ops.act_beyond_table(x, "tanh", 0.0, 0.0, -1)),
         }
         result = {}
         for what, (exc, call) in cases.items():
@@ -237,7 +237,7 @@ CHILD = textwrap.dedent(
     thd_warnings = [str(w.message) for w in rec if "torchhessdiag" in str(w.message)]
     device, path = sys.argv[1], sys.argv[2]
     schemas = {n: str(getattr(torch.ops.torchhessdiag, n).default._schema)
-               for n in ("act_forward", "act_derivatives", "act_grad", "act_grad_backward")}
+               for n in ("act_forward", "act_derivatives", "act_grad", "mul_pair_backward")}
     torch.save(compute(device), path + ".pt")
     with open(path + ".json", "w") as f:
         json.dump({"info": {k: v for k, v in info.items() if k != "activations"},

@@ -78,21 +78,21 @@ def test_dropin_rejects_non_float(module, dtype, device):
         ("act_derivatives", "z"),
         ("act_grad", "z"),
         ("act_grad", "g"),
-        ("act_grad_backward", "z"),
-        ("act_grad_backward", "g"),
-        ("act_grad_backward", "gg"),
+        ("mul_pair_backward", "w"),
+        ("mul_pair_backward", "g1"),
+        ("mul_pair_backward", "d3"),
     ],
 )
 def test_ops_reject_bad_dtype_naming_argument(op, bad_arg, dtype, device):
     good = _x(device, torch.float32)
-    args = {"z": good, "g": good.clone(), "gg": good.clone()}
+    args = {"z": good, "g": good.clone(), "w": good.clone(), "g1": good.clone(), "d3": good.clone()}
     args[bad_arg] = _tensor(dtype, device)
     call = {
         "act_forward": lambda: ops.act_forward(args["z"], "tanh", 0.0, 0.0),
         "act_derivatives": lambda: ops.act_derivatives(args["z"], "tanh", 0.0, 0.0, [0, 1]),
         "act_grad": lambda: ops.act_grad(args["g"], args["z"], "tanh", 0.0, 0.0, 1),
-        "act_grad_backward": lambda: ops.act_grad_backward(
-            args["gg"], args["g"], args["z"], "tanh", 0.0, 0.0, 1
+        "mul_pair_backward": lambda: ops.mul_pair_backward(
+            args["g1"], good, args["w"], good, good, good, args["d3"]
         ),
     }[op]
     with pytest.raises(TypeError) as e:
@@ -135,7 +135,7 @@ def test_unknown_activation_lists_supported(device):
         lambda: ops.act_forward(x, "swish", 0.0, 0.0),
         lambda: ops.act_derivatives(x, "swish", 0.0, 0.0, [1]),
         lambda: ops.act_grad(x, x, "swish", 0.0, 0.0, 1),
-        lambda: ops.act_grad_backward(x, x, x, "swish", 0.0, 0.0, 1),
+        lambda: ops.act_beyond_table(x, "swish", 0.0, 0.0, 5),
     ):
         with pytest.raises(ValueError) as e:
             call()
@@ -211,7 +211,7 @@ def test_ops_reject_zero_parameters(act, a, word, device):
         lambda: ops.act_forward(x, act, a, 20.0),
         lambda: ops.act_derivatives(x, act, a, 20.0, [1]),
         lambda: ops.act_grad(x, x, act, a, 20.0, 1),
-        lambda: ops.act_grad_backward(x, x, x, act, a, 20.0, 1),
+        lambda: ops.act_beyond_table(x, act, a, 20.0, 5),
     ):
         with pytest.raises(ValueError, match=word):
             call()
@@ -225,14 +225,13 @@ def test_ops_reject_zero_parameters(act, a, word, device):
     [
         lambda x: ops.act_grad(x, x, "tanh", 0.0, 0.0, 5),
         lambda x: ops.act_grad(x, x, "tanh", 0.0, 0.0, -1),
-        lambda x: ops.act_grad_backward(x, x, x, "tanh", 0.0, 0.0, 4),
-        lambda x: ops.act_grad_backward(x, x, x, "tanh", 0.0, 0.0, -1),
+        lambda x: ops.act_beyond_table(x, "tanh", 0.0, 0.0, -1),
         lambda x: ops.act_derivatives(x, "tanh", 0.0, 0.0, [7]),
         lambda x: ops.act_derivatives(x, "tanh", 0.0, 0.0, [0, 1, -1]),
         lambda x: ops.act_derivatives(x, "tanh", 0.0, 0.0, []),
         lambda x: ops.act_derivatives(x, "tanh", 0.0, 0.0, [0, 1, 2, 3, 4] * 4),  # 20 > 16 orders
     ],
-    ids=["grad-k5", "grad-k-1", "grad_backward-k4", "grad_backward-k-1", "derivatives-7",
+    ids=["grad-k5", "grad-k-1", "beyond_table-k-1", "derivatives-7",
          "derivatives-neg", "derivatives-empty", "derivatives-20-orders"],
 )
 def test_ops_order_out_of_range(call, device):
@@ -268,8 +267,8 @@ def test_act_grad_shape_mismatch(device):
     for g in (_x(device, shape=(4,)), _x(device, shape=(1, 3)), _x(device, shape=(3, 1))):
         with pytest.raises(ValueError, match=r"\bg\b.*shape"):
             ops.act_grad(g, z, "tanh", 0.0, 0.0, 1)
-    with pytest.raises(ValueError, match=r"\bgg\b.*shape"):
-        ops.act_grad_backward(_x(device, shape=(4,)), z, z, "tanh", 0.0, 0.0, 1)
+    with pytest.raises(ValueError, match=r"\bg1\b.*shape"):
+        ops.mul_pair_backward(_x(device, shape=(4,)), z, z, z, z, z, z)
 
 
 def test_act_grad_dtype_mismatch(device):
@@ -279,8 +278,8 @@ def test_act_grad_dtype_mismatch(device):
         ops.act_grad(g, z, "tanh", 0.0, 0.0, 1)
     with pytest.raises(TypeError, match=r"\bg\b"):
         ops.act_grad(z, g, "tanh", 0.0, 0.0, 1)
-    with pytest.raises(TypeError, match=r"\bgg\b"):
-        ops.act_grad_backward(g, z, z, "tanh", 0.0, 0.0, 1)
+    with pytest.raises(TypeError, match=r"\bg2\b"):
+        ops.mul_pair_backward(z, g, z, z, z, z, z)
 
 
 def _other_device(device, kind):
@@ -311,15 +310,16 @@ def test_act_grad_device_mismatch(which, kind, device):
 
 
 @pytest.mark.parametrize("kind", ["meta", "cross"])
-@pytest.mark.parametrize("which", ["gg", "g", "z"])
-def test_act_grad_backward_device_mismatch(which, kind, device):
+@pytest.mark.parametrize("which", ["g1", "w", "d3"])
+def test_mul_pair_backward_device_mismatch(which, kind, device):
     other = _other_device(device, kind)
-    args = {"gg": _x(device), "g": _x(device), "z": _x(device)}
+    names = ["g1", "g2", "w", "g", "d1", "d2", "d3"]
+    args = {n: _x(device) for n in names}
     args[which] = args[which].to(other)
     with pytest.raises((ValueError, RuntimeError), match="device"):
-        out = ops.act_grad_backward(args["gg"], args["g"], args["z"], "tanh", 0.0, 0.0, 1)
-        pytest.fail(f"act_grad_backward with {which} on {other} and the rest on {device} "
-                    f"returned tensors on {out[0].device}, {out[1].device} instead of raising")
+        out = ops.mul_pair_backward(*[args[n] for n in names])
+        pytest.fail(f"mul_pair_backward with {which} on {other} and the rest on {device} "
+                    f"returned tensors on {out[0].device} instead of raising")
 
 
 def test_meta_tensors_give_shapes():
@@ -329,8 +329,8 @@ def test_meta_tensors_give_shapes():
     assert ops.act_forward(z, "tanh", 0.0, 0.0).shape == (4, 3)
     assert ops.act_derivatives(z, "tanh", 0.0, 0.0, [0, 2, 3]).shape == (3, 4, 3)
     assert ops.act_grad(z, z, "tanh", 0.0, 0.0, 2).dtype == torch.float64
-    o1, o2 = ops.act_grad_backward(z, z, z, "tanh", 0.0, 0.0, 1)
-    assert o1.shape == o2.shape == (4, 3) and o1.device.type == "meta"
+    o1, o2, o3 = ops.mul_pair_backward(None, z, z, z, z, z, z)
+    assert o1.shape == o2.shape == o3.shape == (4, 3) and o1.device.type == "meta"
 
 
 # ---- layouts: non-contiguous, empty, 0-dim ------------------------------------------------------
@@ -379,9 +379,12 @@ def test_noncontiguous_inputs_same_values(act, params, layout, device):
     wd = w.contiguous()
     assert torch.equal(ops.act_grad(w, view, spec.name, spec.a, spec.b, 2),
                        ops.act_grad(wd, dense, spec.name, spec.a, spec.b, 2))
-    o = ops.act_grad_backward(w, view, view, spec.name, spec.a, spec.b, 1)
-    od = ops.act_grad_backward(wd, dense, dense, spec.name, spec.a, spec.b, 1)
+    o = ops.mul_pair(w, view, view, w)
+    od = ops.mul_pair(wd, dense, dense, wd)
     assert torch.equal(o[0], od[0]) and torch.equal(o[1], od[1])
+    o = ops.mul_pair_backward(view, w, w, view, view, w, view)
+    od = ops.mul_pair_backward(dense, wd, wd, dense, dense, wd, dense)
+    assert all(torch.equal(a, b) for a, b in zip(o, od))
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])

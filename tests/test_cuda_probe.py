@@ -201,7 +201,7 @@ def _op_cases():
     return [
         ("act_derivatives", (z, "tanh", 1.0, 0.0, [0, 2, 4])),
         ("act_grad", (gr, z, "softplus", 2.0, 5.0, 3)),
-        ("act_grad_backward", (gg, gr, z, "silu", 1.0, 0.0, 2)),
+        ("mul_pair_backward", (gg, None, gr, z, r(4, 5), r(4, 5), r(4, 5))),
         ("mul_pair", (gg, gr, z, s1[:, :5].expand(4, 5).contiguous())),
         ("jet_layer", (J, s1, c, True)),
         ("jet_layer_backward", (r(4, 3, 5), r(2, 4, 3), J, s1, c)),

@@ -492,7 +492,7 @@ def test_kink_at_zero_follows_torch(spec, device, impl, dtype):
 
 # ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
 #
-# The table ops (act_derivatives, act_grad, act_grad_backward, mul_pair) run one grid-stride
+# The table ops (act_derivatives, act_grad, mul_pair, mul_pair_backward) run one grid-stride
 # kernel over the elements (csrc/cuda/jet_ops.cu, 32 blocks of 256 threads per SM). On (N, w)
 # inputs with w in {1, 31, 33, 100} and, on CUDA, more elements than one pass of that grid (on
 # the CPU several parallel grains of 2048), at random points in [-4, 4] (well conditioned; no
@@ -543,15 +543,19 @@ def test_wide_shapes(spec, device, dtype, w):
     assert torch.equal(D31[0], D[3]) and torch.equal(D31[1], D[1])
     G = ops.act_grad(gr, z, spec.name, spec.a, spec.b, 2)
     close(G, 2, scale=gr, what="act_grad")
-    o1, o2 = ops.act_grad_backward(gg, gr, z, spec.name, spec.a, spec.b, 1)
-    close(o1, 1, scale=gg, what="act_grad_backward o1")
-    close(o2, 2, scale=gg * gr, what="act_grad_backward o2")
     m1, m2 = ops.mul_pair(gg, gr, D[1], D[2])
     assert torch.equal(m1, gg * D[1]) and torch.equal(m2, gg * gr * D[2])
+    # its backward (g1 = gr, g2 = z as upstream): sums of two products, FMA-contracted or not
+    B = ops.mul_pair_backward(gr, z, gg, gr, D[1], D[2], D[3])
+    E = (gr * D[1] + z * gr * D[2], z * gg * D[2], gg * (gr * D[2] + z * gr * D[3]))
+    S = ((gr * D[1]).abs() + (z * gr * D[2]).abs(), (z * gg * D[2]).abs(),
+         gg.abs() * ((gr * D[2]).abs() + (z * gr * D[3]).abs()))
+    for b, e, sc, what in zip(B, E, S, ("ow", "og", "oz")):
+        assert ((b - e).abs() <= 4 * eps * sc + torch.finfo(dtype).tiny).all(), f"mul_pair_backward {what}"
     step = max(1, N // 5)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         assert torch.equal(ops.act_derivatives(z[sl], spec.name, spec.a, spec.b, [0, 1, 2, 3, 4]), D[:, sl])
         assert torch.equal(ops.act_grad(gr[sl], z[sl], spec.name, spec.a, spec.b, 2), G[sl])
-        c1, c2 = ops.act_grad_backward(gg[sl], gr[sl], z[sl], spec.name, spec.a, spec.b, 1)
-        assert torch.equal(c1, o1[sl]) and torch.equal(c2, o2[sl])
+        C = ops.mul_pair_backward(gr[sl], z[sl], gg[sl], gr[sl], D[1, sl], D[2, sl], D[3, sl])
+        assert all(torch.equal(c, b[sl]) for c, b in zip(C, B))

@@ -11,11 +11,12 @@ SCHEMAS = {
     "act_forward": "act_forward(Tensor z, str act, float a, float b) -> Tensor",
     "act_derivatives": "act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor",
     "act_grad": "act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor",
-    "act_grad_backward": (
-        "act_grad_backward(Tensor gg, Tensor g, Tensor z, str act, float a, float b, int k)"
-        " -> (Tensor, Tensor)"
-    ),
     "mul_pair": "mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)",
+    "mul_pair_backward": (
+        "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
+        "Tensor d3) -> (Tensor, Tensor, Tensor)"
+    ),
+    "act_beyond_table": "act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor",
     "jet_layer": "jet_layer(Tensor J, Tensor s1, Tensor c, bool need_ja) -> (Tensor, Tensor)",
     "jet_layer_": "jet_layer_(Tensor(a!) J, Tensor s1, Tensor c) -> Tensor",
     "jet_layer_backward": (

@@ -27,9 +27,17 @@ from . import custom, ops
 from .activations import ActivationSpec, make_spec, spec_from_module, torch_function
 
 
+_functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _functorch_active() -> bool:
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe()) if probe is not None else False
+    return bool(_functorch_probe()) if _functorch_probe is not None else False
+
+
+_FLOATS = (torch.float32, torch.float64)
+
+# the op overload itself (one attribute lookup and the packet's overload resolution less per call)
+_act_forward = ops._ops.act_forward.default
 
 __all__ = [
     "Tanh",
@@ -67,13 +75,14 @@ class _DropIn(nn.Module):
         return self._thd_spec
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        ops.check_float_tensor(input, "input", f"torchhessdiag.nn.{type(self).__name__}")
+        if not (isinstance(input, torch.Tensor) and input.dtype in _FLOATS):
+            ops.check_float_tensor(input, "input", f"torchhessdiag.nn.{type(self).__name__}")
         s = self._thd_spec
         if _functorch_active():
             # torch.func transforms (vmap, grad, jacrev, hessian) cannot see through custom-op
             # autograd; under them, use torch's own function (same value, torch's derivatives).
             return torch_function(s)(input)
-        return ops._ops.act_forward(input, s.name, s.a, s.b)
+        return _act_forward(input, s.name, s.a, s.b)
 
     # the constructor arguments as (attribute, table parameter) pairs, in order
     _ARGS: tuple = ()

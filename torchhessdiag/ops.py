@@ -5,8 +5,9 @@ The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
     act_forward(z, act, a, b)                 sigma(z)                       (ATen's own kernel)
     act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders, one table pass
     act_grad(g, z, act, a, b, k)              g * sigma^(k)(z)
-    act_grad_backward(gg, g, z, act, a, b, k) (gg * sigma^(k)(z), gg * g * sigma^(k+1)(z)), one pass
     mul_pair(w, g, d1, d2)                    (w * d1, w * g * d2)           (arithmetic only)
+    mul_pair_backward(g1, g2, w, g, d1, d2, d3)  its backward w.r.t. w, g and z (d2 = d1', d3 = d2')
+    act_beyond_table(z, act, a, b, n)         sigma^(n)(z) past the table: exact composite path
     jet_layer(J, s1, c, need_ja)              the engine's per-layer kernel (engine_ops.h)
     jet_layer_(J, s1, c)                      the same, in place
     jet_layer_backward(gJa, gacc, J, s1, c)   its fused backward
@@ -15,13 +16,14 @@ The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
     taylor_act_backward(gY, D, H)             its fused backward
 
 Autograd chains them so that differentiating the order-k derivative gives order k+1:
-``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` evaluates
-(sigma^(k), sigma^(k+1)) once per graph node and applies them with the fused ``mul_pair`` --
-nested-autograd loops revisit every node once per input dimension, and after the first visit
-each pass is pure arithmetic. Higher levels go through ``act_derivatives``, whose backward is
-``act_derivatives`` one order up; orders beyond the table (> 4) come from an exact composite path
-(see ``_beyond_table``). ``act_grad_backward`` is the same double backward in one pass, for direct
-use when a node is visited once.
+``act_forward`` backpropagates through ``act_grad(k=1)``; the backward of ``act_grad`` is the fused
+pair (w sigma^(k), w g sigma^(k+1)) (``mul_pair``), whose backward is ``mul_pair_backward``.
+Nested-autograd loops revisit every node once per input dimension: the derivatives of one
+activation are evaluated once (sigma', sigma'', sigma''' in one table pass) and every later visit
+is pure arithmetic on them. With the compiled extension this autograd is C++
+(csrc/jet_autograd.h: no Python per backward node); the Python version below serves the reference
+backend, with the same formulas and per-node caching. Orders beyond the table (> 4) come from an
+exact composite path (``_beyond_table``, as the op ``act_beyond_table`` for the C++ side).
 
 Backends: the compiled extension ``torchhessdiag._C`` provides CPU kernels and, when built with
 CUDA, CUDA kernels. Where no compiled kernel exists (extension missing, CPU-only build with CUDA
@@ -162,14 +164,6 @@ def _check_grad(g, z, act, a, b, k):
     _check_order(k, MAX_ORDER, "act_grad")
 
 
-def _check_grad_backward(gg, g, z, act, a, b, k):
-    _check_float(z, "z", "act_grad_backward")
-    _check_like(gg, z, "gg", "act_grad_backward")
-    _check_like(g, z, "g", "act_grad_backward")
-    _check_act(act, a, "act_grad_backward")
-    _check_order(k, MAX_ORDER - 1, "act_grad_backward")
-
-
 def _check_layer(J, s1, c, op):
     for t in (J, s1, c):
         _check_float(t, "tensors", op)
@@ -252,14 +246,8 @@ def _ref_derivatives(z, act, a, b, orders):
 def _ref_grad(g, z, act, a, b, k):
     _check_grad(g, z, act, a, b, k)
     _warn_reference(z.device)
-    return g * reference.derivatives(z, act, a, b, k)[k]
-
-
-def _ref_grad_backward(gg, g, z, act, a, b, k):
-    _check_grad_backward(gg, g, z, act, a, b, k)
-    _warn_reference(z.device)
-    d = reference.derivatives(z, act, a, b, k + 1)
-    return gg * d[k], gg * g * d[k + 1]
+    # contiguous, as the compiled kernels (and the fake kernel) give it
+    return (g * reference.derivatives(z, act, a, b, k)[k]).contiguous()
 
 
 def _ref_jet_layer(J, s1, c, need_ja):
@@ -321,14 +309,39 @@ def _ref_taylor_act_backward(gY, D, H):
     return dD.contiguous(), dH.contiguous()
 
 
+def _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3):
+    _check_float(w, "w", "mul_pair_backward")
+    for t, name in ((g1, "g1"), (g2, "g2"), (g, "g"), (d1, "d1"), (d2, "d2"), (d3, "d3")):
+        if t is not None:
+            _check_like(t, w, name, "mul_pair_backward")
+
+
+def _mul_pair_backward_math(g1, g2, w, g, d1, d2, d3):
+    zero = torch.zeros_like(w)
+    ow, og, zi = zero, zero, zero
+    if g1 is not None:
+        ow, zi = g1 * d1, g1 * d2
+    if g2 is not None:
+        t = g2 * g
+        ow, zi, og = ow + t * d2, zi + t * d3, g2 * w * d2
+    return ow, og, w * zi
+
+
+def _ref_mul_pair_backward(g1, g2, w, g, d1, d2, d3):
+    _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3)
+    _warn_reference(w.device)
+    return tuple(t.contiguous() for t in _mul_pair_backward_math(g1, g2, w, g, d1, d2, d3))
+
+
 def _ref_mul_pair(w, g, d1, d2):
     _check_mul_pair(w, g, d1, d2)
     _warn_reference(w.device)
-    return w * d1, w * g * d2
+    return (w * d1).contiguous(), (w * g * d2).contiguous()
 
 
 _REF_KERNELS = {
     "mul_pair": _ref_mul_pair,
+    "mul_pair_backward": _ref_mul_pair_backward,
     "jet_layer": _ref_jet_layer,
     "jet_layer_": _ref_jet_layer_,
     "jet_layer_backward": _ref_jet_layer_backward,
@@ -337,7 +350,6 @@ _REF_KERNELS = {
     "act_forward": _ref_forward,
     "act_derivatives": _ref_derivatives,
     "act_grad": _ref_grad,
-    "act_grad_backward": _ref_grad_backward,
 }
 
 _impl_lib = torch.library.Library("torchhessdiag", "IMPL")
@@ -392,15 +404,6 @@ def _(g, z, act, a, b, k):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("torchhessdiag::act_grad_backward")
-def _(gg, g, z, act, a, b, k):
-    _check_grad_backward(gg, g, z, act, a, b, k)
-    return (
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-    )
-
-
 @torch.library.register_fake("torchhessdiag::mul_pair")
 def _(w, g, d1, d2):
     _check_mul_pair(w, g, d1, d2)
@@ -408,6 +411,13 @@ def _(w, g, d1, d2):
         torch.empty_like(w, memory_format=torch.contiguous_format),
         torch.empty_like(w, memory_format=torch.contiguous_format),
     )
+
+
+@torch.library.register_fake("torchhessdiag::mul_pair_backward")
+def _(g1, g2, w, g, d1, d2, d3):
+    _check_mul_pair_backward(g1, g2, w, g, d1, d2, d3)
+    cf = torch.contiguous_format
+    return tuple(torch.empty_like(w, memory_format=cf) for _ in range(3))
 
 
 @torch.library.register_fake("torchhessdiag::jet_layer")
@@ -663,28 +673,41 @@ def _mp_backward(ctx, g1, g2):
     )
 
 
-# act_grad_backward ----------------------------------------------------------------------------
+# mul_pair_backward: its own derivative (direct calls only; the drop-ins run it without a graph) -
 
 
-def _gb_setup(ctx, inputs, output):
-    gg, g, z, act, a, b, k = inputs
-    _save_common(ctx, act, a, b)
+def _mpb_setup(ctx, inputs, output):
     _keep_needs(ctx)
-    ctx.k = k
-    ctx.save_for_backward(gg, g, z)
+    ctx.save_for_backward(*inputs)
 
 
-def _gb_backward(ctx, g1, g2):
-    gg, g, z = ctx.saved_tensors
-    spec, k = _spec_of(ctx), ctx.k
-    need_gg, need_g, need_z = _needs(ctx)[:3]
-    orders = [k, k + 1] + ([k + 2] if need_z else [])
-    d = _derivs(z, spec, orders)
-    dk, dk1 = d[0], d[1]
-    d_gg = g1 * dk + g2 * g * dk1 if need_gg else None
-    d_g = g2 * gg * dk1 if need_g else None
-    d_z = g1 * gg * dk1 + g2 * gg * g * d[2] if need_z else None
-    return d_gg, d_g, d_z, None, None, None, None
+def _mpb_backward(ctx, a, b, c):
+    """ow = g1 d1 + g2 g d2, og = g2 w d2, oz = w (g1 d2 + g2 g d3), differentiated (torch ops, so
+    differentiable again); a, b, c: the gradients of ow, og, oz (None = zero)."""
+    g1, g2, w, g, d1, d2, d3 = ctx.saved_tensors
+    need = _needs(ctx)
+
+    def acc(*terms):  # sum of the products in terms, skipping those with a None factor
+        out = None
+        for factors in terms:
+            if any(f is None for f in factors):
+                continue
+            p = factors[0]
+            for f in factors[1:]:
+                p = p * f
+            out = p if out is None else out + p
+        return torch.zeros_like(w) if out is None else out
+
+    res = [
+        acc((a, d1), (c, w, d2)) if g1 is not None else None,  # g1
+        acc((a, g, d2), (b, w, d2), (c, w, g, d3)) if g2 is not None else None,  # g2
+        acc((b, g2, d2), (c, g1, d2), (c, g2, g, d3)),  # w
+        acc((a, g2, d2), (c, w, g2, d3)),  # g
+        acc((a, g1)),  # d1
+        acc((a, g2, g), (b, g2, w), (c, w, g1)),  # d2
+        acc((c, w, g2, g)),  # d3
+    ]
+    return tuple(r if n else None for r, n in zip(res, need))
 
 
 # act_derivatives ------------------------------------------------------------------------------
@@ -739,17 +762,39 @@ def _ta_backward(ctx, gY):
     return _ops.taylor_act_backward(gY.contiguous(), D, H)
 
 
+# act_beyond_table ------------------------------------------------------------------------------
+
+
+def _beyond_table_op(z, act, a, b, n):
+    """sigma^(n)(z) by the exact composite path (any n >= 0; the table where it reaches). The C++
+    autograd of the activation ops (csrc/jet_autograd.h) calls it past the table. Registered as
+    CompositeImplicitAutograd: its autograd is that of the torch ops it runs."""
+    _check_float(z, "z", "act_beyond_table")
+    _check_act(act, a, "act_beyond_table")
+    if n < 0:
+        raise ValueError(f"torchhessdiag.act_beyond_table: derivative order must be >= 0, got {n}")
+    if n <= MAX_ORDER:
+        return _ops.act_derivatives(z, act, a, b, [n])[0]
+    return _beyond_table(z, ActivationSpec(act, a, b), n)
+
+
+_impl_lib.impl("act_beyond_table", _beyond_table_op, "CompositeImplicitAutograd")
+
 torch.library.register_autograd("torchhessdiag::taylor_act", _ta_backward, setup_context=_ta_setup)
 torch.library.register_autograd("torchhessdiag::mul_pair", _mp_backward, setup_context=_mp_setup)
+torch.library.register_autograd(
+    "torchhessdiag::mul_pair_backward", _mpb_backward, setup_context=_mpb_setup
+)
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
-torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
-torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
-torch.library.register_autograd(
-    "torchhessdiag::act_grad_backward", _gb_backward, setup_context=_gb_setup
-)
-torch.library.register_autograd(
-    "torchhessdiag::act_derivatives", _ad_backward, setup_context=_ad_setup
-)
+if not COMPILED:
+    # compiled: the autograd of these three is C++, at the Autograd key (csrc/jet_autograd.h), with
+    # the same formulas and the same derivative caching; this Python version serves the
+    # reference backend
+    torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)
+    torch.library.register_autograd("torchhessdiag::act_grad", _grad_backward, setup_context=_grad_setup)
+    torch.library.register_autograd(
+        "torchhessdiag::act_derivatives", _ad_backward, setup_context=_ad_setup
+    )
 
 
 # ---- public functional API -------------------------------------------------------------------
@@ -773,9 +818,9 @@ def activation(x: Tensor, act, **params) -> Tensor:
     """Apply an activation of the table with exact derivatives of every order.
 
     The value is computed by torch's own kernel for that function (bit-for-bit what torch gives);
-    the first derivative runs the fused ``act_grad`` kernel, the second the fused
-    ``act_grad_backward`` kernel, higher orders the table up to 4 and an exact composite path
-    beyond. Second derivatives never come back ``None``: they are zeros where they vanish.
+    derivatives come from the stable derivative table (orders 1-4, evaluated once per
+    application and kept for every later backward pass) and an exact composite path beyond.
+    Second derivatives never come back ``None``: they are zeros where they vanish.
 
     Args:
         x: float32 or float64 tensor, any shape, any device.

@@ -59,12 +59,52 @@ struct MlpActJob {
                              // where threads of different points would race on a sum)
 };
 
+// The drop-in activations' ops (issue 14), on [begin, end) of numel elements:
+//   act_grad:  out = g sigma^(k)(z)
+struct GradJob {
+  int act;
+  double a, b;
+  int k;
+  const void* g;
+  const void* z;
+  void* out;
+  int64_t numel;
+};
+
+// Their arithmetic (no table): o1 = w d1, o2 = w g d2 (mul_pair), and its backward given
+// d3 = d2' with d2 = d1' (mul_pair_backward; g1 or g2 may be null = zero):
+//   ow = g1 d1 + g2 g d2,  og = g2 w d2,  oz = w (g1 d2 + g2 g d3)
+struct MulPairJob {
+  const void* w;
+  const void* g;
+  const void* d1;
+  const void* d2;
+  void* o1;
+  void* o2;
+};
+struct MulPairBackwardJob {
+  const void* g1;
+  const void* g2;
+  const void* w;
+  const void* g;
+  const void* d1;
+  const void* d2;
+  const void* d3;
+  void* ow;
+  void* og;
+  void* oz;
+};
+
 struct KernelTable {
   Isa isa;
   const char* name;
   void (*derivs[2])(const DerivsJob&, int64_t begin, int64_t end);  // [0] float, [1] double
   void (*mlp_act_forward[2])(const MlpActJob&);
   void (*mlp_act_backward[2])(const MlpActJob&);
+  // the drop-in activations' ops (filled by add_dropin_kernels, kernels_isa.h)
+  void (*grad[2])(const GradJob&, int64_t begin, int64_t end);
+  void (*mul_pair[2])(const MulPairJob&, int64_t begin, int64_t end);
+  void (*mul_pair_backward[2])(const MulPairBackwardJob&, int64_t begin, int64_t end);
 };
 
 // Each returns nullptr where that build is unusable (CPU without the instructions, or a torch

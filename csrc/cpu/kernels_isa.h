@@ -266,6 +266,9 @@ void mlp_entry(const cpu::MlpActJob& p) {
 }
 
 template <class LF, class LD>
+void add_dropin_kernels(cpu::KernelTable& t);  // the drop-in section at the end of this file
+
+template <class LF, class LD>
 cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
   cpu::KernelTable t;
   t.isa = isa;
@@ -276,7 +279,120 @@ cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
   t.mlp_act_forward[1] = &mlp_entry<LD, false>;
   t.mlp_act_backward[0] = &mlp_entry<LF, true>;
   t.mlp_act_backward[1] = &mlp_entry<LD, true>;
+  add_dropin_kernels<LF, LD>(t);
   return t;
+}
+
+// ---- the drop-in activations' ops (issue 14): act_grad, mul_pair, mul_pair_backward ------------
+// One table evaluation per element, the products in the same pass (csrc/jet_ops_impl.h has the
+// scalar bodies the CUDA kernels run; these are the same arithmetic on lanes).
+
+template <class L, class Act, int N>
+void grad_body(const cpu::GradJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* z = static_cast<const T*>(p.z);
+  const T* g = static_cast<const T*>(p.g);
+  T* out = static_cast<T*>(p.out);
+  const V a = V(static_cast<T>(p.a)), b = V(static_cast<T>(p.b));
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    V d[N + 1];
+    Act::template eval<N>(X::ld(z + i, cnt), a, b, d);
+    X::st(out + i, X::ld(g + i, cnt) * d[N], cnt);
+  }
+}
+
+template <class L>
+void grad_entry(const cpu::GradJob& p, int64_t begin, int64_t end) {
+  dispatch_act(static_cast<Act>(p.act), [&](auto tag) {
+    using A = decltype(tag);
+    dispatch_order(p.k, [&](auto n) {
+      constexpr int N = decltype(n)::value;
+      grad_body<L, A, N>(p, begin, end);
+    });
+  });
+}
+
+template <class L>
+void mul_pair_entry(const cpu::MulPairJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ g = static_cast<const T*>(p.g);
+  const T* __restrict__ d1 = static_cast<const T*>(p.d1);
+  const T* __restrict__ d2 = static_cast<const T*>(p.d2);
+  T* __restrict__ o1 = static_cast<T*>(p.o1);
+  T* __restrict__ o2 = static_cast<T*>(p.o2);
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    const auto v = X::ld(w + i, cnt);
+    X::st(o1 + i, v * X::ld(d1 + i, cnt), cnt);
+    X::st(o2 + i, v * X::ld(g + i, cnt) * X::ld(d2 + i, cnt), cnt);
+  }
+}
+
+template <class L, bool G1, bool G2>
+void mul_pair_backward_body(const cpu::MulPairBackwardJob& p, int64_t begin, int64_t end) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  constexpr int W = L::width;
+  const T* __restrict__ g1 = static_cast<const T*>(p.g1);
+  const T* __restrict__ g2 = static_cast<const T*>(p.g2);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ g = static_cast<const T*>(p.g);
+  const T* __restrict__ d1 = static_cast<const T*>(p.d1);
+  const T* __restrict__ d2 = static_cast<const T*>(p.d2);
+  const T* __restrict__ d3 = static_cast<const T*>(p.d3);
+  T* __restrict__ ow = static_cast<T*>(p.ow);
+  T* __restrict__ og = static_cast<T*>(p.og);
+  T* __restrict__ oz = static_cast<T*>(p.oz);
+  for (int64_t i = begin; i < end; i += W) {
+    const int cnt = end - i < W ? static_cast<int>(end - i) : W;
+    const V vw = X::ld(w + i, cnt), s2 = X::ld(d2 + i, cnt);
+    V a = V(T(0)), zi = V(T(0)), b = V(T(0));
+    if constexpr (G1) {
+      const V v1 = X::ld(g1 + i, cnt);
+      a = v1 * X::ld(d1 + i, cnt);
+      zi = v1 * s2;
+    }
+    if constexpr (G2) {
+      const V v2 = X::ld(g2 + i, cnt);
+      const V t = v2 * X::ld(g + i, cnt);
+      a = G1 ? a + t * s2 : t * s2;
+      zi = G1 ? zi + t * X::ld(d3 + i, cnt) : t * X::ld(d3 + i, cnt);
+      b = v2 * vw * s2;
+    }
+    X::st(ow + i, a, cnt);
+    X::st(og + i, b, cnt);
+    X::st(oz + i, vw * zi, cnt);
+  }
+}
+
+template <class L>
+void mul_pair_backward_entry(const cpu::MulPairBackwardJob& p, int64_t begin, int64_t end) {
+  if (p.g1 != nullptr && p.g2 != nullptr)
+    mul_pair_backward_body<L, true, true>(p, begin, end);
+  else if (p.g1 != nullptr)
+    mul_pair_backward_body<L, true, false>(p, begin, end);
+  else if (p.g2 != nullptr)
+    mul_pair_backward_body<L, false, true>(p, begin, end);
+  else
+    mul_pair_backward_body<L, false, false>(p, begin, end);
+}
+
+template <class LF, class LD>
+void add_dropin_kernels(cpu::KernelTable& t) {
+  t.mul_pair[0] = &mul_pair_entry<LF>;
+  t.mul_pair[1] = &mul_pair_entry<LD>;
+  t.mul_pair_backward[0] = &mul_pair_backward_entry<LF>;
+  t.mul_pair_backward[1] = &mul_pair_backward_entry<LD>;
+  t.grad[0] = &grad_entry<LF>;
+  t.grad[1] = &grad_entry<LD>;
 }
 
 }  // namespace THD_ISA_NS

@@ -33,9 +33,9 @@ struct CudaExec {
 
 void CudaKernels::act_derivatives(const DerivsArgs& p) { Kernels<CudaExec>::act_derivatives(p); }
 void CudaKernels::act_grad(const GradArgs& p) { Kernels<CudaExec>::act_grad(p); }
-void CudaKernels::act_grad_backward(const GradBackwardArgs& p) {
-  Kernels<CudaExec>::act_grad_backward(p);
-}
 void CudaKernels::mul_pair(const MulPairArgs& p) { Kernels<CudaExec>::mul_pair(p); }
+void CudaKernels::mul_pair_backward(const MulPairBackwardArgs& p) {
+  Kernels<CudaExec>::mul_pair_backward(p);
+}
 
 }  // namespace thd

@@ -49,6 +49,8 @@ PINN_METHODS = ["thd_diag", "thd_lap", "thd_deriv", "nested", "func_hessian", "f
                 "fwd_diag", "fwd_lap", "fwd_deriv", "fwd_lap_compiled", "jet", "jet_std",
                 "jet_deriv"]
 
+from .dropin import GRID as _DROPIN_GRID, QUICK as _DROPIN_QUICK  # noqa: E402
+
 PRESETS = {
     # about a minute on a 2-core CPU: every method, both modes, d < and > the width
     "quick": dict(device=["auto"], dtype=["float32"], d=[4, 40], width=[32], depth=[2],
@@ -69,6 +71,10 @@ PRESETS = {
     "gpu": dict(device=["cuda"], dtype=["float32", "float64"], d=[2, 16, 100, 1000],
                 width=[256], depth=[4], n=[4096, 65536], repeats=10, budget=30.0,
                 method_budget=15.0, diag_max_d=100, extra_taylor=True),
+    # issue 14: nested autograd through torchhessdiag.nn drop-ins vs torch.nn, every activation
+    # (torchhessdiag/bench/dropin.py, which runs it; its grid is dropin.GRID / dropin.QUICK)
+    **{name: dict(device=["cpu"], groups=[grid_], repeats=5, budget=60.0, method_budget=20.0, threads=2)
+       for name, grid_ in (("dropin", _DROPIN_GRID), ("dropin-quick", _DROPIN_QUICK))},
     # PINN architectures beyond MLPs (torchhessdiag/bench/models.py, which runs it)
     "models": dict(device=["cpu"], dtype=["float32", "float64"], d=[2, 3], width=[128],
                    depth=[4], n=[4096], repeats=5, budget=60.0, method_budget=30.0, check_n=16),
@@ -88,7 +94,10 @@ def parse_args(argv=None):
                         "taylor (the Taylor-mode paper's setting), gpu (the full GPU grid), "
                         "pinn (issue 13's PINN grid; its parts pinn-train, pinn-train64, "
                         "pinn-infer, pinn-infer64, pinn-overhead; pinn-tiny: a smoke run), models "
-                        "(PINN architectures: python -m torchhessdiag.bench.models --help). "
+                        "(PINN architectures: python -m torchhessdiag.bench.models --help), "
+                        "dropin (issue 14: nested autograd through torchhessdiag.nn drop-ins vs "
+                        "torch.nn, every activation; dropin-quick: ~2 minutes; python -m "
+                        "torchhessdiag.bench.dropin --help). "
                         "Default: gpu where CUDA is available, else cpu. Explicit options below "
                         "override the preset's values.")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -301,6 +310,10 @@ def load_records(path: str) -> List[dict]:
 def main(argv=None) -> int:
     """Run the grid; returns the exit status (0 ok, 1 a check failed, 3 blocks left)."""
     a = parse_args(argv)
+    if a.preset in ("dropin", "dropin-quick"):  # its own grid and methods: bench/dropin.py
+        from .dropin import main_from_cli as dropin_main
+
+        return dropin_main(a)
     if a.preset == "models":  # its own grid and methods: torchhessdiag/bench/models.py
         from .models import main_from_cli
 
