@@ -675,3 +675,23 @@ def test_sampled_laplacian_bad_arguments():
         thd.laplacian(f, x, dims=[0, 1], num_samples=3)
     # with replacement, more draws than axes is fine
     thd.laplacian(f, x, dims=[0, 1], num_samples=3, sample_weights=[1.0, 1.0])
+
+
+def test_sampled_laplacian_at_large_d_takes_the_jets():
+    """Above _SAMPLED_ENGINE_MAX_D input features an MLP's sampled Laplacian runs on the jets
+    (the engine's chunks shrink there): same numbers as the engine's partial Laplacian, and the
+    first layer gathers weight columns instead of a (S, d) GEMM."""
+    d = O._SAMPLED_ENGINE_MAX_D + 100
+    net = mlp(d, 1, width=8, seed=16)
+    x = torch.rand(4, d, dtype=F64)
+    dims = [3, 17, 2000, d - 1]
+    got, info = thd.laplacian(net, x, dims, num_samples=4, generator=torch.Generator().manual_seed(0), return_info=True)
+    assert info.path == "jet"
+    want, info2 = thd.laplacian(net, x, dims, return_info=True)
+    assert info2.path == "engine" and rel(got, want) <= 1e-12
+    lap_jets = thd.laplacian(lambda z: net(z), x, dims)  # an axis selection through the jets
+    assert rel(lap_jets, want) <= 1e-12
+    # divergence (an axis selection too) on a field with a wide input
+    v = mlp(d, d, width=8, seed=17)
+    J = torch.autograd.functional.jacobian(lambda z: v(z[None])[0], x[0])
+    assert rel(thd.divergence(v, x[:1], dims), J[dims, dims].sum().reshape(1)) <= 1e-12

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import engine, fallback_ops, graph, ops, taylor
-from .api import _dims_matrix
+from .api import _dims_list, _dims_matrix
 
 Tensor = torch.Tensor
 
@@ -348,12 +348,13 @@ def _check_mode(fallback: Optional[str], where: str) -> str:
 
 def _compute(
     f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False, allow_zeros: bool = False,
-    weights: Optional[Tensor] = None, path_note: str = "",
+    weights: Optional[Tensor] = None, path_note: str = "", use_engine: bool = True,
 ):
     """The dispatch of every public function here. ``weights`` (K,) >= 0, with ``what ==
     "laplacian"`` and explicit ``dims``: the weighted partial Laplacian sum_k w_k d^2 f/dx_(i_k)^2
     (the sampled Laplacian of torchhessdiag/operators.py); ``path_note`` is appended to the
-    PathInfo's reason."""
+    PathInfo's reason; ``use_engine=False`` skips the MLP engine (the sampled Laplacian at large d on
+    the CPU, see operators.sampled_laplacian)."""
     mode = _check_mode(fallback, where)
     if not isinstance(allow_zeros, bool):
         raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
@@ -368,7 +369,6 @@ def _compute(
     x2 = x.unsqueeze(0) if unbatched else x
     N, d = x2.shape
     Vsel = _dims_matrix(dims, d, x2, where)
-    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if Vsel is None else Vsel
     _check_module(f, x2, where)
     reasons: List[str] = []
 
@@ -383,7 +383,7 @@ def _compute(
         return (result, info) if (return_info or dry) else result
 
     # 1. the MLP engine ---------------------------------------------------------------------------
-    if what in ("laplacian", "diag") or (what == "axis" and order == 2):
+    if use_engine and (what in ("laplacian", "diag") or (what == "axis" and order == 2)):
         layers = None
         if isinstance(f, nn.Module):
             try:
@@ -401,12 +401,16 @@ def _compute(
                 engine._warn_if_piecewise_linear(layers, stacklevel=_stacklevel() + 1)
             if what == "axis":
                 res = engine.run(layers, x2, Vsel, "diag", need_gradient=True)
-                grad = res.gradient if Vsel is None else res.gradient[..., V.argmax(0)]  # (N, m, D)
+                grad = res.gradient if Vsel is None else res.gradient[..., Vsel.argmax(0)]  # (N, m, D)
                 out = torch.stack([res.value.unsqueeze(-1).expand_as(res.second), grad, res.second])
                 return done(out.squeeze(1) if unbatched else out, info)
             Veng = Vsel if weights is None else Vsel * weights.sqrt()  # sum_k (sqrt(w_k) e_k)^T H (...)
             res = engine.run(layers, x2, Veng, "sum" if what == "laplacian" else "diag")
             return done(res.second.squeeze(0) if unbatched else res.second, info)
+
+    # the directions of the jets and of the fallback (not before: the engine needs no (d, d) matrix,
+    # and at d = 1e5 one would take 40 GB)
+    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if Vsel is None else Vsel
 
     # order 0: the value only ------------------------------------------------------------------------
     if what == "axis" and order == 0:
@@ -423,7 +427,8 @@ def _compute(
         try:
             program = graph.get_program(f, x2)
             out, ctx = taylor.propagate_chunked(
-                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f), weights=weights
+                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f), weights=weights,
+                axes=torch.arange(d) if Vsel is None else torch.tensor(_dims_list(dims, d)),
             )
         except graph.ShapeError as e:
             raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None

@@ -313,12 +313,15 @@ def _prepare(f, x, where: str, fallback, allow_zeros):
     return mode, x2, unbatched
 
 
-def _try_jets(f, x2: Tensor, V: Tensor, order: int, collapsed: bool, weights: Optional[Tensor], where: str, x_shape, reasons: List[str]):
-    """Run the traced jets: (out, ctx) or None (the reason appended)."""
+def _try_jets(
+    f, x2: Tensor, V: Tensor, order: int, collapsed: bool, weights: Optional[Tensor], where: str, x_shape, reasons: List[str],
+    axes: Optional[Tensor] = None,
+):
+    """Run the traced jets: (out, ctx, program) or None (the reason appended)."""
     try:
         program = graph.get_program(f, x2)
         out, ctx = taylor.propagate_chunked(
-            program, x2, V, order, collapsed=collapsed, f=graph.traced_callable(f), weights=weights
+            program, x2, V, order, collapsed=collapsed, f=graph.traced_callable(f), weights=weights, axes=axes
         )
     except graph.ShapeError as e:
         raise ValueError(f"{where}: x has shape {tuple(x_shape)}, which does not fit the model: {e}") from None
@@ -814,7 +817,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
     ops.warn_if_tf32(x2, stacklevel=3)
     V = torch.zeros(d, len(axes), dtype=x2.dtype, device=x2.device)
     V[axes, torch.arange(len(axes))] = 1.0
-    got = _try_jets(f, x2, V, 1, False, None, where, x.shape, reasons)
+    got = _try_jets(f, x2, V, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes))
     if got is not None:
         out_jet, ctx, program = got
         info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes): first-order jets along {len(axes)} axes")
@@ -850,6 +853,13 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
 
 
 # ---- the sampled Laplacian ---------------------------------------------------------------------
+
+#: above this d the sampled Laplacian of an MLP on the CPU takes the jets, not the MLP engine: the
+#: engine's no-graph chunks are sized by S * max(width, d) elements per point, so at large d they
+#: shrink to a few points and the (d, S) first layer is recomputed for each (measured here, tanh
+#: 3x128, N = 256, 1 thread: d = 1e3 engine 4-42 ms vs jets 8-49 ms for S = 8-128, d = 1e4 engine
+#: 23-1930 ms vs jets 17-119 ms for S = 8-200)
+_SAMPLED_ENGINE_MAX_D = 2048
 
 
 def sampled_laplacian(
@@ -906,7 +916,10 @@ def sampled_laplacian(
         pick = torch.randperm(D, generator=generator, device=gdev)[:S].tolist()
         chosen = sorted(axes[j] for j in pick)
         note = f"sampled Laplacian: {S} of {D} axes, uniform without replacement, scaled by {D}/{S}"
-        res = G._compute(f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note)
+        res = G._compute(
+            f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note,
+            use_engine=_engine_ok(x, d),
+        )
         scale = D / S
         if return_info:
             return res[0] * scale if scale != 1 else res[0], res[1]
@@ -942,8 +955,12 @@ def sampled_laplacian(
     note = f"sampled Laplacian: {S} draws of {D} axes with replacement, probabilities from sample_weights ({len(chosen)} distinct axes)"
     return G._compute(
         f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros,
-        weights=wts.to(dtype=x.dtype, device=x.device), path_note=note,
+        weights=wts.to(dtype=x.dtype, device=x.device), path_note=note, use_engine=_engine_ok(x, d),
     )
+
+
+def _engine_ok(x: Tensor, d: int) -> bool:
+    return x.device.type != "cpu" or d <= _SAMPLED_ENGINE_MAX_D
 
 
 # ---- explain -----------------------------------------------------------------------------------

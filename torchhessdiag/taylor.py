@@ -88,6 +88,10 @@ class Context:
         self.kind = ""
         self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
         self.total_row = 0  # per-point elements of every jet made (value and coefficients)
+        # the directions are the coordinate axes ``axes`` (LongTensor (K,)): a linear layer applied
+        # to the input jet's rows (V^T, K x d) gathers K weight columns instead of a K x d x out GEMM
+        self.axes: Optional[Tensor] = None
+        self.input_rows: Optional[Tensor] = None
 
     def is_sum(self, k: int) -> bool:
         """Coefficient k is the collapsed (weighted) sum over directions, (N, *S)."""
@@ -378,7 +382,12 @@ def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
             f"{_layer_name(ctx, p, 'linear layer')} takes {weight.shape[1]} input features, but the "
             f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
         )
-    return _map(x, lambda t, off: F.linear(t, weight), value=F.linear(x.value, weight, bias))
+    def fn(t: Tensor, off: int) -> Tensor:
+        if ctx.axes is not None and t is ctx.input_rows:  # V^T W^T with V = columns e_(axes)
+            return weight.index_select(1, ctx.axes).t()
+        return F.linear(t, weight)
+
+    return _map(x, fn, value=F.linear(x.value, weight, bias))
 
 
 def _rule_linear_module(ctx: Context, p: dict, m, x) -> Any:
@@ -794,7 +803,9 @@ def _plain(a: Any) -> Any:
 
 
 def _input_jet(ctx: Context, x: Tensor, V: Tensor) -> Jet:
-    return Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (ctx.order - 1))
+    rows = V.t().to(dtype=x.dtype, device=x.device)
+    ctx.input_rows = rows
+    return Jet(x, [rows] + [None] * (ctx.order - 1))
 
 
 def _check_if_jet(ctx: Context, res: Any) -> Any:
@@ -810,9 +821,14 @@ _RUNTIME.plain = _plain
 _PASS_THROUGH = (ShapeError, NotImplementedError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
 
 
-def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None, weights: Optional[Tensor] = None):
+def propagate(
+    program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None,
+    weights: Optional[Tensor] = None, axes: Optional[Tensor] = None,
+):
     """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order;
-    ``collapsed``: the top order as the sum over directions, weighted by ``weights`` (K,) if given.
+    ``collapsed``: the top order as the sum over directions, weighted by ``weights`` (K,) if given;
+    ``axes``: when the columns of V are the coordinate axes e_(axes[k]) (a LongTensor), so that a
+    linear layer on the input gathers weight columns (cost K x out, not K x d x out).
 
     ``f`` is the model (or function) the program was traced from: its weights and submodules are
     read from it on every run (default: the one it was traced from, if it is still alive).
@@ -825,6 +841,8 @@ def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: boo
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
     ctx = Context(x.shape[0], V.shape[1], order, collapsed, weights)
+    if axes is not None:
+        ctx.axes = axes.to(device=x.device)
     if f is None and program.fn_ref is not None:
         f = program.fn_ref()
     try:
@@ -898,7 +916,10 @@ def chunk_points(x: Tensor, ctx: Context, first: int) -> int:
     return max(min(first, N), min(chunk, fit))
 
 
-def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None, weights: Optional[Tensor] = None):
+def propagate_chunked(
+    program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None,
+    weights: Optional[Tensor] = None, axes: Optional[Tensor] = None,
+):
     """:func:`propagate` over chunks of points (rows are independent), concatenated.
 
     With an autograd graph to keep (training) all points go in one block: the graph is kept
@@ -907,15 +928,15 @@ def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collap
     :func:`chunk_points` (bounded memory; on CUDA sized from the free device memory)."""
     N = x.shape[0]
     if _graph_wanted(x, f):
-        return propagate(program, x, V, order, collapsed, f, weights)
+        return propagate(program, x, V, order, collapsed, f, weights, axes)
     first = min(N, _FIRST_CHUNK)
-    out, ctx = propagate(program, x[:first], V, order, collapsed, f, weights)
+    out, ctx = propagate(program, x[:first], V, order, collapsed, f, weights, axes)
     if first == N:
         return out, ctx
     parts = [out]
     chunk = chunk_points(x, ctx, first)
     for i in range(first, N, chunk):
-        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f, weights)
+        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f, weights, axes)
         ctx.piecewise_linear_seen |= c.piecewise_linear_seen
         parts.append(part)
     ctx.N = N
