@@ -368,12 +368,16 @@ def _compute(
     unbatched = x.dim() == 1
     x2 = x.unsqueeze(0) if unbatched else x
     N, d = x2.shape
-    Vsel = _dims_matrix(dims, d, x2, where)
+    # validated here; the (d, K) selection matrix is built only where a path needs it (the engine,
+    # the fallback): the jets take the axes themselves (memory flat in d for a few axes of many)
+    _dims_matrix(dims, d, torch.empty(0, device="meta"), where)
+    axes = torch.arange(d) if dims is None else torch.tensor(_dims_list(dims, d), dtype=torch.long)
+    K = axes.shape[0]
     _check_module(f, x2, where)
     reasons: List[str] = []
 
     if weights is not None:  # internal: checked by the caller
-        if what != "laplacian" or Vsel is None or weights.shape != (Vsel.shape[1],):
+        if what != "laplacian" or dims is None or weights.shape != (K,):
             raise ValueError(f"{where}: weights need a Laplacian over explicit dims, one per axis")
         weights = weights.to(dtype=x2.dtype, device=x2.device)
 
@@ -393,6 +397,7 @@ def _compute(
                 reasons.append(f"not an MLP the engine accepts ({why})")
         if layers is not None:
             engine.check_input(layers, x2, where)
+            Vsel = _dims_matrix(dims, d, x2, where)
             info = PathInfo("engine", "an nn.Sequential MLP: the K+2-row engine")
             if dry:
                 return done(None, info)
@@ -408,17 +413,13 @@ def _compute(
             res = engine.run(layers, x2, Veng, "sum" if what == "laplacian" else "diag")
             return done(res.second.squeeze(0) if unbatched else res.second, info)
 
-    # the directions of the jets and of the fallback (not before: the engine needs no (d, d) matrix,
-    # and at d = 1e5 one would take 40 GB)
-    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if Vsel is None else Vsel
-
     # order 0: the value only ------------------------------------------------------------------------
     if what == "axis" and order == 0:
         info = PathInfo("forward", "order 0: f(x) only")
         if dry:
             return done(None, info)
         y = _check_output(f(x2), N, where)
-        out = y.unsqueeze(-1).expand(tuple(y.shape) + (V.shape[1],)).unsqueeze(0).clone()
+        out = y.unsqueeze(-1).expand(tuple(y.shape) + (K,)).unsqueeze(0).clone()
         return done(out.squeeze(1) if unbatched else out, info)
 
     ops.warn_if_tf32(x2, stacklevel=4)  # TF32 policy (torchhessdiag/_precision.py): jets, autograd
@@ -427,8 +428,8 @@ def _compute(
         try:
             program = graph.get_program(f, x2)
             out, ctx = taylor.propagate_chunked(
-                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f), weights=weights,
-                axes=torch.arange(d) if Vsel is None else torch.tensor(_dims_list(dims, d)),
+                program, x2, None, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f), weights=weights,
+                axes=axes,
             )
         except graph.ShapeError as e:
             raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None
@@ -444,7 +445,6 @@ def _compute(
             coefs = out.coefs if isinstance(out, taylor.Jet) else [None] * order
             if order >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
                 _warn_piecewise_linear(_stacklevel() + 1)
-            K = V.shape[1]
             S = tuple(value.shape[1:])
             derivs = []
             for k, c in enumerate(coefs, start=1):
@@ -467,6 +467,7 @@ def _compute(
         )
     if dry:
         return done(None, PathInfo("autograd", reason, "nested torch.autograd.grad (torch.func nested jvp where it cannot)"))
+    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if dims is None else _dims_matrix(dims, d, x2, where)
     cause = (where, type(f).__name__, reason)
     if cause not in _logged:
         _logged.add(cause)

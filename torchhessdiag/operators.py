@@ -815,9 +815,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
 
     reasons: List[str] = []
     ops.warn_if_tf32(x2, stacklevel=3)
-    V = torch.zeros(d, len(axes), dtype=x2.dtype, device=x2.device)
-    V[axes, torch.arange(len(axes))] = 1.0
-    got = _try_jets(f, x2, V, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes))
+    got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
     if got is not None:
         out_jet, ctx, program = got
         info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes): first-order jets along {len(axes)} axes")

@@ -382,12 +382,16 @@ def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
             f"{_layer_name(ctx, p, 'linear layer')} takes {weight.shape[1]} input features, but the "
             f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
         )
+    value = F.linear(x.value, weight, bias)
+    if isinstance(x, _AxisInput) and x._coefs is None:  # V^T W^T with V = columns e_(axes)
+        return Jet(value, [weight.index_select(1, ctx.axes).t()] + [None] * (ctx.order - 1))
+
     def fn(t: Tensor, off: int) -> Tensor:
-        if ctx.axes is not None and t is ctx.input_rows:  # V^T W^T with V = columns e_(axes)
+        if ctx.axes is not None and t is ctx.input_rows:
             return weight.index_select(1, ctx.axes).t()
         return F.linear(t, weight)
 
-    return _map(x, fn, value=F.linear(x.value, weight, bias))
+    return _map(x, fn, value=value)
 
 
 def _rule_linear_module(ctx: Context, p: dict, m, x) -> Any:
@@ -802,7 +806,36 @@ def _plain(a: Any) -> Any:
     return a.value if isinstance(a, Jet) else a
 
 
-def _input_jet(ctx: Context, x: Tensor, V: Tensor) -> Jet:
+class _AxisInput(Jet):
+    """The input jet when the directions are coordinate axes (``ctx.axes``) and V was not given:
+    its first-order rows (the one-hot (K, d) matrix V^T) are made only when a rule reads
+    ``coefs``; a linear layer on it gathers weight columns instead (:func:`_rule_linear`), so a few
+    axes of a very wide input never cost a (K, d) tensor."""
+
+    __slots__ = ("_ctx", "_coefs")
+
+    def __init__(self, ctx: Context, value: Tensor):  # noqa: D107 - no Jet.__init__: coefs is lazy
+        self.value = value
+        self._ctx = ctx
+        self._coefs: Optional[List[Optional[Tensor]]] = None
+
+    @property
+    def coefs(self) -> List[Optional[Tensor]]:  # type: ignore[override]
+        if self._coefs is None:
+            ctx, x = self._ctx, self.value
+            rows = torch.zeros(ctx.K, x.shape[-1], dtype=x.dtype, device=x.device)
+            rows[torch.arange(ctx.K, device=x.device), ctx.axes] = 1.0
+            ctx.input_rows = rows
+            self._coefs = [rows] + [None] * (ctx.order - 1)
+        return self._coefs
+
+    def __repr__(self) -> str:
+        return f"_AxisInput(value={tuple(self.value.shape)}, axes={self._ctx.K})"
+
+
+def _input_jet(ctx: Context, x: Tensor, V: Optional[Tensor]) -> Jet:
+    if V is None:
+        return _AxisInput(ctx, x)
     rows = V.t().to(dtype=x.dtype, device=x.device)
     ctx.input_rows = rows
     return Jet(x, [rows] + [None] * (ctx.order - 1))
@@ -827,8 +860,9 @@ def propagate(
 ):
     """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order;
     ``collapsed``: the top order as the sum over directions, weighted by ``weights`` (K,) if given;
-    ``axes``: when the columns of V are the coordinate axes e_(axes[k]) (a LongTensor), so that a
-    linear layer on the input gathers weight columns (cost K x out, not K x d x out).
+    ``axes``: when the directions are the coordinate axes e_(axes[k]) (a LongTensor (K,); then V
+    may be None and is made only if a rule other than a linear layer reads the input's rows), so
+    that a linear layer on the input gathers weight columns (cost K x out, not K x d x out).
 
     ``f`` is the model (or function) the program was traced from: its weights and submodules are
     read from it on every run (default: the one it was traced from, if it is still alive).
@@ -840,7 +874,9 @@ def propagate(
     """
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
-    ctx = Context(x.shape[0], V.shape[1], order, collapsed, weights)
+    if V is None and axes is None:
+        raise ValueError("propagate: give the directions V or the axes")
+    ctx = Context(x.shape[0], V.shape[1] if V is not None else axes.shape[0], order, collapsed, weights)
     if axes is not None:
         ctx.axes = axes.to(device=x.device)
     if f is None and program.fn_ref is not None:
