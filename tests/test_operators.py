@@ -695,3 +695,52 @@ def test_sampled_laplacian_at_large_d_takes_the_jets():
     v = mlp(d, d, width=8, seed=17)
     J = torch.autograd.functional.jacobian(lambda z: v(z[None])[0], x[0])
     assert rel(thd.divergence(v, x[:1], dims), J[dims, dims].sum().reshape(1)) <= 1e-12
+
+
+# ---- collapsed fourth order through the composed rules (norms, softmax, attention) ---------------------
+
+
+def _twin_models():
+    from test_models_jets import HandAttention, NormNet, SDPANet, SoftmaxNet, _build
+
+    return [
+        ("norm", _build(NormNet, 0), 3, None),
+        ("softmax", _build(SoftmaxNet, 1), 3, None),
+        ("sdpa_bool_mask", _build(SDPANet, 2, variant="bool_mask"), 9, [0, 4, 8]),
+        ("hand_attention", _build(HandAttention, 3), 9, [1, 5]),
+    ]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_operators_through_norms_softmax_attention(i):
+    """The weighted top-order collapse through LayerNorm / RMSNorm (powers and products), softmax
+    (exp, sums, reciprocals) and attention (bilinear products of per-point matrices): biharmonic and
+    a mixed-order operator (collapsed) and partials (not collapsed) of the torch.nn models against
+    torch.func on their elementary twins (torch's own nested derivatives of layer_norm are wrong),
+    with the training gradient of a biharmonic loss."""
+    name, model, d, dims = _twin_models()[i]
+    x = torch.randn(3, d, dtype=F64, generator=torch.Generator().manual_seed(i))
+    twin = lambda z: model(z, elementary=True)  # noqa: E731
+    T = tensors(twin, x, 4)
+    got, info = thd.biharmonic(model, x, dims=dims, return_info=True)
+    assert info.path == "jet" and "collapsed" in info.reason, info
+    want = ref_biharmonic(T[4], dims)
+    want = want if got.dim() == 2 else want[:, 0]
+    assert rel(got, want) <= 1e-10, name
+    a, b = (0, 1) if dims is None else (dims[0], dims[1])
+    al = [0] * d
+    al[a], al[b] = 3, 1
+    terms = {tuple(al): 1.5, tuple(2 if j == b else 0 for j in range(d)): -1.0, (0,) * d: 0.5}
+    op = thd.operator(model, x, terms)
+    want_op = 1.5 * ref_partial(T, tuple(al)) - ref_partial(T, tuple(2 if j == b else 0 for j in range(d))) + 0.5 * T[0]
+    assert rel(op, want_op if op.dim() == 2 else want_op[:, 0]) <= 1e-10, name
+    ab = [0] * d
+    ab[a], ab[b] = 2, 2
+    p = thd.partials(model, x, [tuple(ab), tuple(al)])
+    for j, alpha in enumerate([tuple(ab), tuple(al)]):
+        w = ref_partial(T, alpha)
+        assert rel(p[..., j], w if p.dim() == 3 else w[:, 0]) <= 1e-10, (name, alpha)
+    params = [q for q in model.parameters() if q.requires_grad]
+    g = torch.autograd.grad((got**2).sum(), params, allow_unused=True, materialize_grads=True)
+    g_w = torch.autograd.grad((want**2).sum(), params, allow_unused=True, materialize_grads=True)
+    assert rel(torch.cat([t.reshape(-1) for t in g]), torch.cat([t.reshape(-1) for t in g_w])) <= 1e-10, name
