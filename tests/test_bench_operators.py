@@ -64,3 +64,10 @@ def test_thread_clock_and_sampled_only(tmp_path):
     (r,) = _records(tmp_path)
     assert "S=4" in r["times"] and "S=60" not in r["times"] and r["peak_bytes"] == {}
     assert r["path"] == "engine"
+
+
+def test_plan_runs_nothing(tmp_path, capsys):
+    assert cli.main(["--preset", "operators", "--plan", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "biharmonic|cpu|float32|tanh|d=5|w=128x3|N=512|inference" in text and "sampled|cpu|float32|d=100000" in text
+    assert not (tmp_path / "results.json").exists()

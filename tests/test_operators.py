@@ -744,3 +744,16 @@ def test_operators_through_norms_softmax_attention(i):
     g = torch.autograd.grad((got**2).sum(), params, allow_unused=True, materialize_grads=True)
     g_w = torch.autograd.grad((want**2).sum(), params, allow_unused=True, materialize_grads=True)
     assert rel(torch.cat([t.reshape(-1) for t in g]), torch.cat([t.reshape(-1) for t in g_w])) <= 1e-10, name
+
+
+def test_empty_batch_and_unbatched_sampled():
+    m = mlp(3, 3, width=8, seed=18)
+    x = torch.rand(0, 3, dtype=F64)
+    assert thd.biharmonic(m, x).shape == (0, 3)
+    assert thd.partials(m, x, [(1, 1, 0), (0, 0, 0)]).shape == (0, 3, 2)
+    assert thd.divergence(m, x).shape == (0,)
+    assert thd.laplacian(m, x, num_samples=2).shape == (0, 3)
+    p = torch.rand(3, dtype=F64)
+    torch.testing.assert_close(thd.laplacian(m, p, num_samples=3), thd.laplacian(m, p), rtol=1e-12, atol=1e-14)
+    est = thd.laplacian(m, p, num_samples=2, sample_weights=[1.0, 2.0, 3.0], generator=torch.Generator().manual_seed(1))
+    assert est.shape == (3,)
