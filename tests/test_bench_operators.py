@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from torchhessdiag.bench import cli
 from torchhessdiag.bench import operators as BO
 

@@ -28,7 +28,7 @@ monomial of p but t^alpha). The points 2k - alpha are folded onto primitive inte
 
     d^2u/dxdy       = (D_(1,1)^2 - D_(1,-1)^2) / 4
     d^4u/dx^2dy^2   = (D_(1,1)^4 + D_(1,-1)^4 - 2 D_(1,0)^4 - 2 D_(0,1)^4) / 12
-    d^4u/dx^3dy     = (D_(3,1)^4 - D_(3,-1)^4 - D_(1,1)^4 + D_(1,-1)^4) / 192 ... (see polarization())
+    d^4u/dx^3dy     = (D_(3,1)^4 - D_(3,-1)^4 - 3 D_(1,1)^4 + 3 D_(1,-1)^4) / 192
     Delta^2 u       = (1 - (d-1)/3) sum_i D_(e_i)^4 + 1/6 sum_(i<j) (D_(e_i+e_j)^4 + D_(e_i-e_j)^4)
 
 with entries of the directions in {-alpha_i..alpha_i}, the smallest the identity allows (the
@@ -75,9 +75,8 @@ from fractions import Fraction
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-from . import engine, fallback_ops, graph, ops, taylor
+from . import fallback_ops, graph, ops, taylor
 from . import general as G
 from .api import _dims_matrix, _ints
 from .general import PathInfo
