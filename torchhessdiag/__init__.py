@@ -45,11 +45,16 @@ from .general import (  # noqa: E402
     set_fallback,
     trace_cache_info,
 )
+from .operators import biharmonic, divergence, operator, partials  # noqa: E402
 
 __all__ = [
     "PathInfo",
     "TF32Warning",
     "axis_derivatives",
+    "biharmonic",
+    "divergence",
+    "operator",
+    "partials",
     "clear_trace_cache",
     "trace_cache_info",
     "explain",

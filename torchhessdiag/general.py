@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import engine, fallback_ops, graph, ops, taylor
-from .api import _dims_matrix
+from .api import _dims_list, _dims_matrix
 
 Tensor = torch.Tensor
 
@@ -127,11 +127,15 @@ def laplacian(
     x: Tensor,
     dims=None,
     *,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    sample_weights=None,
     fallback: Optional[str] = None,
     return_info: bool = False,
     allow_unconfirmed_zeros: bool = False,
 ):
-    """Exact Laplacian sum_i d^2 f / dx_i^2 of any model or function, per point.
+    """Exact Laplacian sum_i d^2 f / dx_i^2 of any model or function, per point (or, with
+    ``num_samples``, an unbiased estimate from sampled axes).
 
     Args:
         f: an ``nn.Module`` or any callable mapping x (N, d) to (N,) or (N, m), whose rows are
@@ -141,6 +145,13 @@ def laplacian(
             Laplacian of a (t, x, y) model.
         fallback: ``"autograd"`` or ``"error"`` when no fast path applies (default: the global
             mode, see :func:`set_fallback`).
+        num_samples: S >= 1: the sampled Laplacian -- S axes of ``dims`` drawn (uniformly
+            without replacement, the same axes for every point of the call), each second
+            derivative exact, scaled so that the estimate is unbiased; cost grows with S, not d.
+            Variance and importance sampling: :func:`torchhessdiag.operators.sampled_laplacian`.
+        generator: a ``torch.Generator`` for that draw (default: torch's global generator).
+        sample_weights: (len(dims),) positive weights: draw the S axes with replacement with
+            probabilities proportional to them (importance sampling; still unbiased).
         return_info: also return a :class:`PathInfo` saying which path ran.
         allow_unconfirmed_zeros: on the autograd fallback, a derivative of order >= 2 through a
             custom ``torch.autograd.Function`` whose backward cannot be differentiated again
@@ -151,6 +162,15 @@ def laplacian(
         A tensor shaped like ``f(x)``: (N,) or (N, m) (unbatched: () or (m,)). Never ``None``; zeros
         where f is linear in x. Differentiable w.r.t. the parameters (and x) when grad mode is on.
     """
+    if num_samples is not None:
+        from .operators import sampled_laplacian
+
+        return sampled_laplacian(
+            f, x, dims, num_samples=num_samples, generator=generator, sample_weights=sample_weights,
+            fallback=fallback, return_info=return_info, allow_unconfirmed_zeros=allow_unconfirmed_zeros,
+        )
+    if generator is not None or sample_weights is not None:
+        raise ValueError("torchhessdiag.laplacian: generator and sample_weights belong to the sampled Laplacian; pass num_samples=S too")
     return _compute(f, x, dims, "laplacian", 2, fallback, return_info, "torchhessdiag.laplacian", allow_zeros=allow_unconfirmed_zeros)
 
 
@@ -199,13 +219,27 @@ def axis_derivatives(
     return _compute(f, x, dims, "axis", order, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros)
 
 
-def explain(f: Callable[[Tensor], Tensor], x: Tensor, function: str = "laplacian", order: int = 4, dims=None) -> PathInfo:
-    """Which path ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` (``function``) takes for
-    (f, x), and why. The fast paths are run once (without a graph) to be sure they apply; the slow
-    path is not run, so ``method`` is not known then."""
+_OPERATOR_FUNCTIONS = ("biharmonic", "partials", "operator", "divergence")
+
+
+def explain(
+    f: Callable[[Tensor], Tensor], x: Tensor, function: str = "laplacian", order: int = 4, dims=None, *, alphas=None, components=None
+) -> PathInfo:
+    """Which path ``laplacian`` / ``hessian_diag`` / ``axis_derivatives`` / ``biharmonic`` /
+    ``partials`` / ``operator`` / ``divergence`` (``function``) takes for (f, x), and why. The
+    fast paths are run once (without a graph) to be sure they apply; the slow path is not run, so
+    ``method`` is not known then. ``alphas``: the multi-indices of ``partials`` or the
+    ``{alpha: coefficient}`` dict of ``operator``; ``components``: those of ``divergence``."""
+    if function in _OPERATOR_FUNCTIONS:
+        from . import operators
+
+        return operators.explain(f, x, function, dims=dims, alphas=alphas, components=components)
     what = {"laplacian": "laplacian", "hessian_diag": "diag", "axis_derivatives": "axis"}.get(function)
     if what is None:
-        raise ValueError(f"explain: function must be 'laplacian', 'hessian_diag' or 'axis_derivatives', got {function!r}")
+        raise ValueError(
+            "explain: function must be 'laplacian', 'hessian_diag', 'axis_derivatives', 'biharmonic', 'partials', "
+            f"'operator' or 'divergence', got {function!r}"
+        )
     if what != "axis":
         order = 2
     elif isinstance(order, bool) or not isinstance(order, int) or order < 0:
@@ -312,7 +346,15 @@ def _check_mode(fallback: Optional[str], where: str) -> str:
     return mode
 
 
-def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False, allow_zeros: bool = False):
+def _compute(
+    f, x, dims, what: str, order: int, fallback, return_info: bool, where: str, dry: bool = False, allow_zeros: bool = False,
+    weights: Optional[Tensor] = None, path_note: str = "", use_engine: bool = True,
+):
+    """The dispatch of every public function here. ``weights`` (K,) >= 0, with ``what ==
+    "laplacian"`` and explicit ``dims``: the weighted partial Laplacian sum_k w_k d^2 f/dx_(i_k)^2
+    (the sampled Laplacian of torchhessdiag/operators.py); ``path_note`` is appended to the
+    PathInfo's reason; ``use_engine=False`` skips the MLP engine (the sampled Laplacian at large d on
+    the CPU, see operators.sampled_laplacian)."""
     mode = _check_mode(fallback, where)
     if not isinstance(allow_zeros, bool):
         raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
@@ -326,16 +368,26 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
     unbatched = x.dim() == 1
     x2 = x.unsqueeze(0) if unbatched else x
     N, d = x2.shape
-    Vsel = _dims_matrix(dims, d, x2, where)
-    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if Vsel is None else Vsel
+    # validated here; the (d, K) selection matrix is built only where a path needs it (the engine,
+    # the fallback): the jets take the axes themselves (memory flat in d for a few axes of many)
+    _dims_matrix(dims, d, torch.empty(0, device="meta"), where)
+    axes = torch.arange(d) if dims is None else torch.tensor(_dims_list(dims, d), dtype=torch.long)
+    K = axes.shape[0]
     _check_module(f, x2, where)
     reasons: List[str] = []
 
+    if weights is not None:  # internal: checked by the caller
+        if what != "laplacian" or dims is None or weights.shape != (K,):
+            raise ValueError(f"{where}: weights need a Laplacian over explicit dims, one per axis")
+        weights = weights.to(dtype=x2.dtype, device=x2.device)
+
     def done(result, info: PathInfo):
+        if path_note and info is not None:
+            info = info._replace(reason=f"{info.reason}; {path_note}")
         return (result, info) if (return_info or dry) else result
 
     # 1. the MLP engine ---------------------------------------------------------------------------
-    if what in ("laplacian", "diag") or (what == "axis" and order == 2):
+    if use_engine and (what in ("laplacian", "diag") or (what == "axis" and order == 2)):
         layers = None
         if isinstance(f, nn.Module):
             try:
@@ -345,6 +397,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
                 reasons.append(f"not an MLP the engine accepts ({why})")
         if layers is not None:
             engine.check_input(layers, x2, where)
+            Vsel = _dims_matrix(dims, d, x2, where)
             info = PathInfo("engine", "an nn.Sequential MLP: the K+2-row engine")
             if dry:
                 return done(None, info)
@@ -353,10 +406,11 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
                 engine._warn_if_piecewise_linear(layers, stacklevel=_stacklevel() + 1)
             if what == "axis":
                 res = engine.run(layers, x2, Vsel, "diag", need_gradient=True)
-                grad = res.gradient if Vsel is None else res.gradient[..., V.argmax(0)]  # (N, m, D)
+                grad = res.gradient if Vsel is None else res.gradient[..., Vsel.argmax(0)]  # (N, m, D)
                 out = torch.stack([res.value.unsqueeze(-1).expand_as(res.second), grad, res.second])
                 return done(out.squeeze(1) if unbatched else out, info)
-            res = engine.run(layers, x2, Vsel, "sum" if what == "laplacian" else "diag")
+            Veng = Vsel if weights is None else Vsel * weights.sqrt()  # sum_k (sqrt(w_k) e_k)^T H (...)
+            res = engine.run(layers, x2, Veng, "sum" if what == "laplacian" else "diag")
             return done(res.second.squeeze(0) if unbatched else res.second, info)
 
     # order 0: the value only ------------------------------------------------------------------------
@@ -365,7 +419,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         if dry:
             return done(None, info)
         y = _check_output(f(x2), N, where)
-        out = y.unsqueeze(-1).expand(tuple(y.shape) + (V.shape[1],)).unsqueeze(0).clone()
+        out = y.unsqueeze(-1).expand(tuple(y.shape) + (K,)).unsqueeze(0).clone()
         return done(out.squeeze(1) if unbatched else out, info)
 
     ops.warn_if_tf32(x2, stacklevel=4)  # TF32 policy (torchhessdiag/_precision.py): jets, autograd
@@ -374,7 +428,8 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         try:
             program = graph.get_program(f, x2)
             out, ctx = taylor.propagate_chunked(
-                program, x2, V, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f)
+                program, x2, None, order, collapsed=(what == "laplacian"), f=graph.traced_callable(f), weights=weights,
+                axes=axes,
             )
         except graph.ShapeError as e:
             raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {e}") from None
@@ -390,7 +445,6 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
             coefs = out.coefs if isinstance(out, taylor.Jet) else [None] * order
             if order >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
                 _warn_piecewise_linear(_stacklevel() + 1)
-            K = V.shape[1]
             S = tuple(value.shape[1:])
             derivs = []
             for k, c in enumerate(coefs, start=1):
@@ -413,6 +467,7 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         )
     if dry:
         return done(None, PathInfo("autograd", reason, "nested torch.autograd.grad (torch.func nested jvp where it cannot)"))
+    V = torch.eye(d, dtype=x2.dtype, device=x2.device) if dims is None else _dims_matrix(dims, d, x2, where)
     cause = (where, type(f).__name__, reason)
     if cause not in _logged:
         _logged.add(cause)
@@ -427,7 +482,10 @@ def _compute(f, x, dims, what: str, order: int, fallback, return_info: bool, whe
         derivs, method = _autograd_derivatives(f, x2, V, order, allow_zeros, where)
     derivs = [_constant_of(t, value) for t in derivs]
     if what == "laplacian":
-        derivs = [derivs[0], derivs[1].sum(1)]
+        d2 = derivs[1]
+        if weights is not None:
+            d2 = d2 * weights.reshape((1, -1) + (1,) * (d2.dim() - 2))
+        derivs = [derivs[0], d2.sum(1)]
     return done(_finish(what, value, derivs, unbatched), PathInfo("autograd", reason, method))
 
 

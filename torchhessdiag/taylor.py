@@ -13,8 +13,11 @@ stored as a :class:`Jet`. Layouts (S = the value's feature shape, value = (N, *S
   W^T ...), so they are carried once, as the MLP engine does for its first layer;
 * ``None``: identically zero (h2, h3, h4 before the first nonlinearity; everything of order >= 2
   through piecewise-linear activations) -- never materialised;
-* collapsed second order (for Laplacians): h2 is replaced by s = sum_k h2_k, (N, *S), so the
-  program carries K + 2 rows (value, s, K first-order rows) instead of 2K + 1.
+* collapsed top order: the highest coefficient h_n is replaced by the weighted sum
+  s = sum_k w_k h_n[k], (N, *S) (w = 1 for a Laplacian, n = 2: K + 2 rows per point -- value, s
+  and K first-order rows -- instead of 2K + 1; a biharmonic or a linear operator of order 4 in
+  torchhessdiag/operators.py: 3K + 2 instead of 4K + 1). This is exact because h_n enters every
+  rule linearly and no lower coefficient depends on it (collapsed Taylor mode).
 
 One rule per op kind, kept in the table :data:`RULES` (as in jax's experimental/jet.py and
 microsoft/folx): linear maps act on every coefficient (the bias only on the value); sums are
@@ -68,21 +71,31 @@ class Jet:
 
 
 class Context:
-    """What one propagation carries: N points, K directions, orders 1..n, collapsed or not."""
+    """What one propagation carries: N points, K directions, orders 1..n, collapsed or not.
 
-    def __init__(self, N: int, K: int, order: int, collapsed: bool):
-        if collapsed and order != 2:
-            raise ValueError("collapsed jets are second order")
+    ``collapsed``: the top coefficient (order n >= 2) is carried as sum_k w_k h_n[k], (N, *S),
+    with ``weights`` w (K,) (None: all ones, the Laplacian's plain sum)."""
+
+    def __init__(self, N: int, K: int, order: int, collapsed: bool, weights: Optional[Tensor] = None):
+        if collapsed and order < 2:
+            raise ValueError("collapsed jets are of order >= 2")
+        if weights is not None and (not collapsed or weights.dim() != 1 or weights.shape[0] != K):
+            raise ValueError(f"collapse weights must be a ({K},) tensor of a collapsed context")
         self.N, self.K, self.order, self.collapsed = N, K, order, collapsed
+        self.weights = weights
         self.piecewise_linear_seen = False
         self.node = ""  # the node being evaluated, for messages
         self.kind = ""
         self.max_row = 1  # the largest per-point jet row met (elements of one order, K * prod(S))
         self.total_row = 0  # per-point elements of every jet made (value and coefficients)
+        # the directions are the coordinate axes ``axes`` (LongTensor (K,)): a linear layer applied
+        # to the input jet's rows (V^T, K x d) gathers K weight columns instead of a K x d x out GEMM
+        self.axes: Optional[Tensor] = None
+        self.input_rows: Optional[Tensor] = None
 
     def is_sum(self, k: int) -> bool:
-        """Coefficient k is the collapsed sum over directions, (N, *S)."""
-        return self.collapsed and k == 2
+        """Coefficient k is the collapsed (weighted) sum over directions, (N, *S)."""
+        return self.collapsed and k == self.order
 
 
 # ---- layout helpers ------------------------------------------------------------------------------
@@ -103,6 +116,20 @@ def _point(ctx: Context, t: Tensor, vdim: int) -> Tensor:
 def _ksum(t: Tensor, vdim: int) -> Tensor:
     """sum over the K directions of a point (N, K, *S) or shared (K, *S) tensor."""
     return t.sum(1) if t.dim() == vdim + 1 else t.sum(0)
+
+
+def _wsum(t: Optional[Tensor], vdim: int, weights: Optional[Tensor]) -> Optional[Tensor]:
+    """sum_k w_k t[k] over the K directions of a point (N, K, *S) or shared (K, *S) tensor
+    (``weights`` None: the plain sum)."""
+    if t is None:
+        return None
+    if weights is None:
+        return _ksum(t, vdim)
+    w = weights.to(dtype=t.dtype, device=t.device)
+    if t.dim() == vdim + 1:  # (N, K, *S): one batched (1 x K) @ (K x prod S) product
+        N, K = t.shape[0], t.shape[1]
+        return torch.matmul(w, t.reshape(N, K, -1)).reshape((N,) + tuple(t.shape[2:]))
+    return torch.matmul(w, t.reshape(t.shape[0], -1)).reshape(tuple(t.shape[1:]))
 
 
 def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
@@ -213,15 +240,25 @@ def _feature_dim(ctx: Context, dim: Any, ndim: int) -> int:
 # ---- the activation rule: Faa di Bruno ----------------------------------------------------------
 
 
-def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]], collapsed: bool = False) -> List[Optional[Tensor]]:
+def activation_jet(
+    D: Sequence[Optional[Tensor]],
+    H: Sequence[Optional[Tensor]],
+    collapsed: bool = False,
+    weights: Optional[Tensor] = None,
+) -> List[Optional[Tensor]]:
     """Coefficients of sigma(h) from sigma's derivatives at h0 and h's coefficients.
 
     Args:
         D: [sigma'(h0), sigma''(h0), ..., sigma^(n)(h0)], each shaped like the value (N, *S);
             ``None`` for a derivative that is identically zero (piecewise-linear activations).
         H: [h1, ..., hn]: h1 is (N, K, *S) or shared (K, *S); h2.. are (N, K, *S) or ``None``
-            (zero). With ``collapsed`` (n = 2) H = [h1, s] with s = sum_k h2_k, (N, *S) or None.
-        collapsed: return [y1, s_y] with s_y = sigma'' sum_k h1_k^2 + sigma' s.
+            (zero). With ``collapsed`` the last one is the weighted sum s = sum_k w_k h_n[k],
+            (N, *S) or None.
+        collapsed: return [y1, ..., y_(n-1), s_y] with s_y = sum_k w_k y_n[k], computed as
+            sum_k w_k (y_n[k] without its sigma' h_n term) + sigma' s -- h_n enters y_n only
+            through sigma' h_n, so the sum needs no per-direction h_n (n = 2: s_y = sigma''
+            sum_k w_k h1_k^2 + sigma' s).
+        weights: w (K,) of the collapsed sum; None for all ones.
 
     Returns:
         [y1, ..., yn] (``None`` where identically zero):
@@ -233,37 +270,44 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
 
     This is the whole combination step of the jet propagation. When every coefficient is a
     per-point tensor (after the first nonlinearity) and no derivative is structurally zero, it
-    runs the fused ``taylor_act`` op (csrc/taylor.h: one pass over the jet, fused backward);
-    otherwise -- shared or zero coefficients before the first nonlinearity, where most terms
-    vanish, piecewise-linear activations, the collapsed form -- the same formulas in torch ops.
+    runs the fused ``taylor_act`` op (csrc/taylor.h: one pass over the jet, fused backward; for a
+    collapsed n >= 3 with h_n = 0, then the weighted sum of y_n); otherwise -- shared or zero
+    coefficients before the first nonlinearity, where most terms vanish, piecewise-linear
+    activations, the collapsed second order -- the same formulas in torch ops.
     """
     n = len(H)
     if len(D) != n:
         raise ValueError(f"activation_jet: {len(D)} derivatives for {n} coefficients")
     if n > MAX_ORDER:
         raise ValueError(f"activation_jet: order {n} > {MAX_ORDER}")
+    if collapsed and n < 2:
+        raise ValueError("activation_jet: collapsed jets are of order >= 2")
     vdim = next(t for t in D if t is not None).dim()
+    lower = H[:-1] if collapsed else H  # the per-direction coefficients
     if (
-        not collapsed
+        (not collapsed or n >= 3)
         and _TAYLOR_ACT is not None
         and all(t is not None for t in D)
-        and all(h is not None and h.dim() == vdim + 1 for h in H)
+        and all(h is not None and h.dim() == vdim + 1 for h in lower)
     ):
         N, K = H[0].shape[0], H[0].shape[1]
         Dm = torch.stack([t.reshape(N, -1) for t in D])  # (n, N, w)
-        Hm = torch.stack([h.reshape(N, K, -1) for h in H])  # (n, N, K, w)
-        Y = _TAYLOR_ACT(Dm, Hm)
-        return [y.reshape(H[0].shape) for y in Y.unbind(0)]
-    if collapsed:
-        if n != 2:
-            raise ValueError("activation_jet: collapsed jets are second order")
+        hs = [h.reshape(N, K, -1) for h in lower]
+        if collapsed:
+            hs.append(torch.zeros_like(hs[0]))  # y_n without sigma' h_n
+        Hm = torch.stack(hs)  # (n, N, K, w)
+        Y = [y.reshape(H[0].shape) for y in _TAYLOR_ACT(Dm, Hm).unbind(0)]
+        if collapsed:
+            Y[-1] = _fma(_wsum(Y[-1], vdim, weights), D[0], H[-1])
+        return Y
+    if collapsed and n == 2:
         h1, s = H
         s1, s2 = D[0], D[1]
         y1 = None if s1 is None else _mul(s1.unsqueeze(1), h1)
-        sq = None if h1 is None else _ksum(h1 * h1, vdim)
+        sq = None if h1 is None else _wsum(h1 * h1, vdim, weights)
         return [y1, _fma(_mul(s2, sq), s1, s)]
     d = [None if t is None else t.unsqueeze(1) for t in D] + [None] * (MAX_ORDER - n)
-    h = list(H) + [None] * (MAX_ORDER - n)
+    h = list(lower) + [None] * (MAX_ORDER - len(lower))
     s1, s2, s3, s4 = d
     h1, h2, h3, h4 = h
     out: List[Optional[Tensor]] = [_mul(s1, h1)]
@@ -275,6 +319,8 @@ def activation_jet(D: Sequence[Optional[Tensor]], H: Sequence[Optional[Tensor]],
     if n >= 4:
         inner = _add(_mul(3.0, h2, h2), _mul(4.0, h1, h3))
         out.append(_add(_mul(s4, h1sq, h1sq), _mul(6.0, s3, h1sq, h2), _mul(s2, inner), _mul(s1, h4)))
+    if collapsed:  # out[-1] lacks sigma' h_n (h_n was left out above): add sigma' s
+        out[-1] = _fma(_wsum(out[-1], vdim, weights), D[0], H[-1])
     return out
 
 
@@ -292,7 +338,7 @@ def _rule_activation(ctx: Context, p: dict, x, *args, **kwargs) -> Any:
     orders = [0, 1] if pwl else list(range(n + 1))
     Ds = ops._derivs(x.value, spec, orders)
     D: List[Optional[Tensor]] = list(Ds[1:]) + [None] * (n + 1 - len(Ds))
-    coefs = activation_jet(D, x.coefs, collapsed=ctx.collapsed)
+    coefs = activation_jet(D, x.coefs, collapsed=ctx.collapsed, weights=ctx.weights)
     vdim = x.value.dim()
     return Jet(Ds[0], [_fix(ctx, c, k, vdim) for k, c in enumerate(coefs, start=1)])
 
@@ -336,7 +382,16 @@ def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
             f"{_layer_name(ctx, p, 'linear layer')} takes {weight.shape[1]} input features, but the "
             f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
         )
-    return _map(x, lambda t, off: F.linear(t, weight), value=F.linear(x.value, weight, bias))
+    value = F.linear(x.value, weight, bias)
+    if isinstance(x, _AxisInput) and x._coefs is None:  # V^T W^T with V = columns e_(axes)
+        return Jet(value, [weight.index_select(1, ctx.axes).t()] + [None] * (ctx.order - 1))
+
+    def fn(t: Tensor, off: int) -> Tensor:
+        if ctx.axes is not None and t is ctx.input_rows:
+            return weight.index_select(1, ctx.axes).t()
+        return F.linear(t, weight)
+
+    return _map(x, fn, value=value)
 
 
 def _rule_linear_module(ctx: Context, p: dict, m, x) -> Any:
@@ -476,16 +531,26 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
     vdim = a0.dim()
     value = a0 * b0
     n = ctx.order
-    if ctx.collapsed:
+    if ctx.collapsed and n == 2:
         a1, sa = a.coefs
         b1, sb = b.coefs
         y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
         cross = _mul(a1, b1)
-        s = _fma(_fma(None if cross is None else 2.0 * _ksum(cross, vdim), a0, sb), b0, sa)
+        s = _fma(_fma(None if cross is None else 2.0 * _wsum(cross, vdim, ctx.weights), a0, sb), b0, sa)
         return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, s, 2, vdim)])
     A = [a0.unsqueeze(1)] + list(a.coefs)
     B = [b0.unsqueeze(1)] + list(b.coefs)
     coefs = []
+    if ctx.collapsed:  # top: a0 s_b + b0 s_a + sum_k w_k sum_(0<j<n) C(n, j) a_j[k] b_(n-j)[k]
+        top = None
+        for j in range(1, n):
+            if A[j] is None or B[n - j] is None:
+                continue
+            c = float(math.comb(n, j))
+            top = A[j] * B[n - j] * c if top is None else torch.addcmul(top, A[j], B[n - j], value=c)
+        top = _fma(_fma(_wsum(top, vdim, ctx.weights), a0, B[n]), b0, A[n])
+        A, B = A[:n], B[:n]
+        n -= 1
     for k in range(1, n + 1):
         acc = None
         for j in range(k + 1):  # acc += C(k, j) a_j b_(k-j), one fused pass per term
@@ -497,6 +562,8 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
             else:
                 acc = torch.addcmul(acc, A[j], B[k - j], value=float(c))
         coefs.append(_fix(ctx, acc, k, vdim))
+    if ctx.collapsed:
+        coefs.append(_fix(ctx, top, ctx.order, vdim))
     return Jet(value, coefs)
 
 
@@ -739,8 +806,39 @@ def _plain(a: Any) -> Any:
     return a.value if isinstance(a, Jet) else a
 
 
-def _input_jet(ctx: Context, x: Tensor, V: Tensor) -> Jet:
-    return Jet(x, [V.t().to(dtype=x.dtype, device=x.device)] + [None] * (ctx.order - 1))
+class _AxisInput(Jet):
+    """The input jet when the directions are coordinate axes (``ctx.axes``) and V was not given:
+    its first-order rows (the one-hot (K, d) matrix V^T) are made only when a rule reads
+    ``coefs``; a linear layer on it gathers weight columns instead (:func:`_rule_linear`), so a few
+    axes of a very wide input never cost a (K, d) tensor."""
+
+    __slots__ = ("_ctx", "_coefs")
+
+    def __init__(self, ctx: Context, value: Tensor):  # noqa: D107 - no Jet.__init__: coefs is lazy
+        self.value = value
+        self._ctx = ctx
+        self._coefs: Optional[List[Optional[Tensor]]] = None
+
+    @property
+    def coefs(self) -> List[Optional[Tensor]]:  # type: ignore[override]
+        if self._coefs is None:
+            ctx, x = self._ctx, self.value
+            rows = torch.zeros(ctx.K, x.shape[-1], dtype=x.dtype, device=x.device)
+            rows[torch.arange(ctx.K, device=x.device), ctx.axes] = 1.0
+            ctx.input_rows = rows
+            self._coefs = [rows] + [None] * (ctx.order - 1)
+        return self._coefs
+
+    def __repr__(self) -> str:
+        return f"_AxisInput(value={tuple(self.value.shape)}, axes={self._ctx.K})"
+
+
+def _input_jet(ctx: Context, x: Tensor, V: Optional[Tensor]) -> Jet:
+    if V is None:
+        return _AxisInput(ctx, x)
+    rows = V.t().to(dtype=x.dtype, device=x.device)
+    ctx.input_rows = rows
+    return Jet(x, [rows] + [None] * (ctx.order - 1))
 
 
 def _check_if_jet(ctx: Context, res: Any) -> Any:
@@ -756,8 +854,15 @@ _RUNTIME.plain = _plain
 _PASS_THROUGH = (ShapeError, NotImplementedError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
 
 
-def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
-    """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order.
+def propagate(
+    program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None,
+    weights: Optional[Tensor] = None, axes: Optional[Tensor] = None,
+):
+    """Run ``program`` on x (N, d) with jets along the K columns of V (d, K), orders 1..order;
+    ``collapsed``: the top order as the sum over directions, weighted by ``weights`` (K,) if given;
+    ``axes``: when the directions are the coordinate axes e_(axes[k]) (a LongTensor (K,); then V
+    may be None and is made only if a rule other than a linear layer reads the input's rows), so
+    that a linear layer on the input gathers weight columns (cost K x out, not K x d x out).
 
     ``f`` is the model (or function) the program was traced from: its weights and submodules are
     read from it on every run (default: the one it was traced from, if it is still alive).
@@ -769,7 +874,11 @@ def propagate(program: Program, x: Tensor, V: Tensor, order: int, collapsed: boo
     """
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"propagate: order must be 1..{MAX_ORDER}, got {order}")
-    ctx = Context(x.shape[0], V.shape[1], order, collapsed)
+    if V is None and axes is None:
+        raise ValueError("propagate: give the directions V or the axes")
+    ctx = Context(x.shape[0], V.shape[1] if V is not None else axes.shape[0], order, collapsed, weights)
+    if axes is not None:
+        ctx.axes = axes.to(device=x.device)
     if f is None and program.fn_ref is not None:
         f = program.fn_ref()
     try:
@@ -843,7 +952,10 @@ def chunk_points(x: Tensor, ctx: Context, first: int) -> int:
     return max(min(first, N), min(chunk, fit))
 
 
-def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None):
+def propagate_chunked(
+    program: Program, x: Tensor, V: Tensor, order: int, collapsed: bool = False, f: Any = None,
+    weights: Optional[Tensor] = None, axes: Optional[Tensor] = None,
+):
     """:func:`propagate` over chunks of points (rows are independent), concatenated.
 
     With an autograd graph to keep (training) all points go in one block: the graph is kept
@@ -852,15 +964,15 @@ def propagate_chunked(program: Program, x: Tensor, V: Tensor, order: int, collap
     :func:`chunk_points` (bounded memory; on CUDA sized from the free device memory)."""
     N = x.shape[0]
     if _graph_wanted(x, f):
-        return propagate(program, x, V, order, collapsed, f)
+        return propagate(program, x, V, order, collapsed, f, weights, axes)
     first = min(N, _FIRST_CHUNK)
-    out, ctx = propagate(program, x[:first], V, order, collapsed, f)
+    out, ctx = propagate(program, x[:first], V, order, collapsed, f, weights, axes)
     if first == N:
         return out, ctx
     parts = [out]
     chunk = chunk_points(x, ctx, first)
     for i in range(first, N, chunk):
-        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f)
+        part, c = propagate(program, x[i : i + chunk], V, order, collapsed, f, weights, axes)
         ctx.piecewise_linear_seen |= c.piecewise_linear_seen
         parts.append(part)
     ctx.N = N

@@ -40,6 +40,7 @@ from .taylor import (
     _reduce,
     _rule_linear,
     _scale,
+    _wsum,
     activation_jet,
 )
 
@@ -53,7 +54,7 @@ __all__ = ["pow_jet", "bilinear", "softmax_jet", "layer_norm_jet", "rms_norm_jet
 
 def _scalar(ctx: Context, x: Jet, value: Tensor, derivs: List[Tensor]) -> Jet:
     """g(x) elementwise, from g(x0) = ``value`` and [g'(x0), ..., g^(n)(x0)] (Faa di Bruno)."""
-    coefs = activation_jet(derivs, x.coefs, collapsed=ctx.collapsed)
+    coefs = activation_jet(derivs, x.coefs, collapsed=ctx.collapsed, weights=ctx.weights)
     vdim = value.dim()
     return Jet(value, [_fix(ctx, c, k, vdim) for k, c in enumerate(coefs, start=1)])
 
@@ -105,8 +106,8 @@ def _as_jet(ctx: Context, t: Any) -> Jet:
 
 def bilinear(ctx: Context, a: Any, b: Any, fn: Callable[[Tensor, Tensor], Tensor]) -> Any:
     """fn(a, b) for a map fn that is linear in each argument (matmul), by Leibniz's rule:
-    y_k = sum_j C(k, j) fn(a_j, b_(k-j)); collapsed: s_y = fn(a0, s_b) + fn(s_a, b0) +
-    2 sum_k fn(a1_k, b1_k).
+    y_k = sum_j C(k, j) fn(a_j, b_(k-j)); collapsed (top order n): s_y = fn(a0, s_b) + fn(s_a, b0)
+    + sum_k w_k sum_(0<j<n) C(n, j) fn(a_j[k], b_(n-j)[k]) (n = 2: 2 sum_k w_k fn(a1_k, b1_k)).
 
     Either operand may be a constant tensor: one with fewer dims than the input-dependent values
     has no batch dimension (it broadcasts over the points); one with as many has (size N or 1).
@@ -133,19 +134,15 @@ def bilinear(ctx: Context, a: Any, b: Any, fn: Callable[[Tensor, Tensor], Tensor
 
     a0l, b0l = lift(a0, ja), lift(b0, jb)
     n = ctx.order
-    if ctx.collapsed:
-        a1, sa = point(A.coefs[0], a0), A.coefs[1]
-        b1, sb = point(B.coefs[0], b0), B.coefs[1]
-        terms1 = [fn(a0l, b1) if b1 is not None else None, fn(a1, b0l) if a1 is not None else None]
-        y1 = _sum(terms1)
-        terms2 = [fn(a0, sb) if sb is not None else None, fn(sa, b0) if sa is not None else None]
-        if a1 is not None and b1 is not None:
-            terms2.append(2.0 * fn(a1, b1).sum(1))
-        return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, _sum(terms2), 2, vdim)])
-    Ac = [a0l] + [point(c, a0) for c in A.coefs]
-    Bc = [b0l] + [point(c, b0) for c in B.coefs]
+    top_terms: List[Optional[Tensor]] = []
+    coefs_in_a, coefs_in_b = list(A.coefs), list(B.coefs)
+    if ctx.collapsed:  # the top is the weighted sum over directions: a0 s_b + s_a b0 + sum_k w_k (...)
+        sa, sb = coefs_in_a.pop(), coefs_in_b.pop()
+        top_terms = [fn(a0, sb) if sb is not None else None, fn(sa, b0) if sa is not None else None]
+    Ac = [a0l] + [point(c, a0) for c in coefs_in_a]
+    Bc = [b0l] + [point(c, b0) for c in coefs_in_b]
     coefs = []
-    for k in range(1, n + 1):
+    for k in range(1, len(Ac)):
         terms = []
         for j in range(k + 1):
             if Ac[j] is None or Bc[k - j] is None:
@@ -154,6 +151,13 @@ def bilinear(ctx: Context, a: Any, b: Any, fn: Callable[[Tensor, Tensor], Tensor
             c = math.comb(k, j)
             terms.append(t * float(c) if c != 1 else t)
         coefs.append(_fix(ctx, _sum(terms), k, vdim))
+    if ctx.collapsed:
+        cross = []
+        for j in range(1, n):
+            if Ac[j] is not None and Bc[n - j] is not None:
+                cross.append(fn(Ac[j], Bc[n - j]) * float(math.comb(n, j)))
+        top_terms.append(_wsum(_sum(cross), vdim, ctx.weights))
+        coefs.append(_fix(ctx, _sum(top_terms), n, vdim))
     return Jet(value, coefs)
 
 

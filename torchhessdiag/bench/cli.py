@@ -78,6 +78,10 @@ PRESETS = {
     # PINN architectures beyond MLPs (torchhessdiag/bench/models.py, which runs it)
     "models": dict(device=["cpu"], dtype=["float32", "float64"], d=[2, 3], width=[128],
                    depth=[4], n=[4096], repeats=5, budget=60.0, method_budget=30.0, check_n=16),
+    # issue 16: biharmonic (d=5, tanh 3x128, N=512) and the sampled Laplacian at d = 1e3..1e5
+    # (torchhessdiag/bench/operators.py, which runs it)
+    "operators": dict(device=["cpu"], dtype=["float32"], d=[5], width=[128], depth=[3], n=[512],
+                      repeats=5, budget=60.0, method_budget=30.0, check_n=8),
 }
 
 
@@ -318,6 +322,10 @@ def main(argv=None) -> int:
         from .models import main_from_cli
 
         return main_from_cli(a)
+    if a.preset == "operators":  # its own grid and methods: torchhessdiag/bench/operators.py
+        from .operators import main_from_cli as operators_main
+
+        return operators_main(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.worker:

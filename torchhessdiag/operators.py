@@ -1,0 +1,999 @@
+"""Beyond the Laplacian: the biharmonic, mixed partials to fourth order, constant-coefficient
+linear operators in one call, the divergence of a vector field, and a sampled-axes Laplacian.
+
+Public functions (re-exported by ``torchhessdiag``):
+
+* :func:`biharmonic` -- Delta^2 u = sum_i sum_j d^4 u / dx_i^2 dx_j^2;
+* :func:`partials` -- d^alpha u for multi-indices alpha (tuples of length d, total order <= 4 on
+  the fast path, any order on the exact fallback);
+* :func:`operator` -- sum_alpha c_alpha d^alpha u in one call;
+* :func:`divergence` -- sum_i d f_i / dx_i of a vector field (N, d) -> (N, d);
+* the sampled Laplacian lives in :func:`torchhessdiag.laplacian` (``num_samples=``, see
+  :func:`sampled_laplacian` here for the estimator and its variance).
+
+How: polarization, not multivariate jets
+----------------------------------------
+The jet machinery (torchhessdiag/graph.py, taylor.py) propagates univariate Taylor jets along
+any directions v: D_v^n u = d^n/dt^n u(x + t v) at t = 0, for n <= 4, over every model it traces
+(MLPs, residual and Fourier-feature nets, norms, attention, ...), with the fused ``taylor_act``
+op. A mixed partial is a fixed rational combination of such directional derivatives. For a
+multi-index alpha of order n = |alpha| the central finite-difference identity of the
+homogeneous polynomial p(t) = D_t^n u = sum_(|beta| = n) n!/beta! t^beta d^beta u gives
+
+    d^alpha u = 1 / (n! 2^n) * sum_(0 <= k <= alpha) (-1)^(n - |k|) C(alpha, k) D^n_(2k - alpha) u
+
+(C(alpha, k) = prod_i C(alpha_i, k_i); the mixed central difference of order alpha kills every
+monomial of p but t^alpha). The points 2k - alpha are folded onto primitive integer directions
+(D^n_(lambda v) = lambda^n D^n_v), so for example
+
+    d^2u/dxdy       = (D_(1,1)^2 - D_(1,-1)^2) / 4
+    d^4u/dx^2dy^2   = (D_(1,1)^4 + D_(1,-1)^4 - 2 D_(1,0)^4 - 2 D_(0,1)^4) / 12
+    d^4u/dx^3dy     = (D_(3,1)^4 - D_(3,-1)^4 - 3 D_(1,1)^4 + 3 D_(1,-1)^4) / 192
+    Delta^2 u       = (1 - (d-1)/3) sum_i D_(e_i)^4 + 1/6 sum_(i<j) (D_(e_i+e_j)^4 + D_(e_i-e_j)^4)
+
+with entries of the directions in {-alpha_i..alpha_i}, the smallest the identity allows (the
+Griewank-Utke-Walther interpolation uses directions j with |j| = n >= 0 only -- 3e_i + e_j,
+2e_i + 2e_j: more directions and larger entries; jet-for-pytorch's bi-Laplacian uses those, d +
+3 d(d-1)/2 directions against d^2 here). Directions of all requested terms are pooled (shared
+by every alpha and output that uses them) and one propagation of order max |alpha| carries them
+all: K directions cost 1 + nK rows per point. Where only one combination of the top order is
+needed (:func:`biharmonic`, :func:`operator`, :func:`partials` with one alpha of the largest
+order), the top coefficient is carried *collapsed* -- only its weighted sum sum_k w_k D^n_(v_k)
+u, (N, *S), through every layer (taylor.py: h_n enters every rule linearly and no lower
+coefficient depends on it) -- so the jets carry 1 + (n-1)K + 1 rows: 3d^2 + 2 for Delta^2.
+
+Rounding of the combination. Each D^n_v u is computed with a relative error of a few ulps times
+the conditioning of the network's own evaluation, and the weights are exact rationals rounded
+once to the working dtype. The combination then adds an absolute error of about
+eps * sum_v |w_v| |D^n_v u| <= eps * A(alpha) * max_(|beta| = n) |d^beta u|, where
+A(alpha) = sum_v |w_v| ||v||_1^n is the *amplification* of the identity
+(:func:`amplification`): 1 for a pure axis derivative, 2 for d^2u/dxdy, 3 for d^4u/dx^2dy^2,
+~10.7 for d^4u/dxdydzdw; 1/d^2 times the amplification of Delta^2 stays below 3 for every d
+(Delta^2 u itself is a sum of d^2 terms of size max |d^beta u|). So in float64 the combination
+costs a few digits at most below the 1e-16 of the jets; in float32 the same few-ulp bound at
+1e-7, which tests/test_operators.py checks against float64.
+
+Exact fallback
+--------------
+Models the jets cannot trace (and orders above 4, when asked for with ``fallback="autograd"``)
+run nested ``torch.autograd.grad``, one backward per (output component, prefix of the sorted
+axis sequence of alpha) -- shared prefixes are differentiated once -- with ``torch.func``'s
+nested ``jvp`` where reverse mode cannot run f or its graph ends, under the same exact stand-ins
+(torchhessdiag/fallback_ops.py) and the same rules for once-differentiable custom Functions as
+:func:`torchhessdiag.laplacian`. No polarization there: the partials are differentiated directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import numbers
+import operator as _op
+import warnings
+from fractions import Fraction
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import fallback_ops, graph, ops, taylor
+from . import general as G
+from .api import _dims_matrix, _ints
+from .general import PathInfo
+
+Tensor = torch.Tensor
+
+__all__ = ["biharmonic", "partials", "operator", "divergence", "polarization", "amplification", "sampled_laplacian"]
+
+#: the largest total order the jets carry
+MAX_ORDER = taylor.MAX_ORDER
+
+
+# ---- multi-indices and the polarization identity -------------------------------------------------
+
+
+def _check_alpha(alpha: Any, d: int, where: str, what: str) -> Tuple[int, ...]:
+    """A multi-index as a tuple of d non-negative Python ints, or a clear error."""
+    if isinstance(alpha, Tensor):
+        if alpha.dim() != 1 or alpha.is_floating_point() or alpha.is_complex() or alpha.dtype == torch.bool:
+            raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints, got the tensor {alpha!r}")
+        alpha = alpha.tolist()
+    if isinstance(alpha, (str, bytes, Mapping)) or not hasattr(alpha, "__iter__"):
+        raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints (one per input dimension), got {alpha!r}")
+    items = list(alpha)
+    out = []
+    for a in items:
+        if isinstance(a, bool):
+            raise TypeError(f"{where}: {what} = {tuple(items)!r} holds a bool; entries must be non-negative ints")
+        try:
+            out.append(_op.index(a))
+        except TypeError:
+            raise TypeError(
+                f"{where}: {what} = {tuple(items)!r} holds {a!r} ({type(a).__name__}); entries must be non-negative "
+                "ints (the number of derivatives along each input dimension)"
+            ) from None
+    if len(out) != d:
+        raise ValueError(
+            f"{where}: {what} = {tuple(out)!r} has length {len(out)}, but x has d = {d} input dimensions; a "
+            f"multi-index has one entry per input dimension (e.g. {(2, 2) + (0,) * (d - 2) if d >= 2 else (4,)} "
+            f"for {'d^4u/dx_0^2 dx_1^2' if d >= 2 else 'd^4u/dx^4'})"
+        )
+    neg = [a for a in out if a < 0]
+    if neg:
+        raise ValueError(f"{where}: {what} = {tuple(out)!r} has negative entries; entries must be >= 0")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_polarization(local: Tuple[int, ...]) -> Tuple[Tuple[Tuple[int, ...], Fraction], ...]:
+    """The identity for a multi-index with every entry >= 1 (m = len(local) variables): pairs
+    (primitive direction over the m variables, exact weight) with d^alpha u = sum w D_v^n u."""
+    n = sum(local)
+    acc: Dict[Tuple[int, ...], Fraction] = {}
+    denom = math.factorial(n) * 2**n
+    for k in itertools.product(*(range(a + 1) for a in local)):
+        p = tuple(2 * ki - ai for ki, ai in zip(k, local))
+        if not any(p):
+            continue  # D_0^n u = 0 for n >= 1
+        coef = (-1) ** (n - sum(k)) * math.prod(math.comb(a, ki) for a, ki in zip(local, k))
+        g = functools.reduce(math.gcd, (abs(e) for e in p))
+        first = next(e for e in p if e)
+        s = g if first > 0 else -g
+        v = tuple(e // s for e in p)
+        acc[v] = acc.get(v, Fraction(0)) + Fraction(coef * s**n, denom)
+    return tuple((v, w) for v, w in sorted(acc.items()) if w != 0)
+
+
+def polarization(alpha: Sequence[int]) -> List[Tuple[Tuple[int, ...], Fraction]]:
+    """The directions and exact weights this module uses for d^alpha u:
+    ``[(v, w), ...]`` with d^alpha u = sum w * D_v^n u, n = |alpha|, v integer vectors of
+    len(alpha) (primitive, first nonzero entry positive). Order 0: ``[]`` (the value itself).
+
+    >>> polarization((2, 2))
+    [((0, 1), Fraction(-1, 6)), ((1, -1), Fraction(1, 12)), ((1, 0), Fraction(-1, 6)), ((1, 1), Fraction(1, 12))]
+    """
+    alpha = _check_alpha(alpha, len(alpha), "torchhessdiag.polarization", "alpha")
+    support = [i for i, a in enumerate(alpha) if a]
+    if not support:
+        return []
+    out = []
+    for v_local, w in _local_polarization(tuple(alpha[i] for i in support)):
+        v = [0] * len(alpha)
+        for i, e in zip(support, v_local):
+            v[i] = e
+        out.append((tuple(v), w))
+    return sorted(out)
+
+
+def amplification(alpha: Sequence[int]) -> float:
+    """A(alpha) = sum_v |w_v| ||v||_1^n of :func:`polarization`: the combination's rounding error
+    is at most about eps * A(alpha) * max_(|beta| = n) |d^beta u| (module docstring)."""
+    n = sum(alpha)
+    return float(sum(abs(w) * sum(abs(e) for e in v) ** n for v, w in polarization(alpha)))
+
+
+# ---- plans: which directions, which weights ------------------------------------------------------
+
+
+class _Term(NamedTuple):
+    alpha: Tuple[int, ...]  # dense, length d
+    out: int  # which output (partials: the alpha's index; operator: 0)
+    coef: Any  # a Python number (int, float, Fraction) or a 0-d tensor
+
+
+class _Plan:
+    """The directions (pooled over every term) and, per order n, the weight matrix W_n (P, K):
+    output p = c0[p] * u + sum_n sum_k W_n[p, k] D^n_(v_k) u."""
+
+    def __init__(self, d: int, terms: List[_Term], P: int):
+        self.d, self.terms, self.P = d, terms, P
+        self.order = max((sum(t.alpha) for t in terms), default=0)
+        self.dirs: Dict[Tuple[Tuple[int, int], ...], int] = {}  # sparse direction -> column
+        # per order n: {(p, k): exact weight} for number coefficients, [(p, {k: w}, tensor)] else
+        self.exact: Dict[int, Dict[Tuple[int, int], Any]] = {}
+        self.tensor_terms: Dict[int, List[Tuple[int, Dict[int, Fraction], Tensor]]] = {}
+        self.c0_exact: Dict[int, Any] = {}
+        self.c0_tensor: List[Tuple[int, Tensor]] = []
+        for t in terms:
+            n = sum(t.alpha)
+            if n == 0:
+                if isinstance(t.coef, Tensor):
+                    self.c0_tensor.append((t.out, t.coef))
+                else:
+                    self.c0_exact[t.out] = self.c0_exact.get(t.out, 0) + _exact(t.coef)
+                continue
+            support = [i for i, a in enumerate(t.alpha) if a]
+            ws: Dict[int, Fraction] = {}
+            for v_local, w in _local_polarization(tuple(t.alpha[i] for i in support)):
+                key = tuple((i, e) for i, e in zip(support, v_local) if e)
+                k = self.dirs.setdefault(key, len(self.dirs))
+                ws[k] = ws.get(k, Fraction(0)) + w
+            if isinstance(t.coef, Tensor):
+                self.tensor_terms.setdefault(n, []).append((t.out, ws, t.coef))
+            else:
+                c = _exact(t.coef)
+                table = self.exact.setdefault(n, {})
+                for k, w in ws.items():
+                    table[(t.out, k)] = table.get((t.out, k), 0) + w * c
+        self.K = len(self.dirs)
+        n = self.order
+        tops = {p for (p, _k), w in self.exact.get(n, {}).items() if w != 0} | {p for p, _ws, _c in self.tensor_terms.get(n, [])}
+        # collapse the top order when one output needs it (and it is >= 2: order 1 is one row anyway)
+        self.collapse_out: Optional[int] = next(iter(tops)) if (n >= 2 and len(tops) == 1) else None
+
+    def V(self, x: Tensor) -> Tensor:
+        """(d, K) directions in x's dtype and device (small integers: exact)."""
+        V = torch.zeros(self.d, self.K, dtype=torch.float64)
+        for key, k in self.dirs.items():
+            for i, e in key:
+                V[i, k] = float(e)
+        return V.to(dtype=x.dtype, device=x.device)
+
+    def W(self, n: int, like: Tensor) -> Optional[Tensor]:
+        """W_n (P, K) in like's dtype/device (None if order n has no term)."""
+        table = self.exact.get(n)
+        tt = self.tensor_terms.get(n, [])
+        if not table and not tt:
+            return None
+        W = torch.zeros(self.P, self.K, dtype=torch.float64)
+        for (p, k), w in (table or {}).items():
+            W[p, k] = float(w)  # one rounding of the exact rational
+        W = W.to(dtype=like.dtype, device=like.device)
+        for p, ws, c in tt:
+            row = torch.zeros(self.P, self.K, dtype=torch.float64)
+            for k, w in ws.items():
+                row[p, k] = float(w)
+            W = W + row.to(dtype=like.dtype, device=like.device) * c.to(dtype=like.dtype, device=like.device)
+        return W
+
+    def c0(self, like: Tensor) -> Optional[Tensor]:
+        if not self.c0_exact and not self.c0_tensor:
+            return None
+        c = torch.zeros(self.P, dtype=torch.float64)
+        for p, v in self.c0_exact.items():
+            c[p] = float(v)
+        c = c.to(dtype=like.dtype, device=like.device)
+        for p, t in self.c0_tensor:
+            onehot = torch.zeros(self.P, dtype=like.dtype, device=like.device)
+            onehot[p] = 1.0
+            c = c + onehot * t.to(dtype=like.dtype, device=like.device)
+        return c
+
+
+def _exact(c: Any) -> Any:
+    """A Python number as an exact rational (floats are rationals) -- so that coefficient times
+    weight is rounded once, at the end."""
+    if isinstance(c, (int, Fraction)):
+        return Fraction(c)
+    if isinstance(c, float):
+        return Fraction(c) if math.isfinite(c) else c
+    return c
+
+
+def _check_coef(c: Any, where: str, what: str) -> Any:
+    """A coefficient: a finite real Python number (kept exact) or a 0-d real tensor."""
+    if isinstance(c, bool):
+        raise TypeError(f"{where}: the coefficient of {what} is a bool; give a real number or a 0-d tensor")
+    if isinstance(c, Tensor):
+        if c.dim() != 0 or c.is_complex() or c.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: the coefficient of {what} must be a real number or a 0-d real tensor, got a tensor of shape "
+                f"{tuple(c.shape)} and dtype {c.dtype}"
+            )
+        return c
+    if isinstance(c, numbers.Integral):
+        return int(c)
+    if isinstance(c, Fraction):
+        return c
+    if isinstance(c, numbers.Real):
+        c = float(c)
+        if not math.isfinite(c):
+            raise ValueError(f"{where}: the coefficient of {what} is {c}; coefficients must be finite")
+        return c
+    raise TypeError(f"{where}: the coefficient of {what} must be a real number or a 0-d tensor, got {type(c).__name__}")
+
+
+# ---- shared dispatch -----------------------------------------------------------------------------
+
+
+def _prepare(f, x, where: str, fallback, allow_zeros):
+    mode = G._check_mode(fallback, where)
+    if not isinstance(allow_zeros, bool):
+        raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
+    if not callable(f):
+        raise TypeError(f"{where}: f must be a callable (an nn.Module or a function of x), got {type(f).__name__}")
+    ops.check_float_tensor(x, "x", where)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{where}: x has no features (d = 0)")
+    unbatched = x.dim() == 1
+    x2 = x.unsqueeze(0) if unbatched else x
+    return mode, x2, unbatched
+
+
+def _try_jets(
+    f, x2: Tensor, V: Tensor, order: int, collapsed: bool, weights: Optional[Tensor], where: str, x_shape, reasons: List[str],
+    axes: Optional[Tensor] = None,
+):
+    """Run the traced jets: (out, ctx, program) or None (the reason appended)."""
+    try:
+        program = graph.get_program(f, x2)
+        out, ctx = taylor.propagate_chunked(
+            program, x2, V, order, collapsed=collapsed, f=graph.traced_callable(f), weights=weights, axes=axes
+        )
+    except graph.ShapeError as e:
+        raise ValueError(f"{where}: x has shape {tuple(x_shape)}, which does not fit the model: {e}") from None
+    except graph.Unsupported as e:
+        reasons.append(f"not traceable to supported pieces: {e}")
+        if x2.shape[0] > 1 and not torch.compiler.is_compiling():
+            graph.remember_failure(f, x2, str(e))
+        return None
+    return out, ctx, program
+
+
+def _slow_path_allowed(mode: str, where: str, reasons: List[str], f) -> str:
+    reason = "; ".join(reasons)
+    if mode == "error":
+        raise NotImplementedError(
+            f"{where}: no fast path applies ({reason}); pass fallback='autograd' (or "
+            "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
+        )
+    cause = (where, type(f).__name__, reason)
+    if cause not in G._logged:
+        G._logged.add(cause)
+        G.logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
+    return reason
+
+
+def _done(result, info: PathInfo, return_info: bool, dry: bool):
+    return (result, info) if (return_info or dry) else result
+
+
+# ---- the exact slow path: nested autograd per multi-index ------------------------------------------
+
+
+def _func_partial(f: Callable, x: Tensor, seq: Sequence[int]) -> Tensor:
+    """d^alpha f (N, *S) by nested torch.func.jvp along the axes of ``seq`` (alpha's sorted axis list)."""
+    N, d = x.shape
+    fn: Callable = f
+    for ax in seq:
+        v = torch.zeros(N, d, dtype=x.dtype, device=x.device)
+        v[:, ax] = 1.0
+        fn = (lambda g, vv: (lambda xx: torch.func.jvp(g, (xx,), (vv,))[1]))(fn, v)
+    return fn(x)
+
+
+def _nested_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], allow_zeros: bool, where: str) -> Tuple[List[Tensor], str]:
+    """[d^alpha f (N, *S) for each sorted axis sequence], exact: nested reverse mode over a trie
+    of the sequences (a node's gradient gives all its children at once), torch.func nested jvp
+    where reverse mode cannot run f or cannot settle an entry (see general._autograd_derivatives
+    for why in this order)."""
+    keep = torch.is_grad_enabled()
+    top = max((len(s) for s in seqs), default=0)
+    if top >= 2:
+        once = G._custom_functions(f, x, once_only=True)
+        if once and not allow_zeros:
+            raise G._once_differentiable_error(where, once, "its backward is @once_differentiable")
+        if once:
+            warnings.warn(
+                f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
+                "as 0 (allow_unconfirmed_zeros=True)",
+                UserWarning,
+                stacklevel=G._stacklevel(),
+            )
+    try:
+        res, unknown, S = _grad_partials(f, x, seqs, keep)
+    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
+        customs = G._custom_functions(f, x)
+        if customs == ["CompiledFunction"]:
+            raise
+        if customs:
+            raise G._once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
+        try:
+            return [_func_partial(f, x, s) for s in seqs], "torch.func: nested jvp along the axes of each multi-index"
+        except Exception:  # noqa: BLE001
+            raise e from None
+    method = "torch.autograd.grad: nested backward passes, shared prefixes once"
+    if not unknown:
+        return res, method
+    customs = G._custom_functions(f, x)
+    why = None
+    if customs:
+        if not allow_zeros:
+            raise G._once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
+        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
+    else:
+        try:
+            for a in sorted({a for a, _ in unknown}):
+                fwd = _func_partial(f, x, seqs[a]).reshape(x.shape[0], -1).to(res[a].dtype)
+                cols = [i for aa, i in unknown if aa == a]
+                flat = res[a].reshape(x.shape[0], -1)
+                mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
+                mask[cols] = True
+                res[a] = torch.where(mask, fwd, flat).reshape(res[a].shape)
+        except Exception as e:  # noqa: BLE001
+            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
+    if why is not None:
+        warnings.warn(
+            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
+            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
+            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
+            f"{why}.",
+            UserWarning,
+            stacklevel=G._stacklevel(),
+        )
+        return res, method + " (entries with no backward graph taken as 0, unconfirmed)"
+    return res, method + " (entries with no backward graph from torch.func nested jvp)"
+
+
+def _grad_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], keep: bool):
+    """Nested reverse mode over the trie of the axis sequences, per output component. Returns the
+    partials, the entries (sequence index, component) that reverse mode could not settle (the
+    graph ended below a derivative of order >= 1: zero if f is of lower degree there, unknown if
+    a backward was not recorded), and the output's feature shape."""
+    with torch.enable_grad():
+        xx = x if x.requires_grad else x.detach().requires_grad_(True)
+        y = G._check_output(f(xx), x.shape[0], "torchhessdiag")
+        N = y.shape[0]
+        S = tuple(y.shape[1:])
+        yf = y.reshape(N, -1)
+        M = yf.shape[1]
+        zero = yf.new_zeros(N)
+        cols: List[List[Tensor]] = [[zero] * M for _ in seqs]
+        unknown: List[Tuple[int, int]] = []
+        for i in range(M):
+            # prefix -> (the derivative, or None where the graph ended; whether that zero is unconfirmed)
+            nodes: Dict[Tuple[int, ...], Tuple[Optional[Tensor], bool]] = {(): (yf[:, i], False)}
+            grads: Dict[Tuple[int, ...], Optional[Tensor]] = {}
+            for a, seq in enumerate(seqs):
+                cur: Tuple[int, ...] = ()
+                for ax in seq:
+                    nxt = cur + (ax,)
+                    if nxt not in nodes:
+                        v, unk = nodes[cur]
+                        if v is None:
+                            nodes[nxt] = (None, unk)
+                        else:
+                            if cur not in grads:
+                                g = None
+                                if v.requires_grad:
+                                    (g,) = torch.autograd.grad(v.sum(), xx, create_graph=True, retain_graph=True, allow_unused=True)
+                                grads[cur] = g
+                            g = grads[cur]
+                            # the gradient of f itself missing: f does not depend on x (a sure 0)
+                            nodes[nxt] = (None, len(cur) >= 1) if g is None else (g[:, ax], False)
+                    cur = nxt
+                v, unk = nodes[cur]
+                if v is not None:
+                    cols[a][i] = v if keep else v.detach()
+                elif unk:
+                    unknown.append((a, i))
+    res = [torch.stack(c, 1).reshape((N,) + S) for c in cols]
+    return res, unknown, S
+
+
+def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zeros: bool, dry: bool = False):
+    """Compute a plan (:class:`_Plan`) on the jets or the exact fallback. ``plan_fn(d)`` returns
+    (plan, kind) with kind "partials" (-> f(x).shape + (P,)) or "operator" (-> f(x).shape)."""
+    mode, x2, unbatched = _prepare(f, x, where, fallback, allow_zeros)
+    N, d = x2.shape
+    plan, kind = plan_fn(d)
+    G._check_module(f, x2, where)
+    reasons: List[str] = []
+    n = plan.order
+    if n == 0:  # the value only
+        info = PathInfo("forward", "order 0: f(x) only")
+        if dry:
+            return _done(None, info, return_info, dry)
+        value = G._check_output(f(x2), N, where)
+        out = _assemble(plan, value, [], kind)
+        return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
+    ops.warn_if_tf32(x2, stacklevel=4)
+    explicit = fallback == "autograd"
+    if n > MAX_ORDER:
+        if not explicit:
+            raise ValueError(
+                f"{where}: total order {n} is above the {MAX_ORDER} the Taylor jets carry; pass fallback='autograd' to "
+                "compute it exactly by nested autograd (one backward per output component and derivative, slow)"
+            )
+        reasons.append(f"order {n} is above the jets' {MAX_ORDER}")
+    else:
+        V = plan.V(x2)
+        collapsed = plan.collapse_out is not None
+        Wtop = plan.W(n, x2) if collapsed else None
+        weights = Wtop[plan.collapse_out] if collapsed else None
+        got = _try_jets(f, x2, V, n, collapsed, weights, where, x.shape, reasons)
+        if got is not None:
+            out_jet, ctx, program = got
+            rows = 1 + (n - 1) * plan.K + 1 if collapsed else 1 + n * plan.K
+            info = PathInfo(
+                "jet",
+                f"traced graph of supported pieces ({len(program.activations)} activation nodes): Taylor jets of order {n} "
+                f"along {plan.K} directions (polarization), {rows} rows per point"
+                + (", top order collapsed" if collapsed else ""),
+            )
+            if dry:
+                return _done(None, info, return_info, dry)
+            value = G._check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
+            coefs = out_jet.coefs if isinstance(out_jet, taylor.Jet) else [None] * n
+            if n >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
+                G._warn_piecewise_linear(G._stacklevel() + 1)
+            out = _assemble(plan, value, coefs, kind)
+            return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
+    reason = _slow_path_allowed("autograd" if explicit else mode, where, reasons, f)
+    info = PathInfo("autograd", reason, "nested torch.autograd.grad per multi-index (torch.func nested jvp where it cannot)")
+    if dry:
+        return _done(None, info, return_info, dry)
+    seqs = sorted({_seq(t.alpha) for t in plan.terms if sum(t.alpha)})
+    index = {s: i for i, s in enumerate(seqs)}
+    with fallback_ops.ExactDerivatives():
+        try:
+            y = f(x2)
+        except RuntimeError as e:
+            G._diagnose_shapes(f, x2, where, e)
+            raise
+        value = G._check_output(y, N, where)
+        derivs, method = _nested_partials(f, x2, seqs, allow_zeros, where)
+    derivs = [G._constant_of(t, value) for t in derivs]
+    out = _combine_direct(plan, value, {s: derivs[i] for s, i in index.items()}, kind)
+    return _done(out.squeeze(0) if unbatched else out, PathInfo("autograd", reason, method), return_info, dry)
+
+
+def _seq(alpha: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(i for i, a in enumerate(alpha) for _ in range(a))
+
+
+def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: str) -> Tensor:
+    """output[..., p] = c0[p] u + sum_n sum_k W_n[p, k] D^n_(v_k) u, from the output jet."""
+    N, S = value.shape[0], tuple(value.shape[1:])
+    n = plan.order
+    out: Optional[Tensor] = None
+    c0 = plan.c0(value)
+    if c0 is not None:
+        out = value.unsqueeze(-1) * c0
+    for k, c in enumerate(coefs, start=1):
+        if c is None:
+            continue
+        if plan.collapse_out is not None and k == n:  # (N, *S): already the weighted sum
+            if c.dim() == value.dim() - 1:
+                c = c.unsqueeze(0).expand((N,) + tuple(c.shape))
+            onehot = torch.zeros(plan.P, dtype=value.dtype, device=value.device)
+            onehot[plan.collapse_out] = 1.0
+            term = c.unsqueeze(-1) * onehot
+        else:
+            W = plan.W(k, value)
+            if W is None:
+                continue
+            if c.dim() == value.dim():  # shared first order (K, *S)
+                c = c.unsqueeze(0).expand((N,) + tuple(c.shape))
+            term = torch.matmul(c.movedim(1, -1), W.t())  # (N, *S, K) @ (K, P)
+        out = term if out is None else out + term
+    if out is None:
+        out = G._constant_of(value.new_zeros((N,) + S + (plan.P,)), value)
+    elif out.shape != (N,) + S + (plan.P,):
+        out = out.expand((N,) + S + (plan.P,))
+    if 0 in out.stride():
+        out = out.contiguous()
+    return out.squeeze(-1) if kind == "operator" else out
+
+
+def _combine_direct(plan: _Plan, value: Tensor, derivs: Dict[Tuple[int, ...], Tensor], kind: str) -> Tensor:
+    """The same output from the partials themselves (the exact fallback: no polarization)."""
+    cols: List[Optional[Tensor]] = [None] * plan.P
+    for t in plan.terms:
+        part = value if not sum(t.alpha) else derivs[_seq(t.alpha)]
+        c = t.coef
+        if isinstance(c, Tensor):
+            term = part * c.to(dtype=value.dtype, device=value.device)
+        else:
+            term = part * float(c) if c != 1 else part
+        cols[t.out] = term if cols[t.out] is None else cols[t.out] + term
+    cols = [c if c is not None else G._constant_of(torch.zeros_like(value), value) for c in cols]
+    out = torch.stack(cols, -1)
+    return out.squeeze(-1) if kind == "operator" else out
+
+
+# ---- public functions ----------------------------------------------------------------------------
+
+
+def partials(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    alphas,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
+    """Mixed partial derivatives d^alpha u for a list of multi-indices, per point, in one call.
+
+    Args:
+        f: an ``nn.Module`` or any callable mapping x (N, d) to (N,) or (N, m), rows independent
+            (as for :func:`torchhessdiag.laplacian`).
+        x: (N, d) points, or one unbatched (d,) point; float32 or float64.
+        alphas: a sequence of multi-indices, each a tuple of d non-negative ints: alpha = (2, 2)
+            is d^4u/dx^2dy^2 of a 2-input model, (1, 0, 1) is d^2u/dx dz, (0, ..., 0) is u.
+            Total order |alpha| <= 4 (the jets); higher orders only with ``fallback="autograd"``
+            (exact nested autograd, slow).
+        fallback, return_info, allow_unconfirmed_zeros: as for :func:`torchhessdiag.laplacian`.
+
+    Returns:
+        ``f(x).shape + (len(alphas),)``: out[..., j] = d^(alphas[j]) u. Differentiable w.r.t. the
+        parameters (and x) when grad mode is on; never ``None``.
+
+    On the jet path every alpha is a fixed rational combination of directional derivatives
+    (module docstring: the central polarization identity; :func:`polarization` shows it), with
+    the directions of all alphas pooled into one propagation.
+    """
+    where = "torchhessdiag.partials"
+
+    def plan_fn(d: int):
+        if isinstance(alphas, (str, bytes, Mapping)) or not hasattr(alphas, "__iter__"):
+            raise TypeError(f"{where}: alphas must be a list of multi-indices (tuples of {d} ints), got {type(alphas).__name__}")
+        items = list(alphas.tolist() if isinstance(alphas, Tensor) else alphas)
+        if not items:
+            raise ValueError(f"{where}: alphas is empty; give at least one multi-index")
+        if all(isinstance(a, numbers.Integral) for a in items):
+            raise TypeError(
+                f"{where}: alphas must be a list of multi-indices, got the flat sequence {tuple(items)!r}; for one "
+                f"multi-index pass [{tuple(items)!r}]"
+            )
+        terms = [_Term(_check_alpha(a, d, where, f"alphas[{j}]"), j, 1) for j, a in enumerate(items)]
+        return _Plan(d, terms, len(terms)), "partials"
+
+    return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
+
+
+def operator(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    terms: Mapping,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
+    """A linear differential operator with constant coefficients, sum_alpha c_alpha d^alpha u,
+    per point, in one call.
+
+    Args:
+        f, x: as for :func:`partials`.
+        terms: ``{alpha: coefficient}``; alpha a multi-index (tuple of d ints >= 0, the zero
+            multi-index being u itself), the coefficient a real number or a 0-d tensor (which
+            may require grad: a learned PDE coefficient gets its gradient). E.g. the plate
+            operator Delta^2 in 2-D: ``{(4, 0): 1, (2, 2): 2, (0, 4): 1}``; Helmholtz
+            ``{(2, 0): 1, (0, 2): 1, (0, 0): k**2}``.
+        fallback, return_info, allow_unconfirmed_zeros: as for :func:`torchhessdiag.laplacian`.
+
+    Returns:
+        A tensor shaped like ``f(x)``.
+
+    One propagation of order max |alpha| along the pooled directions of every term; the top
+    order is carried collapsed (only its weighted sum), so e.g. Delta^2 + k Delta costs the same
+    rows as Delta^2.
+    """
+    where = "torchhessdiag.operator"
+
+    def plan_fn(d: int):
+        if not isinstance(terms, Mapping):
+            raise TypeError(f"{where}: terms must be a dict {{alpha: coefficient}}, got {type(terms).__name__}")
+        if not terms:
+            raise ValueError(f"{where}: terms is empty; give at least one {{alpha: coefficient}}")
+        ts = []
+        for j, (a, c) in enumerate(terms.items()):
+            alpha = _check_alpha(a, d, where, f"the multi-index {a!r}")
+            ts.append(_Term(alpha, 0, _check_coef(c, where, f"{alpha}")))
+        return _Plan(d, ts, 1), "operator"
+
+    return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
+
+
+def _biharmonic_terms(d: int, dims: Optional[List[int]]) -> List[_Term]:
+    axes = list(range(d)) if dims is None else dims
+    out = []
+    for a, i in enumerate(axes):
+        alpha = [0] * d
+        alpha[i] = 4
+        out.append(_Term(tuple(alpha), 0, 1))
+        for j in axes[a + 1 :]:
+            alpha = [0] * d
+            alpha[i] = alpha[j] = 2
+            out.append(_Term(tuple(alpha), 0, 2))
+    return out
+
+
+def biharmonic(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    dims=None,
+    *,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
+    """The biharmonic (bi-Laplacian) Delta^2 u = sum_i sum_j d^4 u / dx_i^2 dx_j^2 per point.
+
+    Args:
+        f, x: as for :func:`torchhessdiag.laplacian`.
+        dims: the input dimensions i, j run over (default all): ``[1, 2]`` for the spatial
+            biharmonic of a (t, x, y) model.
+        fallback, return_info, allow_unconfirmed_zeros: as for :func:`torchhessdiag.laplacian`.
+
+    Returns:
+        A tensor shaped like ``f(x)``, differentiable for training.
+
+    Jet path: D = len(dims) axes and the D(D-1) directions e_i +- e_j, with weights
+    1 - (D-1)/3 and 1/6 (:func:`polarization` of each term, pooled), fourth order, top order
+    collapsed: 3 D^2 + 2 rows per point. Exact fallback: nested autograd over the multi-indices
+    (4 e_i and 2 e_i + 2 e_j, shared prefixes once).
+    """
+    where = "torchhessdiag.biharmonic"
+
+    def plan_fn(d: int):
+        dl = _dims(dims, d, where)
+        return _Plan(d, _biharmonic_terms(d, dl), 1), "operator"
+
+    return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
+
+
+def _dims(dims, d: int, where: str) -> Optional[List[int]]:
+    if dims is None:
+        return None
+    _dims_matrix(dims, d, torch.zeros(1, d), where)  # validates (type, range, repeats, empty)
+    return [i % d for i in _ints(dims, "dims", where)]
+
+
+def divergence(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    dims=None,
+    *,
+    components=None,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+):
+    """The divergence sum_k d f_(c_k) / dx_(i_k) of a vector field, per point.
+
+    Args:
+        f: maps x (N, d) to (N, m) (rows independent).
+        x: (N, d) points, or one unbatched (d,) point; float32 or float64.
+        dims: the input dimensions i_k differentiated (default all d).
+        components: the output components c_k paired with them, one per entry of ``dims``.
+            Default: ``dims`` itself when m = d (f: (N, d) -> (N, d), the usual vector field);
+            else ``range(len(dims))`` when m = len(dims) (e.g. a (t, x, y) -> (u, v) model with
+            ``dims=[1, 2]``); otherwise give them, e.g. ``dims=[1, 2], components=[0, 1]`` for
+            a (t, x, y) -> (u, v, p) model's div (u, v).
+        fallback, return_info: as for :func:`torchhessdiag.laplacian`.
+
+    Returns:
+        (N,) (unbatched: ()), differentiable for training.
+
+    Jet path: first-order jets along the K = len(dims) axes (forward mode: K + 1 rows per point,
+    shared by every point until the first nonlinearity), the diagonal entries summed. Exact
+    fallback: one backward per output component.
+    """
+    return _divergence(f, x, dims, components, fallback, return_info, "torchhessdiag.divergence")
+
+
+def _divergence(f, x, dims, components, fallback, return_info: bool, where: str, dry: bool = False):
+    mode, x2, unbatched = _prepare(f, x, where, fallback, False)
+    N, d = x2.shape
+    dl = _dims(dims, d, where)
+    axes = list(range(d)) if dl is None else dl
+    G._check_module(f, x2, where)
+    comps_given = None if components is None else _ints(components, "components", where)
+    if comps_given is not None and len(comps_given) != len(axes):
+        raise ValueError(
+            f"{where}: components has {len(comps_given)} entries but dims has {len(axes)}; give one output "
+            "component per differentiated input dimension"
+        )
+
+    def comps_for(m: int) -> List[int]:
+        if comps_given is not None:
+            bad = [c for c in comps_given if not -m <= c < m]
+            if bad:
+                raise ValueError(f"{where}: components {bad} out of range for f(x) with m = {m} outputs")
+            return [c % m for c in comps_given]
+        if m == d:
+            return list(axes)
+        if m == len(axes):
+            return list(range(m))
+        raise ValueError(
+            f"{where}: f(x) has m = {m} output components but x has d = {d} input dimensions"
+            + (f" and dims selects {len(axes)}" if dl is not None else "")
+            + "; a divergence pairs output components with input dimensions: pass components=[...] "
+            "(one per entry of dims), e.g. dims=[1, 2], components=[0, 1] for (t, x, y) -> (u, v, p)"
+        )
+
+    def check_vector(y: Tensor) -> Tensor:
+        y = G._check_output(y, N, where)
+        if y.dim() != 2:
+            raise ValueError(f"{where}: f(x) must be a vector field (N, m), got shape {tuple(y.shape)}")
+        return y
+
+    reasons: List[str] = []
+    ops.warn_if_tf32(x2, stacklevel=3)
+    got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
+    if got is not None:
+        out_jet, ctx, program = got
+        info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes): first-order jets along {len(axes)} axes")
+        if dry:
+            return _done(None, info, return_info, dry)
+        value = check_vector(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet)
+        comps = comps_for(value.shape[1])
+        c1 = out_jet.coefs[0] if isinstance(out_jet, taylor.Jet) else None
+        K = len(axes)
+        if c1 is None:
+            res = G._constant_of(value.new_zeros(N), value)
+        elif c1.dim() == 2:  # shared (K, m): the same at every point
+            res = c1[torch.arange(K, device=c1.device), comps].sum().expand(N).contiguous()
+            res = G._constant_of(res, value) if not res.requires_grad else res
+        else:
+            res = c1[:, torch.arange(K, device=c1.device), comps].sum(1)
+        return _done(res.squeeze(0) if unbatched else res, info, return_info, dry)
+    reason = _slow_path_allowed(mode, where, reasons, f)
+    if dry:
+        return _done(None, PathInfo("autograd", reason, "nested torch.autograd.grad (one backward per output component)"), return_info, dry)
+    with fallback_ops.ExactDerivatives():
+        try:
+            y = f(x2)
+        except RuntimeError as e:
+            G._diagnose_shapes(f, x2, where, e)
+            raise
+        value = check_vector(y)
+        comps = comps_for(value.shape[1])
+        derivs, method = _nested_partials(f, x2, [(i,) for i in axes], False, where)
+    res = sum(derivs[k][:, c] for k, c in enumerate(comps))
+    res = G._constant_of(res, value)
+    return _done(res.squeeze(0) if unbatched else res, PathInfo("autograd", reason, method), return_info, dry)
+
+
+# ---- the sampled Laplacian ---------------------------------------------------------------------
+
+#: above this d the sampled Laplacian of an MLP on the CPU takes the jets, not the MLP engine: the
+#: engine's no-graph chunks are sized by S * max(width, d) elements per point, so at large d they
+#: shrink to a few points and the (d, S) first layer is recomputed for each (measured here, tanh
+#: 3x128, N = 256, 1 thread: d = 1e3 engine 4-42 ms vs jets 8-49 ms for S = 8-128, d = 1e4 engine
+#: 23-1930 ms vs jets 17-119 ms for S = 8-200)
+_SAMPLED_ENGINE_MAX_D = 2048
+
+
+def sampled_laplacian(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    dims=None,
+    *,
+    num_samples: int,
+    generator: Optional[torch.Generator] = None,
+    sample_weights=None,
+    fallback: Optional[str] = None,
+    return_info: bool = False,
+    allow_unconfirmed_zeros: bool = False,
+):
+    """An unbiased estimate of the Laplacian sum_(i in dims) d^2u/dx_i^2 from S = ``num_samples``
+    sampled axes, each second derivative exact. ``torchhessdiag.laplacian(f, x, num_samples=S)``
+    calls this.
+
+    Sampling (the same axes for every point of the call; draw again each training step):
+
+    * uniform (default): S distinct axes of the D = len(dims) candidates without replacement,
+      estimate (D / S) sum_(s) h_(i_s) with h_i = d^2u/dx_i^2. Unbiased; variance
+      D^2 sigma^2 (D - S) / (S (D - 1)) with sigma^2 = (1/D) sum_i (h_i - Delta u / D)^2 (the
+      finite-population correction: S = D is exact, variance 0).
+    * ``sample_weights`` (D,) > 0: S axes drawn *with* replacement with probabilities
+      p_i = w_i / sum w, estimate (1/S) sum_s h_(i_s) / p_(i_s). Unbiased; variance
+      (1/S) (sum_i h_i^2 / p_i - (Delta u)^2), zero when p_i is proportional to h_i (h_i >= 0).
+
+    Cost: S directions instead of D -- S + 2 rows per point (the MLP engine or collapsed jets),
+    so time and memory grow with S; d enters only the first layer (the forward x W_1 and the
+    (d, S) selection). ``generator``: a ``torch.Generator`` for the draw (default: torch's
+    global generator); CPU generators draw on the CPU, CUDA ones on their device.
+    """
+    where = "torchhessdiag.laplacian"
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"{where}: num_samples must be an int >= 1, got {num_samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    ops.check_float_tensor(x, "x", where)
+    if x.dim() not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,) with d >= 1, got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    dl = _dims(dims, d, where)
+    axes = list(range(d)) if dl is None else dl
+    D = len(axes)
+    S = int(num_samples)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    if sample_weights is None:
+        if not 1 <= S <= D:
+            raise ValueError(
+                f"{where}: num_samples must be between 1 and the {D} axes summed over (uniform sampling is without "
+                f"replacement; num_samples = {D} gives the exact Laplacian), got {S}"
+            )
+        pick = torch.randperm(D, generator=generator, device=gdev)[:S].tolist()
+        chosen = sorted(axes[j] for j in pick)
+        note = f"sampled Laplacian: {S} of {D} axes, uniform without replacement, scaled by {D}/{S}"
+        res = G._compute(
+            f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note,
+            use_engine=_engine_ok(x, d),
+        )
+        scale = D / S
+        if return_info:
+            return res[0] * scale if scale != 1 else res[0], res[1]
+        return res * scale if scale != 1 else res
+    if S < 1:
+        raise ValueError(f"{where}: num_samples must be >= 1, got {S}")
+    w = sample_weights
+    if not isinstance(w, Tensor):
+        try:
+            w = torch.tensor(w, dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: sample_weights must be a (D,) tensor or sequence of positive numbers, got {type(sample_weights).__name__}") from None
+    if w.dim() != 1 or w.shape[0] != D or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
+        raise ValueError(
+            f"{where}: sample_weights must be a real (D,) tensor with D = {D} entries (one per axis of dims, in that "
+            f"order), got shape {tuple(w.shape)} and dtype {w.dtype}"
+        )
+    w = w.detach().to(dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise ValueError(
+            f"{where}: sample_weights must be finite and > 0 (an axis with weight 0 would never be sampled and the "
+            "estimate would miss its term; leave such axes out with dims=)"
+        )
+    p = w / w.sum()
+    draws = torch.multinomial(p.to(gdev), S, replacement=True, generator=generator).cpu()
+    counts = torch.bincount(draws, minlength=D).to(torch.float64)
+    js = [j for j in range(D) if counts[j] > 0]
+    chosen = [axes[j] for j in js]
+    wts = torch.tensor([float(counts[j] / (S * p[j])) for j in js], dtype=torch.float64)
+    order = sorted(range(len(chosen)), key=lambda k: chosen[k])
+    chosen = [chosen[k] for k in order]
+    wts = wts[order]
+    note = f"sampled Laplacian: {S} draws of {D} axes with replacement, probabilities from sample_weights ({len(chosen)} distinct axes)"
+    return G._compute(
+        f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros,
+        weights=wts.to(dtype=x.dtype, device=x.device), path_note=note, use_engine=_engine_ok(x, d),
+    )
+
+
+def _engine_ok(x: Tensor, d: int) -> bool:
+    return x.device.type != "cpu" or d <= _SAMPLED_ENGINE_MAX_D
+
+
+# ---- explain -----------------------------------------------------------------------------------
+
+
+def explain(f, x, function: str, dims=None, alphas=None, components=None) -> PathInfo:
+    """The path of :func:`biharmonic`, :func:`partials` (``alphas``: the multi-indices),
+    :func:`operator` (``alphas``: the ``{alpha: coefficient}`` dict) or :func:`divergence`
+    (``components``) for (f, x) -- ``torchhessdiag.explain`` calls this. The fast paths run once
+    without a graph; the slow path is not run."""
+    where = "torchhessdiag.explain"
+    with torch.no_grad():
+        if function == "divergence":
+            return _divergence(f, x, dims, components, "autograd", True, where, dry=True)[1]
+        if function == "biharmonic":
+
+            def plan_fn(d: int):
+                return _Plan(d, _biharmonic_terms(d, _dims(dims, d, where)), 1), "operator"
+
+        elif function == "partials":
+            if alphas is None or isinstance(alphas, Mapping):
+                raise ValueError(f"{where}: function='partials' needs alphas=[multi-index, ...]")
+            items = list(alphas)
+
+            def plan_fn(d: int):
+                terms = [_Term(_check_alpha(a, d, where, f"alphas[{j}]"), j, 1) for j, a in enumerate(items)]
+                return _Plan(d, terms, len(terms)), "partials"
+
+        elif function == "operator":
+            if not isinstance(alphas, Mapping) or not alphas:
+                raise ValueError(f"{where}: function='operator' needs alphas={{alpha: coefficient, ...}}")
+
+            def plan_fn(d: int):
+                terms = [_Term(_check_alpha(a, d, where, f"the multi-index {a!r}"), 0, _check_coef(c, where, str(a))) for a, c in alphas.items()]
+                return _Plan(d, terms, 1), "operator"
+
+        else:
+            raise ValueError(f"{where}: unknown function {function!r}")
+        return _run_plan(f, x, plan_fn, where, "autograd", True, False, dry=True)[1]
