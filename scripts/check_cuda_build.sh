@@ -58,6 +58,10 @@ for op in ("act_derivatives", "act_grad", "mul_pair", "mul_pair_backward", "jet_
     # the fallback of a GPU without a kernel image (csrc/cuda_gate.h)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(
         f"torchhessdiag_ref::{op}", "CompositeExplicitAutograd"), op
+# the fused MLP op (csrc/cuda/mlp_ops.cu); on a GPU without a kernel image the engine does not
+# pick it (fused.available asks the probe), so it has no torchhessdiag_ref twin
+for op in ("mlp_jet", "mlp_jet_backward"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchhessdiag::{op}", "CUDA"), op
 assert "sm_" in info["cuda_archs"], info["cuda_archs"]
 print("CUDA kernels registered:", info["devices"], "for", info["cuda_archs"], "torch", torch.__version__)
 PY

@@ -3,7 +3,6 @@
 // run the per-element body shared with the CPU (csrc/cpu/kernels_isa.h, on scalars). Checks,
 // the plan and allocation of the outputs happen in csrc/mlp_ops.cpp.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -18,21 +17,29 @@
 namespace thd {
 namespace {
 
-// Row-major C (M x N) = op(A) op(B) + beta C through column-major cuBLAS (A and B swap places).
-// The GEMMs follow torch's TF32 setting for float32, like torch.matmul (README: "CUDA").
+// Row-major C (M x N) = op(A) op(B) + beta C, through torch's own addmm on views of the buffers
+// (at::cuda::blas::gemm is not exported from libtorch_cuda, and linking cuBLAS ourselves could
+// pick a different cuBLAS than torch's). The GEMMs follow torch's TF32 setting for float32, like
+// torch.matmul (README: "CUDA").
 template <typename T>
 void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
              const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  const auto opt = at::TensorOptions()
+                       .dtype(c10::CppTypeToScalarType<T>::value)
+                       .device(at::kCUDA, c10::cuda::current_device());
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
   if (K == 0) {
-    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1},
-                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)
-                                     .device(at::kCUDA, c10::cuda::current_device()));
     c.mul_(beta);
     return;
   }
-  at::cuda::blas::gemm<T>(tb ? 't' : 'n', ta ? 't' : 'n', N, M, K, T(1), B, ldb, A, lda, beta, C,
-                          ldc);
+  auto view = [&](const T* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X) is rows x cols; X itself is stored row-major with leading dimension ld.
+    at::Tensor x = t ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, opt)
+                     : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opt);
+    return t ? x.t() : x;
+  };
+  c.addmm_(view(A, ta, M, K, lda), view(B, tb, K, N, ldb), beta, T(1));
 }
 
 // Threads: x over the columns j of a layer, y over points (grid-stride).
