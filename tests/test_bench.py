@@ -344,6 +344,18 @@ def test_pinn_preset_is_issue_13s_grid():
     assert sorted(map(runner.block_key, parts)) == sorted(map(runner.block_key, blocks))
 
 
+def test_pinn_core_preset_is_the_reported_settings():
+    blocks = _blocks("--preset", "pinn-core")
+    got = {(b["dtype"], b["d"], tuple(b["widths"]), b["N"], b["mode"]) for b in blocks}
+    f32, f64 = "float32", "float64"
+    for want in [(f32, 2, (32,) * 3, 512, "train"), (f32, 3, (64,) * 4, 4096, "train"),
+                 (f64, 3, (64,) * 4, 4096, "train"), (f32, 2, (128,) * 4, 8192, "train"),
+                 (f32, 8, (256,) * 4, 4096, "inference"), (f32, 5, (256,) * 4, 4096, "train"),
+                 (f64, 1, (64,) * 3, 1024, "train"), (f64, 2, (32,) * 3, 16, "inference")]:
+        assert want in got, want
+    assert len(blocks) == len(got) == 16
+
+
 def test_pinn_preset_options_replace_grid_dimensions():
     blocks = _blocks("--preset", "pinn", "--d", "2", "--width", "32", "--depth", "3", "--n", "512")
     assert {(b["d"], tuple(b["widths"]), b["N"]) for b in blocks} == {(2, (32, 32, 32), 512)}

@@ -27,7 +27,7 @@ setting), ``--preset taylor`` (the Taylor-mode paper's setting: d=50, tanh
 50-768-768-512-512-1, float64), ``--preset gpu`` (the full GPU grid, N up to 65536, d up to 1000
 for the Laplacian; resumable in pieces with ``--out DIR --resume --max-minutes 8``), ``--preset
 pinn`` (issue 13's PINN grid, CPU, 2 threads; parts pinn-train, pinn-train64, pinn-infer,
-pinn-infer64, pinn-overhead, and pinn-tiny as a smoke run), ``--preset dropin`` / ``dropin-quick``
+pinn-infer64, pinn-overhead; pinn-core the reported settings; pinn-tiny a smoke run), ``--preset dropin`` / ``dropin-quick``
 (issue 14: nested autograd through ``torchhessdiag.nn`` drop-ins vs torch.nn, every activation;
 :mod:`torchhessdiag.bench.dropin`). ``--plan`` prints a preset's blocks and a rough duration
 (:mod:`torchhessdiag.bench.plan`).
