@@ -2,6 +2,11 @@
 --preset pinn`): per target, how many blocks meet it, and the blocks that do not.
 
     python benchmarks/pinn_targets.py benchmarks/results/pinn_cpu/results.jsonl
+    python benchmarks/pinn_targets.py --markdown benchmarks/results/pinn_core_cpu/results.jsonl
+
+--markdown prints the Laplacian blocks as a table instead (the README's PINN table): per block
+thd.mlp_laplacian, nested autograd, jet-for-pytorch collapsed and the best other exact method,
+each median (min-max) of the block's timed calls, with the two speed-ups.
 
 Targets (CPU, 2 threads, ratios within one block = one run):
  1a. training step >= 2x nested autograd for d in {1, 2, 3}, width 32-128, depth 3-4;
@@ -73,5 +78,43 @@ def main(path: str) -> None:
                 print(f"   not met: {msg}")
 
 
+def _ms(rec, key):
+    st = rec.get("stats_s", {}).get(key)
+    if st is None:
+        return "–"
+    f = (lambda v: f"{v * 1e3:.3g}") if st["median"] < 0.01 else (lambda v: f"{v * 1e3:.0f}")
+    if st["median"] < 0.1:
+        f = (lambda v: f"{v * 1e3:.3g}")
+    return f"{f(st['median'])} ({f(st['min'])}–{f(st['max'])})"
+
+
+NAMES = {"nested": "nested", "func_hessian": "func hessian", "func_jvp": "func jvp",
+         "fwd_lap": "fwd Laplacian", "fwd_lap_compiled": "fwd Laplacian compiled",
+         "jet": "jet collapsed", "jet_std": "jet standard"}
+
+
+def markdown(path: str) -> None:
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    print("| dtype | d | widths | N | mode | thd.mlp_laplacian ms | nested autograd ms | "
+          "jet-for-pytorch collapsed ms | best other method, ms | vs nested | vs best other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in recs:
+        s = r["setting"]
+        t = med(r, "thd_lap")
+        if t is None:
+            continue
+        peers = [(k, med(r, k)) for k in PEERS["lap"] if med(r, k) is not None]
+        best = min(peers, key=lambda kv: kv[1])
+        nested = med(r, "nested")
+        mode = "training step" if s["mode"] == "train" else "inference"
+        print(f"| {s['dtype']} | {s['d']} | {len(s['widths'])}×{s['widths'][0]} | {s['N']} | {mode} "
+              f"| {_ms(r, 'thd_lap')} | {_ms(r, 'nested')} | {_ms(r, 'jet')} "
+              f"| {NAMES[best[0]]}: {_ms(r, best[0])} "
+              f"| {nested / t:.2f}× | {best[1] / t:.2f}× |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--markdown":
+        markdown(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -441,9 +441,86 @@ def test_engine_uses_the_fused_op_where_it_applies(monkeypatch):
     thd.mlp_mixed_partials(model, x, [(0, 1)])
     assert calls == []
     wide = nn.Sequential(nn.Linear(12, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    thd.mlp_laplacian(wide, _x(3, 12))  # K = 12 > width 4: the reverse sweep compresses
+    thd.mlp_laplacian(wide, _x(3, 12))  # K = 12 > width 4: compressed to 4 directions
+    assert calls == [1]
+    calls.clear()
     thd.mlp_hessian_diag(wide, _x(3, 12))  # 12 > FUSED_DIAG_MAX_K
+    thd.mlp_derivatives(wide, _x(3, 12))  # the gradient needs all 12 first-order rows
     assert calls == []
+
+
+# d larger than the width at the first activation: the sum's directions are compressed to that
+# width (engine._row_space_directions) -- whole-API results against torch.func, with gradients
+COMPRESS = {
+    "plain": (12, [4, 5, 1], [T, S, None]),
+    "first layers linear": (15, [9, 3, 6, 2], [None, G, T, None]),
+    "d 40": (40, [6, 6, 1], [SP, T, None]),
+}
+
+
+def _model(d, widths, acts, _bias, seed):
+    """nn.Sequential of Linear layers (widths[-1] outputs) and torch.nn / drop-in activations."""
+    g = torch.Generator().manual_seed(seed)
+    layers, dims = [], [d] + list(widths)
+    for i, a in enumerate(acts):
+        lin = nn.Linear(dims[i], dims[i + 1]).double()
+        with torch.no_grad():
+            bound = 1.3 / math.sqrt(dims[i])
+            lin.weight.copy_((torch.rand(lin.weight.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+            lin.bias.copy_((torch.rand(lin.bias.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+        layers.append(lin)
+        if a is not None:
+            layers.append(a.module())
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize("name", list(COMPRESS))
+@pytest.mark.parametrize("dims", ["all", "subset"])
+def test_compressed_sums_match_torch_func(monkeypatch, name, dims):
+    d, widths, acts = COMPRESS[name]
+    calls = []
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+    model = _model(d, widths, acts, None, seed=5)
+    x = _x(7, d, seed=2).requires_grad_(True)
+    sel = list(range(d)) if dims == "all" else [d - 1, 0, 3, 2, 5, 7, 9]
+    got = thd.mlp_laplacian(model, x, dims=None if dims == "all" else sel)
+    first = next(w for w, a in zip(widths, acts) if a is not None)
+    assert calls and calls[0] == (d, min(len(sel), first)), calls  # V: (d, r) directions
+    H = func_hessian(model, x.detach())  # (N, m, d, d)
+    want = H[..., sel, sel].sum(-1)
+    _check(got, want, what=f"{name} lap")
+    # training: gradients to every weight and bias and to x, against nested autograd's
+    loss = (got ** 2).sum()
+    params = [p for p in model.parameters()] + [x]
+    g_got = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    monkeypatch.setattr(engine, "FUSED_ENABLED", False)  # the reverse sweep, itself tested vs torch.func
+    lap_ref = thd.mlp_laplacian(model, x, dims=None if dims == "all" else sel)
+    g_ref = torch.autograd.grad((lap_ref ** 2).sum(), params, allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_got, g_ref):
+        _check(a, b, tol=TOL_GRAD, what=f"{name} grad")
+
+
+def test_compressed_weighted_laplacian_general_directions(monkeypatch):
+    """mlp_weighted_laplacian with A = B B^T of rank 9 > width 4: compressed, exact."""
+    model = _model(10, [4, 3, 1], [T, G, None], None, seed=3)
+    x = _x(6, 10, seed=4)
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(10, 9, generator=g, dtype=torch.float64)
+    A = B @ B.T
+    got = thd.mlp_weighted_laplacian(model, x, A)
+    H = func_hessian(model, x)
+    want = (H * A).sum((-1, -2))
+    _check(got, want, what="weighted")
+
+
+def test_compression_skipped_for_non_finite_first_layer():
+    """An inf in the first layer's weights: no QR of inf (the reverse sweep takes the call)."""
+    model = nn.Sequential(nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        model[0].weight[0, 5] = math.inf
+    net = engine.fused_net(engine.parse_mlp(model, "test"))
+    assert engine._row_space_directions(net, None, list(range(6)), 6) is None
 
 
 def test_saved_buffers_reused_across_steps_and_released():

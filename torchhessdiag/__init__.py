@@ -1,14 +1,20 @@
 """torchhessdiag: exact Hessian diagonals, Laplacians and higher input derivatives of neural
 networks, with fused C++/CUDA kernels.
 
-Foundation layer (this release):
+What is here (README.md has the whole tour):
 
+* ``mlp_laplacian``, ``mlp_hessian_diag``, ``mlp_derivatives`` and the other ``mlp_*`` functions
+  -- the engine for ``nn.Sequential`` MLPs (one fused op for the whole network at small d, the
+  reverse sweep at large d), differentiable for training;
+* ``laplacian``, ``hessian_diag``, ``axis_derivatives`` -- any model or function (the engine,
+  Taylor jets over the traced graph, or exact autograd), with ``explain`` / ``PathInfo``;
+* ``biharmonic``, ``partials``, ``operator``, ``divergence`` -- beyond the Laplacian;
 * ``torchhessdiag.nn`` -- drop-in activations (Tanh, SiLU, GELU, Softplus, ...) whose backward,
-  double backward and higher derivatives run fused kernels; ``torchhessdiag.nn.convert(model)``.
+  double backward and higher derivatives run fused kernels; ``torchhessdiag.nn.convert(model)``;
 * ``activation(x, act, **params)`` / ``activation_derivatives(x, act, order)`` -- the derivative
-  table as functions.
+  table as functions; ``register_activation`` for your own;
 * ``backend_info()`` -- which implementation (compiled CPU/CUDA kernels or the pure-PyTorch
-  reference) serves the ops.
+  reference) serves the ops; ``empty_cache()`` releases the fused op's pooled buffers.
 """
 
 __version__ = "0.1.0"

@@ -273,8 +273,9 @@ def fused_net(layers: List[Layer]) -> Optional[fused.Net]:
 # The fused forward sweep carries 1 + S + K rows per point (S second-order rows: 1 for a sum,
 # K for a Hessian diagonal); the reverse sweep below 2 + K (with the directions compressed to the
 # first layer's width for a sum). For a sum they carry the same rows, and the fused op does the
-# whole network in compiled code: it is used whenever its first-order rows fit (K no larger than
-# the width at the first activation, or every axis when the gradient is wanted); measured 1.2-1.6x
+# whole network in compiled code: it is used for every sum (K larger than the first layer's width
+# is compressed to that width first: _row_space_directions) and, when the gradient is wanted
+# (K = d first-order rows, no compression), for d up to the first width; measured 1.2-1.6x
 # faster than the reverse sweep from d = 2 to d = 100 (CPU, tanh, 4 x 64..256, inference and
 # training). For a Hessian diagonal it carries K - 1 more rows; measured (same runs) it is the
 # faster one up to K = 3 in float32 (2.0x at K = 2, 1.05x at 3, 0.86x at 5) and K = 8 in float64
@@ -314,8 +315,45 @@ def _fused_plan(layers, x, V, dims, mode, need_gradient):
     if mode == "diag" and len(sel) > FUSED_DIAG_MAX_K.get(x.dtype, 3):
         return None
     if mode == "sum" and K > net.first_width:
-        return None
+        if need_gradient:
+            return None  # (the gradient needs every axis as a first-order row)
+        Vf = _row_space_directions(net, Vf, axes, d)
+        if Vf is None:
+            return None
+        axes, sel = [], list(range(Vf.shape[1]))
     return net, Vf, axes, sel, need_gradient
+
+
+def _row_space_directions(net: fused.Net, V: Optional[Tensor], axes: Sequence[int], d: int):
+    """For a sum along K directions (the columns of V, or the unit vectors of ``axes``) with K
+    larger than the width w at the first activation: r = min(K, w) directions giving the same
+    sum, so the fused op carries r first-order rows instead of K (the reverse sweep's QR
+    compression, done in input space). With P the product of the linear layers up to the first
+    activation (w x d), A = P E (w x K; E = V or the axes' columns of the identity) and
+    A^T = Q R (Q: K x r orthonormal), the directions E Q have first-activation tangents A Q, and
+    sum_k (A q_k)(A q_k)^T = A Q Q^T A^T = A A^T. Every second-order term of the sum is a
+    quadratic form of those tangents summed over the directions, so the sum is unchanged. Q is
+    detached, and the gradient is unchanged too: A Q Q^T = A for every A (Q Q^T A^T = Q R = A^T),
+    so d(A Q Q^T A^T) = dA A^T + A dA^T with Q held fixed. Computed in float64 (a K x r
+    factorisation per call, microseconds). None where A is not finite (the reverse sweep handles
+    inf/nan weights column by column)."""
+    with torch.no_grad():
+        P = None
+        for W, a in zip(net.weights, net.acts):
+            W = W.detach().to(torch.float64)
+            P = W if P is None else W @ P
+            if a >= 0:
+                break
+        A = P[:, list(axes)] if V is None else P @ V.detach().to(torch.float64)
+        if not bool(torch.isfinite(A).all()):
+            return None
+        Q = torch.linalg.qr(A.T, mode="reduced")[0]  # (K, r)
+        if V is None:
+            out = P.new_zeros(d, Q.shape[1])
+            out[list(axes)] = Q
+        else:
+            out = V.detach().to(torch.float64) @ Q
+        return out.to(net.weights[0].dtype)
 
 
 def _run_fused(plan, x, mode, chunk_size) -> EngineOut:

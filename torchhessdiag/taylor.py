@@ -48,7 +48,7 @@ from .graph import _RUNTIME, Program, ShapeError, Unsupported
 
 Tensor = torch.Tensor
 
-MAX_ORDER = 4
+MAX_ORDER = ops.MAX_ORDER  # the table's last order (csrc/activations.h kMaxOrder)
 
 # the fused Faa di Bruno op (csrc/taylor.h), when this build has it
 _TAYLOR_ACT = getattr(torch.ops.torchhessdiag, "taylor_act", None)
