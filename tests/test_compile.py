@@ -323,3 +323,17 @@ def test_double_backward_through_compiled_graph_is_a_torch_error(device):
     gs = torch.autograd.grad(_pinn_loss(model)(x), params, create_graph=True)  # eager: fine
     sum(g.square().sum() for g in gs).backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in params)
+
+
+def test_wide_input_sum_compiles_fullgraph(device):
+    """d = 12 > width 4: eager calls compress the sum's directions for the fused op (a
+    data-dependent finiteness test), compiled calls keep the reverse sweep -- fullgraph still
+    captures one graph, and the two agree to rounding (float64: 1e-12 of the scale)."""
+    model = build_mlp(12, [4, 5], 1, [ACT_BY_LABEL["tanh"], ACT_BY_LABEL["silu"]], seed=3, device=device)[0]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 12, generator=g, dtype=torch.float64).to(device)
+    cap = _Capture("aot_eager")
+    got = torch.compile(lambda x: thd.mlp_laplacian(model, x), fullgraph=True, backend=cap)(x)
+    want = thd.mlp_laplacian(model, x)
+    assert len(cap.graphs) == 1
+    assert rel_err(got, want) <= 1e-12

@@ -336,7 +336,11 @@ def _row_space_directions(net: fused.Net, V: Optional[Tensor], axes: Sequence[in
     detached, and the gradient is unchanged too: A Q Q^T = A for every A (Q Q^T A^T = Q R = A^T),
     so d(A Q Q^T A^T) = dA A^T + A dA^T with Q held fixed. Computed in float64 (a K x r
     factorisation per call, microseconds). None where A is not finite (the reverse sweep handles
-    inf/nan weights column by column)."""
+    inf/nan weights column by column). None under torch.compile too: the finiteness test is a
+    data-dependent branch, which would break a fullgraph=True graph; compiled calls keep the
+    reverse sweep for these sums."""
+    if torch.compiler.is_compiling():
+        return None
     with torch.no_grad():
         P = None
         for W, a in zip(net.weights, net.acts):
