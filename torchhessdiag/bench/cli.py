@@ -36,7 +36,7 @@ PINN_GROUPS = {
     "infer": [dict(_INFER, dtype=_F32)],
     "infer64": [dict(_INFER, dtype=_F64)],
     "overhead": [dict(_OVERHEAD, dtype=_F32 + _F64)],
-    # the settings of issue 13's own table (what users reported) and d = 5: ~30 min, the record
+    # the settings of issue 13's own table (what users reported) and d = 5: 5 min measured, the record
     # to read first (README "Benchmarks"); every point is also in the full grid except d=1, N=1024
     "core": [dict(d=[2], archs=[(32, 3)], n=[512], modes=["train"], dtype=_F32),
              dict(d=[3], archs=[(64, 4)], n=[4096], modes=["train"], dtype=_F32 + _F64),
@@ -107,7 +107,7 @@ def parse_args(argv=None):
                         "taylor (the Taylor-mode paper's setting), gpu (the full GPU grid), "
                         "pinn (issue 13's PINN grid; its parts pinn-train, pinn-train64, "
                         "pinn-infer, pinn-infer64, pinn-overhead; pinn-core: the settings users "
-                        "reported, ~30 min; pinn-tiny: a smoke run), models "
+                        "reported, ~5 min; pinn-tiny: a smoke run), models "
                         "(PINN architectures: python -m torchhessdiag.bench.models --help), "
                         "dropin (issue 14: nested autograd through torchhessdiag.nn drop-ins vs "
                         "torch.nn, every activation; dropin-quick: ~2 minutes; python -m "
