@@ -348,13 +348,14 @@ def _row_space_directions(net: fused.Net, V: Optional[Tensor], axes: Sequence[in
             P = W if P is None else W @ P
             if a >= 0:
                 break
-        A = P[:, list(axes)] if V is None else P @ V.detach().to(torch.float64)
+        idx = list(axes)
+        A = P[:, idx] if V is None else P @ V.detach().to(torch.float64)
         if not bool(torch.isfinite(A).all()):
             return None
         Q = torch.linalg.qr(A.T, mode="reduced")[0]  # (K, r)
         if V is None:
             out = P.new_zeros(d, Q.shape[1])
-            out[list(axes)] = Q
+            out[idx] = Q
         else:
             out = V.detach().to(torch.float64) @ Q
         return out.to(net.weights[0].dtype)
