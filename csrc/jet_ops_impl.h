@@ -24,6 +24,7 @@
 #include <string>
 
 #include "activations.h"
+#include "buffer_pool.h"
 #include "messages.h"
 
 namespace thd {
@@ -281,6 +282,14 @@ struct CudaKernels {
 
 // ---- the op half (host compiler only) --------------------------------------------------------
 
+// An op's output: on the CPU from the buffer pool (csrc/buffer_pool.h: no fresh pages per call),
+// elsewhere from the device's allocator. Contiguous, uninitialised.
+inline at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape) {
+  const at::TensorOptions opt = like.options().memory_format(at::MemoryFormat::Contiguous);
+  return like.is_cpu() ? BufferPool::get().empty(shape, opt) : at::empty(shape, opt);
+}
+inline at::Tensor new_output(const at::Tensor& like) { return new_output(like, like.sizes()); }
+
 template <class K>
 std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at::Tensor& g_,
                                                  const at::Tensor& d1_, const at::Tensor& d2_) {
@@ -292,8 +301,8 @@ std::tuple<at::Tensor, at::Tensor> mul_pair_impl(const at::Tensor& w_, const at:
   const at::OptionalDeviceGuard guard(at::device_of(w_));
   const at::Tensor w = w_.contiguous(), g = g_.contiguous(), d1 = d1_.contiguous(),
                    d2 = d2_.contiguous();
-  at::Tensor o1 = at::empty_like(w, at::MemoryFormat::Contiguous);
-  at::Tensor o2 = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor o1 = new_output(w);
+  at::Tensor o2 = new_output(w);
   const index_t numel = w.numel();
   if (numel == 0) return {o1, o2};
   K::mul_pair({w.scalar_type(), w.data_ptr(), g.data_ptr(), d1.data_ptr(), d2.data_ptr(),
@@ -320,9 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mul_pair_backward_impl(
                    d2 = d2_.contiguous(), d3 = d3_.contiguous();
   const at::Tensor g1 = has1 ? g1_->contiguous() : at::Tensor();
   const at::Tensor g2 = has2 ? g2_->contiguous() : at::Tensor();
-  at::Tensor ow = at::empty_like(w, at::MemoryFormat::Contiguous);
-  at::Tensor og = at::empty_like(w, at::MemoryFormat::Contiguous);
-  at::Tensor oz = at::empty_like(w, at::MemoryFormat::Contiguous);
+  at::Tensor ow = new_output(w);
+  at::Tensor og = new_output(w);
+  at::Tensor oz = new_output(w);
   const index_t numel = w.numel();
   if (numel == 0) return {ow, og, oz};
   K::mul_pair_backward({w.scalar_type(), has1 ? g1.data_ptr() : nullptr,
@@ -351,7 +360,7 @@ at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name,
   const at::Tensor z = z_.contiguous();
   std::vector<int64_t> shape{static_cast<int64_t>(orders.size())};
   shape.insert(shape.end(), z.sizes().begin(), z.sizes().end());
-  at::Tensor out = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = new_output(z, shape);
   const index_t numel = z.numel();
   if (numel == 0) return out;
   DerivsArgs p{act, z.scalar_type(), z.data_ptr(), out.data_ptr(), numel, a, b,
@@ -372,7 +381,7 @@ at::Tensor act_grad_impl(const at::Tensor& g_, const at::Tensor& z_, c10::string
   check_order(k, kMaxOrder, op);
   const at::OptionalDeviceGuard guard(at::device_of(z_));
   const at::Tensor z = z_.contiguous(), g = g_.contiguous();
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor out = new_output(z);
   const index_t numel = z.numel();
   if (numel == 0) return out;
   K::act_grad({act, z.scalar_type(), g.data_ptr(), z.data_ptr(), out.data_ptr(), numel, a, b,

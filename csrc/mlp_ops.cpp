@@ -2,6 +2,8 @@
 // allocation) and the CPU program. The CUDA program is in csrc/cuda/mlp_ops.cu.
 #include "mlp_ops.h"
 
+#include "buffer_pool.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
@@ -262,56 +264,8 @@ struct CpuMlp {
 // ---- the ops ----------------------------------------------------------------------------------------
 
 // The saved rows of a training step are the op's big allocations (N x rows x width per layer,
-// megabytes); fresh ones every step cost page faults on the CPU (the allocator returns them to
-// the system between steps: measured ~5 % of a d=3, 4x64, N=4096 float32 step in clearing new
-// pages). The pool keeps the buffers of earlier calls and hands out one that nobody else holds
-// any more (autograd released it after the backward), of the same size and dtype. At most
-// kPoolMax buffers are kept; torchhessdiag.empty_cache() drops them. CUDA has its own caching
-// allocator.
-class SavedPool {
- public:
-  static SavedPool& get() {
-    static SavedPool p;
-    return p;
-  }
-  // (The pool holds storages, not tensors: a tensor that has been seen by Python may stay
-  // referenced by its preserved Python object; a storage is free once no tensor uses it.)
-  at::Tensor take(int64_t numel, const at::TensorOptions& opt) {
-    const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(opt.dtype().toScalarType()));
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const c10::Storage& st : items_)
-      if (st.use_count() == 1 && static_cast<int64_t>(st.nbytes()) == nbytes)
-        return at::empty({0}, opt).set_(st, 0, {numel}, {1});
-    at::Tensor t = at::empty({numel}, opt);
-    if (items_.size() >= kPoolMax) {  // drop one nobody uses, else keep this one out
-      for (auto it = items_.begin(); it != items_.end(); ++it)
-        if (it->use_count() == 1) {
-          items_.erase(it);
-          break;
-        }
-    }
-    if (items_.size() < kPoolMax) items_.push_back(t.storage());
-    return t;
-  }
-  int64_t clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    int64_t bytes = 0;
-    for (const c10::Storage& st : items_) bytes += static_cast<int64_t>(st.nbytes());
-    items_.clear();
-    return bytes;
-  }
-  int64_t bytes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    int64_t b = 0;
-    for (const c10::Storage& st : items_) b += static_cast<int64_t>(st.nbytes());
-    return b;
-  }
-
- private:
-  static constexpr size_t kPoolMax = 64;
-  std::mutex mu_;
-  std::vector<c10::Storage> items_;
-};
+// megabytes): on the CPU they come from the buffer pool (csrc/buffer_pool.h), which spares the
+// page faults of fresh ones every step.
 
 // Per layer the rows the backward needs, then one int64 CPU scalar: the chunk the forward used
 // (the saved rows are laid out chunk by chunk, so the backward must cut the points the same way).
@@ -320,7 +274,7 @@ std::vector<at::Tensor> alloc_saved(const MlpPlan& P, const at::TensorOptions& o
   const bool pool = save && P.device.is_cpu();
   for (size_t l = 0; l < P.L.size(); ++l) {
     const int64_t n = save ? P.saved_numel[l] : 0;
-    saved.push_back(pool && n > 0 ? SavedPool::get().take(n, opt) : at::empty({n}, opt));
+    saved.push_back(pool && n > 0 ? BufferPool::get().empty({n}, opt) : at::empty({n}, opt));
   }
   saved.push_back(at::full({1}, P.chunk, at::TensorOptions().dtype(at::kLong)));
   return saved;
@@ -859,9 +813,9 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
   return P;
 }
 
-// torchhessdiag.empty_cache(): release the fused op's pooled CPU buffers; returns the bytes freed.
-int64_t mlp_pool_clear() { return SavedPool::get().clear(); }
-int64_t mlp_pool_bytes() { return SavedPool::get().bytes(); }
+// torchhessdiag.empty_cache(): release the pooled CPU buffers; returns the bytes freed.
+int64_t buffer_pool_clear() { return BufferPool::get().clear(); }
+int64_t buffer_pool_bytes() { return BufferPool::get().bytes(); }
 
 }  // namespace thd
 

@@ -77,9 +77,10 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
                       at::IntArrayRef axes, at::IntArrayRef sel, bool diag, bool grad_rows,
                       int64_t chunk, const char* op);
 
-// The pool of saved-row buffers the CPU op reuses across training steps (mlp_ops.cpp).
-int64_t mlp_pool_clear();  // release them; returns the bytes released
-int64_t mlp_pool_bytes();  // bytes held now
+// The CPU buffer pool (csrc/buffer_pool.h) that the fused op's saved rows and the activation ops'
+// outputs come from, for torchhessdiag.empty_cache() / backend_info().
+int64_t buffer_pool_clear();  // release them; returns the bytes released
+int64_t buffer_pool_bytes();  // bytes held now
 
 #ifdef THD_WITH_CUDA
 // csrc/cuda/mlp_ops.cu: the whole network in one chunk on the GPU

@@ -150,13 +150,13 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(thd::cpu::set_max_isa(isa).name);
 }
 
-PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::mlp_pool_clear()); }
-PyObject* cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::mlp_pool_bytes()); }
+PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::buffer_pool_clear()); }
+PyObject* cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::buffer_pool_bytes()); }
 
 PyMethodDef kMethods[] = {
     {"empty_cache", empty_cache, METH_NOARGS,
-     "Release the fused MLP op's pooled CPU buffers; returns the bytes released."},
-    {"cache_bytes", cache_bytes, METH_NOARGS, "Bytes held by the fused MLP op's CPU buffer pool."},
+     "Release the pooled CPU buffers (csrc/buffer_pool.h); returns the bytes released."},
+    {"cache_bytes", cache_bytes, METH_NOARGS, "Bytes held by the CPU buffer pool."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use at most this instruction set ('scalar', 'avx2', 'avx512') for the CPU kernels."},

@@ -399,3 +399,56 @@ def test_act_beyond_table_bad_input(device):
         _ops.act_beyond_table(x, "swish", 0.0, 0.0, 5)
     with pytest.raises(TypeError, match=r"\bz\b.*float32"):
         _ops.act_beyond_table(x.to(torch.int64), "tanh", 0.0, 0.0, 5)
+
+
+# ---- the CPU buffer pool the ops' outputs come from (csrc/buffer_pool.h) ---------------------------
+
+
+@COMPILED
+def test_op_outputs_reuse_only_free_buffers():
+    """An output nobody holds any more is handed out again (no fresh pages); one still held never
+    is: the kept tensor keeps its values while later calls write theirs."""
+    z = torch.linspace(-3, 3, 5000, dtype=torch.float64)
+    g = torch.linspace(1, 2, 5000, dtype=torch.float64)
+    torchhessdiag.empty_cache()
+    kept = _ops.act_derivatives(z, "tanh", 0.0, 0.0, [1, 2])
+    before = kept.clone()
+    p_kept = kept.data_ptr()
+    for _ in range(3):  # same size, while `kept` is alive: other buffers, `kept` untouched
+        other = _ops.act_derivatives(-z, "tanh", 0.0, 0.0, [1, 2])
+        assert other.data_ptr() != p_kept
+    assert torch.equal(kept, before)
+    del kept
+    again = _ops.act_derivatives(z, "tanh", 0.0, 0.0, [1, 2])
+    assert torch.equal(again, before)
+    o1, o2 = _ops.mul_pair(z, g, z, g)
+    assert o1.data_ptr() != o2.data_ptr() and again.data_ptr() not in (o1.data_ptr(), o2.data_ptr())
+    torch.testing.assert_close(o1, z * z, rtol=0, atol=0)
+    torch.testing.assert_close(o2, z * g * g, rtol=0, atol=0)
+    assert torchhessdiag.backend_info()["cache_bytes"] > 0
+    assert torchhessdiag.empty_cache() > 0 and torchhessdiag.backend_info()["cache_bytes"] == 0
+
+
+@COMPILED
+def test_repeated_nested_autograd_is_bitwise_stable_with_pooled_buffers():
+    """The same nested-autograd training step, run repeatedly (so the pool hands the previous
+    steps' buffers out again), gives bit-identical Hessian diagonals and weight gradients."""
+    torch.manual_seed(3)
+    model = thnn.convert(nn.Sequential(nn.Linear(3, 24), nn.Tanh(), nn.Linear(24, 24), nn.SiLU(),
+                                       nn.Linear(24, 1))).double()
+    x = torch.randn(200, 3, dtype=torch.float64)
+
+    def step():
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xx).sum(), xx, create_graph=True)
+        h = torch.stack([torch.autograd.grad(g[:, i].sum(), xx, create_graph=True)[0][:, i]
+                         for i in range(3)], 1)
+        (h.sum(1) ** 2).mean().backward()
+        return h.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                      if p.grad is not None])
+
+    first = step()
+    for _ in range(3):
+        h, gw = step()
+        assert torch.equal(h, first[0]) and torch.equal(gw, first[1])

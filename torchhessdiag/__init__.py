@@ -14,7 +14,7 @@ What is here (README.md has the whole tour):
 * ``activation(x, act, **params)`` / ``activation_derivatives(x, act, order)`` -- the derivative
   table as functions; ``register_activation`` for your own;
 * ``backend_info()`` -- which implementation (compiled CPU/CUDA kernels or the pure-PyTorch
-  reference) serves the ops; ``empty_cache()`` releases the fused op's pooled buffers.
+  reference) serves the ops; ``empty_cache()`` releases the pooled CPU buffers.
 """
 
 __version__ = "0.1.0"

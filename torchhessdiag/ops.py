@@ -871,8 +871,8 @@ def backend_info() -> dict:
     any GPU is in ``cuda_fallback``), ``load_error`` (why the extension did not load, if it did
     not), ``max_order``, ``activations`` (the table), ``user_activations`` (the names
     registered with ``register_activation``), ``cpu_isa`` (the instruction set of the CPU kernels:
-    ``"avx512"``, ``"avx2"`` or ``"scalar"``) and ``cache_bytes`` (CPU memory the fused MLP op
-    keeps for reuse, see :func:`empty_cache`).
+    ``"avx512"``, ``"avx2"`` or ``"scalar"``) and ``cache_bytes`` (CPU memory kept for reuse by
+    the fused MLP op and the activation ops, see :func:`empty_cache`).
     """
     from . import __version__, _cuda_probe
     from .activations import NAMES
@@ -901,8 +901,10 @@ def backend_info() -> dict:
 
 
 def empty_cache() -> int:
-    """Release the CPU buffers the fused MLP op keeps between training steps (the rows saved for
-    the backward, reused by the next step instead of being allocated -- and page-faulted -- again).
+    """Release the CPU buffers kept for reuse between calls: the fused MLP op's rows saved for the
+    backward, and the outputs of the activation ops behind the ``torchhessdiag.nn`` drop-ins (their
+    kept derivatives and the products of their backward passes). A buffer is handed out again only
+    once nothing refers to it any more, instead of being allocated -- and page-faulted -- again.
     Returns the bytes released. Buffers still held by a graph are kept until it is freed. Like
     ``torch.cuda.empty_cache()``: for memory, never needed for correctness."""
     return int(_C.empty_cache()) if COMPILED else 0
