@@ -168,6 +168,7 @@ def _extensions():
         os.path.join("csrc", "jet_ops.cpp"),
         os.path.join("csrc", "engine_ops.cpp"),
         os.path.join("csrc", "mlp_ops.cpp"),
+        os.path.join("csrc", "jet2_ops.cpp"),
         os.path.join("csrc", "module.cpp"),
         # the CPU kernels of the derivative table, one build per instruction set (chosen at run time)
         os.path.join("csrc", "cpu", "kernels_scalar.cpp"),

@@ -1,8 +1,8 @@
 """Schemas of the torchhessdiag ops.
 
-They are defined in C++ (csrc/jet_ops.cpp, csrc/engine_ops.cpp and csrc/mlp_ops.cpp,
-``TORCH_LIBRARY``). This copy is used only when the
-compiled extension cannot be loaded, so that the same ops -- with the same autograd formulas and
+They are defined in C++ (csrc/jet_ops.cpp, csrc/engine_ops.cpp, csrc/mlp_ops.cpp and
+csrc/jet2_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the compiled extension cannot
+be loaded, so that the same ops -- with the same autograd formulas and
 fake kernels -- exist on top of the pure-PyTorch reference kernels. tests/test_backend.py checks
 that the two spellings agree.
 """
@@ -25,6 +25,23 @@ SCHEMAS = {
     ),
     "taylor_act": "taylor_act(Tensor D, Tensor H) -> Tensor",
     "taylor_act_backward": "taylor_act_backward(Tensor gY, Tensor D, Tensor H) -> (Tensor, Tensor)",
+    "jet2_mul": (
+        "jet2_mul(Tensor a0, Tensor a1, Tensor sa, Tensor b0, Tensor b1, Tensor sb, "
+        "Tensor? weights) -> (Tensor, Tensor, Tensor)"
+    ),
+    "jet2_mul_backward": (
+        "jet2_mul_backward(Tensor? gv, Tensor? gy1, Tensor? gs, Tensor a0, Tensor a1, "
+        "Tensor sa, Tensor b0, Tensor b1, Tensor sb, Tensor? weights) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "jet2_act": (
+        "jet2_act(Tensor h0, Tensor h1, Tensor s, str act, float a, float b, Tensor? weights) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    "jet2_act_backward": (
+        "jet2_act_backward(Tensor? gy0, Tensor? gy1, Tensor? gsy, Tensor h0, Tensor h1, "
+        "Tensor s, str act, float a, float b, Tensor? weights) -> (Tensor, Tensor, Tensor)"
+    ),
     "mlp_jet": (
         "mlp_jet(Tensor x, Tensor[] weights, Tensor[] biases, int[] acts, float[] act_a, "
         "float[] act_b, Tensor? V, int[] axes, int[] sel, bool diag, bool grad_rows, int chunk, "

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import ops
+from . import jet2, ops
 from .activations import ActivationSpec
 from .graph import _RUNTIME, Program, ShapeError, Unsupported
 
@@ -335,6 +335,10 @@ def _rule_activation(ctx: Context, p: dict, x, *args, **kwargs) -> Any:
     pwl = bool(getattr(spec, "piecewise_linear", False))
     if pwl:
         ctx.piecewise_linear_seen = True
+    if ctx.collapsed and n == 2:  # one pass (jet2.py), where it applies
+        fused = jet2.act(x.value, x.coefs[0], x.coefs[1], spec, ctx.weights)
+        if fused is not None:
+            return Jet(fused[0], [fused[1], fused[2]])
     orders = [0, 1] if pwl else list(range(n + 1))
     Ds = ops._derivs(x.value, spec, orders)
     D: List[Optional[Tensor]] = list(Ds[1:]) + [None] * (n + 1 - len(Ds))
@@ -383,12 +387,14 @@ def _rule_linear(ctx: Context, p: dict, x, weight=None, bias=None) -> Any:
             f"value it gets has {x.value.shape[-1]} (shape {tuple(x.value.shape)})"
         )
     value = F.linear(x.value, weight, bias)
-    if isinstance(x, _AxisInput) and x._coefs is None:  # V^T W^T with V = columns e_(axes)
-        return Jet(value, [weight.index_select(1, ctx.axes).t()] + [None] * (ctx.order - 1))
+    # V^T W^T with V = columns e_(axes); contiguous (K, out), so that rows broadcast from it come
+    # out (N, K, *S)-ordered, the layout the one-pass jet ops (jet2.py) read without a copy
+    if isinstance(x, _AxisInput) and x._coefs is None:
+        return Jet(value, [weight.index_select(1, ctx.axes).t().contiguous()] + [None] * (ctx.order - 1))
 
     def fn(t: Tensor, off: int) -> Tensor:
         if ctx.axes is not None and t is ctx.input_rows:
-            return weight.index_select(1, ctx.axes).t()
+            return weight.index_select(1, ctx.axes).t().contiguous()
         return F.linear(t, weight)
 
     return _map(x, fn, value=value)
@@ -529,11 +535,15 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
     a, b = _broadcast(ctx, a, shape), _broadcast(ctx, b, shape)
     a0, b0 = a.value, b.value
     vdim = a0.dim()
-    value = a0 * b0
     n = ctx.order
     if ctx.collapsed and n == 2:
         a1, sa = a.coefs
         b1, sb = b.coefs
+        fused = jet2.mul(a0, a1, sa, b0, b1, sb, ctx.weights)  # one pass, where it applies
+        if fused is not None:
+            return Jet(fused[0], [fused[1], fused[2]])
+    value = a0 * b0
+    if ctx.collapsed and n == 2:
         y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
         cross = _mul(a1, b1)
         s = _fma(_fma(None if cross is None else 2.0 * _wsum(cross, vdim, ctx.weights), a0, sb), b0, sa)

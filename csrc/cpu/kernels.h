@@ -95,6 +95,26 @@ struct MulPairBackwardJob {
   void* oz;
 };
 
+// The collapsed second-order jet of the traced path (torchhessdiag/jet2.py): per point i of n,
+// feature j of w, direction k of K, a jet is (value x0 (n, w), first-order rows x1 (n, K, w),
+// the weighted sum of its second-order rows sx = sum_k wts_k x2[k] (n, w)); wts (K) or nullptr
+// (all ones). In[]/out[] by op:
+//   jet2_mul (y = a b):  in  a0 a1 sa b0 b1 sb      out v = a0 b0, y1 = a0 b1 + a1 b0,
+//                                                       s = a0 sb + b0 sa + 2 sum_k wts_k a1 b1
+//   jet2_act (y = sigma(h)): in h0 h1 s             out y0 = sigma, y1 = sigma' h1,
+//                                                       sy = sigma'' sum_k wts_k h1^2 + sigma' s
+// Their backward: gout[] the gradients of out[] (nullptr = zero), gin[] the gradients of in[].
+struct Jet2Job {
+  int act;  // jet2_act
+  double a, b;
+  int64_t n, K, w;
+  const void* wts;
+  const void* in[6];
+  void* out[3];
+  const void* gout[3];
+  void* gin[6];
+};
+
 struct KernelTable {
   Isa isa;
   const char* name;
@@ -105,6 +125,11 @@ struct KernelTable {
   void (*grad[2])(const GradJob&, int64_t begin, int64_t end);
   void (*mul_pair[2])(const MulPairJob&, int64_t begin, int64_t end);
   void (*mul_pair_backward[2])(const MulPairBackwardJob&, int64_t begin, int64_t end);
+  // the collapsed second-order jet ops, over points [p0, p1) (filled by add_jet2_kernels)
+  void (*jet2_mul[2])(const Jet2Job&, int64_t p0, int64_t p1);
+  void (*jet2_mul_backward[2])(const Jet2Job&, int64_t p0, int64_t p1);
+  void (*jet2_act[2])(const Jet2Job&, int64_t p0, int64_t p1);
+  void (*jet2_act_backward[2])(const Jet2Job&, int64_t p0, int64_t p1);
 };
 
 // Each returns nullptr where that build is unusable (CPU without the instructions, or a torch

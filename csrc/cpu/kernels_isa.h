@@ -267,6 +267,8 @@ void mlp_entry(const cpu::MlpActJob& p) {
 
 template <class LF, class LD>
 void add_dropin_kernels(cpu::KernelTable& t);  // the drop-in section at the end of this file
+template <class LF, class LD>
+void add_jet2_kernels(cpu::KernelTable& t);  // the collapsed jet section after it
 
 template <class LF, class LD>
 cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
@@ -280,6 +282,7 @@ cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
   t.mlp_act_backward[0] = &mlp_entry<LF, true>;
   t.mlp_act_backward[1] = &mlp_entry<LD, true>;
   add_dropin_kernels<LF, LD>(t);
+  add_jet2_kernels<LF, LD>(t);
   return t;
 }
 
@@ -393,6 +396,182 @@ void add_dropin_kernels(cpu::KernelTable& t) {
   t.mul_pair_backward[1] = &mul_pair_backward_entry<LD>;
   t.grad[0] = &grad_entry<LF>;
   t.grad[1] = &grad_entry<LD>;
+}
+
+// ---- the collapsed second-order jet ops (cpu::Jet2Job) --------------------------------------------
+// Each point's value, K first-order rows and summed second-order row are read and written in one
+// pass; the sum over the directions is a register accumulator.
+
+template <class L>
+struct Jet2Ptrs {
+  using T = typename L::T;
+  static const T* in(const cpu::Jet2Job& p, int i) { return static_cast<const T*>(p.in[i]); }
+  static T* out(const cpu::Jet2Job& p, int i) { return static_cast<T*>(p.out[i]); }
+  static const T* gout(const cpu::Jet2Job& p, int i) { return static_cast<const T*>(p.gout[i]); }
+  static T* gin(const cpu::Jet2Job& p, int i) { return static_cast<T*>(p.gin[i]); }
+  static T wt(const cpu::Jet2Job& p, int64_t k) {
+    return p.wts == nullptr ? T(1) : static_cast<const T*>(p.wts)[k];
+  }
+};
+
+template <class L>
+void jet2_mul_entry(const cpu::Jet2Job& p, int64_t p0, int64_t p1) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  using P = Jet2Ptrs<L>;
+  constexpr int W = L::width;
+  const int64_t w = p.w, K = p.K;
+  const T *A0 = P::in(p, 0), *A1 = P::in(p, 1), *SA = P::in(p, 2);
+  const T *B0 = P::in(p, 3), *B1 = P::in(p, 4), *SB = P::in(p, 5);
+  T *Vo = P::out(p, 0), *Y1 = P::out(p, 1), *S = P::out(p, 2);
+  for (int64_t i = p0; i < p1; ++i)
+    for (int64_t j = 0; j < w; j += W) {
+      const int cnt = w - j < W ? static_cast<int>(w - j) : W;
+      const int64_t o = i * w + j;
+      const V a0 = X::ld(A0 + o, cnt), b0 = X::ld(B0 + o, cnt);
+      X::st(Vo + o, a0 * b0, cnt);
+      V cross = V(T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = (i * K + k) * w + j;
+        const V a1 = X::ld(A1 + r, cnt), b1 = X::ld(B1 + r, cnt);
+        X::st(Y1 + r, a0 * b1 + a1 * b0, cnt);
+        cross = cross + V(P::wt(p, k)) * (a1 * b1);
+      }
+      const V s = a0 * X::ld(SB + o, cnt) + b0 * X::ld(SA + o, cnt) + V(T(2)) * cross;
+      X::st(S + o, s, cnt);
+    }
+}
+
+//   ga0 = gv b0 + sum_k gy1_k b1_k + gs sb      gb0 = gv a0 + sum_k gy1_k a1_k + gs sa
+//   ga1_k = gy1_k b0 + 2 wts_k gs b1_k           gb1_k = gy1_k a0 + 2 wts_k gs a1_k
+//   gsa = gs b0                                  gsb = gs a0
+template <class L>
+void jet2_mul_backward_entry(const cpu::Jet2Job& p, int64_t p0, int64_t p1) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  using P = Jet2Ptrs<L>;
+  constexpr int W = L::width;
+  const int64_t w = p.w, K = p.K;
+  const T *A0 = P::in(p, 0), *A1 = P::in(p, 1), *SA = P::in(p, 2);
+  const T *B0 = P::in(p, 3), *B1 = P::in(p, 4), *SB = P::in(p, 5);
+  const T *GV = P::gout(p, 0), *GY1 = P::gout(p, 1), *GS = P::gout(p, 2);
+  T *GA0 = P::gin(p, 0), *GA1 = P::gin(p, 1), *GSA = P::gin(p, 2);
+  T *GB0 = P::gin(p, 3), *GB1 = P::gin(p, 4), *GSB = P::gin(p, 5);
+  const V zero = V(T(0));
+  for (int64_t i = p0; i < p1; ++i)
+    for (int64_t j = 0; j < w; j += W) {
+      const int cnt = w - j < W ? static_cast<int>(w - j) : W;
+      const int64_t o = i * w + j;
+      const V a0 = X::ld(A0 + o, cnt), b0 = X::ld(B0 + o, cnt);
+      const V gv = GV ? X::ld(GV + o, cnt) : zero, gs = GS ? X::ld(GS + o, cnt) : zero;
+      V ga0 = gv * b0 + gs * X::ld(SB + o, cnt);
+      V gb0 = gv * a0 + gs * X::ld(SA + o, cnt);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = (i * K + k) * w + j;
+        const V a1 = X::ld(A1 + r, cnt), b1 = X::ld(B1 + r, cnt);
+        const V gy1 = GY1 ? X::ld(GY1 + r, cnt) : zero;
+        const V t = V(T(2) * P::wt(p, k)) * gs;
+        ga0 = ga0 + gy1 * b1;
+        gb0 = gb0 + gy1 * a1;
+        X::st(GA1 + r, gy1 * b0 + t * b1, cnt);
+        X::st(GB1 + r, gy1 * a0 + t * a1, cnt);
+      }
+      X::st(GA0 + o, ga0, cnt);
+      X::st(GB0 + o, gb0, cnt);
+      X::st(GSA + o, gs * b0, cnt);
+      X::st(GSB + o, gs * a0, cnt);
+    }
+}
+
+template <class L, class Act>
+void jet2_act_body(const cpu::Jet2Job& p, int64_t p0, int64_t p1) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  using P = Jet2Ptrs<L>;
+  constexpr int W = L::width;
+  const int64_t w = p.w, K = p.K;
+  const T *H0 = P::in(p, 0), *H1 = P::in(p, 1), *S = P::in(p, 2);
+  T *Y0 = P::out(p, 0), *Y1 = P::out(p, 1), *SY = P::out(p, 2);
+  const V pa = V(static_cast<T>(p.a)), pb = V(static_cast<T>(p.b));
+  for (int64_t i = p0; i < p1; ++i)
+    for (int64_t j = 0; j < w; j += W) {
+      const int cnt = w - j < W ? static_cast<int>(w - j) : W;
+      const int64_t o = i * w + j;
+      V d[3];
+      Act::template eval<2>(X::ld(H0 + o, cnt), pa, pb, d);
+      X::st(Y0 + o, d[0], cnt);
+      V q = V(T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = (i * K + k) * w + j;
+        const V h1 = X::ld(H1 + r, cnt);
+        X::st(Y1 + r, d[1] * h1, cnt);
+        q = q + V(P::wt(p, k)) * (h1 * h1);
+      }
+      X::st(SY + o, d[2] * q + d[1] * X::ld(S + o, cnt), cnt);
+    }
+}
+
+//   gh0 = gy0 s1 + s2 sum_k gy1_k h1_k + gsy (s3 q + s2 s),  q = sum_k wts_k h1_k^2
+//   gh1_k = gy1_k s1 + 2 wts_k gsy s2 h1_k                    gs = gsy s1
+template <class L, class Act>
+void jet2_act_backward_body(const cpu::Jet2Job& p, int64_t p0, int64_t p1) {
+  using T = typename L::T;
+  using V = typename L::V;
+  using X = Lanes<L>;
+  using P = Jet2Ptrs<L>;
+  constexpr int W = L::width;
+  const int64_t w = p.w, K = p.K;
+  const T *H0 = P::in(p, 0), *H1 = P::in(p, 1), *S = P::in(p, 2);
+  const T *GY0 = P::gout(p, 0), *GY1 = P::gout(p, 1), *GSY = P::gout(p, 2);
+  T *GH0 = P::gin(p, 0), *GH1 = P::gin(p, 1), *GS = P::gin(p, 2);
+  const V pa = V(static_cast<T>(p.a)), pb = V(static_cast<T>(p.b));
+  const V zero = V(T(0));
+  for (int64_t i = p0; i < p1; ++i)
+    for (int64_t j = 0; j < w; j += W) {
+      const int cnt = w - j < W ? static_cast<int>(w - j) : W;
+      const int64_t o = i * w + j;
+      V d[4];
+      Act::template eval<3>(X::ld(H0 + o, cnt), pa, pb, d);
+      const V gy0 = GY0 ? X::ld(GY0 + o, cnt) : zero, gsy = GSY ? X::ld(GSY + o, cnt) : zero;
+      V dot = zero, q = zero;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = (i * K + k) * w + j;
+        const V h1 = X::ld(H1 + r, cnt);
+        const V gy1 = GY1 ? X::ld(GY1 + r, cnt) : zero;
+        const V wk = V(P::wt(p, k));
+        dot = dot + gy1 * h1;
+        q = q + wk * (h1 * h1);
+        X::st(GH1 + r, gy1 * d[1] + V(T(2)) * wk * gsy * d[2] * h1, cnt);
+      }
+      X::st(GH0 + o, gy0 * d[1] + d[2] * dot + gsy * (d[3] * q + d[2] * X::ld(S + o, cnt)), cnt);
+      X::st(GS + o, gsy * d[1], cnt);
+    }
+}
+
+template <class L, bool BACKWARD>
+void jet2_act_entry(const cpu::Jet2Job& p, int64_t p0, int64_t p1) {
+  dispatch_act(static_cast<Act>(p.act), [&](auto tag) {
+    using A = decltype(tag);
+    if constexpr (BACKWARD)
+      jet2_act_backward_body<L, A>(p, p0, p1);
+    else
+      jet2_act_body<L, A>(p, p0, p1);
+  });
+}
+
+template <class LF, class LD>
+void add_jet2_kernels(cpu::KernelTable& t) {
+  t.jet2_mul[0] = &jet2_mul_entry<LF>;
+  t.jet2_mul[1] = &jet2_mul_entry<LD>;
+  t.jet2_mul_backward[0] = &jet2_mul_backward_entry<LF>;
+  t.jet2_mul_backward[1] = &jet2_mul_backward_entry<LD>;
+  t.jet2_act[0] = &jet2_act_entry<LF, false>;
+  t.jet2_act[1] = &jet2_act_entry<LD, false>;
+  t.jet2_act_backward[0] = &jet2_act_entry<LF, true>;
+  t.jet2_act_backward[1] = &jet2_act_entry<LD, true>;
 }
 
 }  // namespace THD_ISA_NS
