@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import COMPILED, CUDA_KERNELS, _impl_lib, _ref_keys, _warn_reference
+from ._backend import COMPILED, _impl_lib, _ref_keys, _warn_reference
 from ._checks import (
     _check_derivatives,
     _check_forward,

@@ -33,16 +33,27 @@ Assumption: the rows of ``x`` are independent points -- row n of ``f(x)`` depend
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import warnings
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
 from . import engine, fallback_ops, graph, ops, taylor
+from ._nested_autograd import _autograd_derivatives, _func_derivatives  # noqa: F401  (tests, benchmarks)
+from ._path_common import (
+    PathInfo,
+    _check_mode,
+    _check_module,
+    _check_output,
+    _constant_of,
+    _diagnose_shapes,
+    _logged,
+    _stacklevel,
+    _warn_piecewise_linear,
+    get_fallback,
+    logger,
+    set_fallback,
+)
 from .api import _dims_list, _dims_matrix
 
 Tensor = torch.Tensor
@@ -58,45 +69,6 @@ __all__ = [
     "clear_trace_cache",
     "trace_cache_info",
 ]
-
-logger = logging.getLogger("torchhessdiag")
-
-_MODES = ("autograd", "error")
-_fallback_mode = os.environ.get("TORCHHESSDIAG_FALLBACK", "autograd").strip().lower() or "autograd"
-if _fallback_mode not in _MODES:
-    _fallback_mode = "autograd"
-_logged: set = set()
-
-
-class PathInfo(NamedTuple):
-    """Which path computed a result, and why.
-
-    ``path``: ``"engine"`` (the MLP engine), ``"jet"`` (Taylor jets over the traced graph),
-    ``"forward"`` (order 0: f(x) only) or ``"autograd"`` (the exact slow path).
-    ``reason``: why this path (for ``"autograd"``: why each faster one did not apply).
-    ``method``: for ``"autograd"``, which method ran (torch.autograd.grad, and torch.func for
-    what reverse mode could not settle).
-    """
-
-    path: str
-    reason: str
-    method: str = ""
-
-
-def set_fallback(mode: str) -> str:
-    """Set what happens when no fast path applies: ``"autograd"`` (default: compute exactly with
-    autograd, logging the cause once at debug level) or ``"error"`` (raise NotImplementedError).
-    Returns the previous mode. Per-call ``fallback=`` overrides it."""
-    global _fallback_mode
-    if mode not in _MODES:
-        raise ValueError(f"set_fallback: mode must be one of {_MODES}, got {mode!r}")
-    prev, _fallback_mode = _fallback_mode, mode
-    return prev
-
-
-def get_fallback() -> str:
-    """The global fallback mode (see :func:`set_fallback`)."""
-    return _fallback_mode
 
 
 def clear_trace_cache(f: Optional[Callable] = None) -> None:
@@ -255,73 +227,6 @@ def explain(
 # ---- dispatch ------------------------------------------------------------------------------------
 
 
-def _stacklevel() -> int:
-    """stacklevel for warnings.warn called right here that points at the first frame outside
-    the torchhessdiag package."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchhessdiag":
-        frame = frame.f_back
-        level += 1
-    return level
-
-
-def _warn_piecewise_linear(level: int) -> None:
-    warnings.warn(
-        "torchhessdiag: the only nonlinearities this model's derivatives see are piecewise-linear "
-        "activations (ReLU, LeakyReLU), so its second and higher derivatives are exactly 0 "
-        "almost everywhere (the true ones are Dirac deltas on the kinks); the result is all zeros. "
-        "Use a smooth activation (Tanh, SiLU, GELU, Softplus) where second derivatives matter, "
-        "e.g. in a PDE loss.",
-        UserWarning,
-        stacklevel=level,
-    )
-
-
-def _check_module(f: Any, x: Tensor, where: str) -> None:
-    if not isinstance(f, nn.Module):
-        return
-    engine.refuse_ddp(f, where)
-    for name, m in f.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
-            state = "in training mode" if m.training else "without running statistics"
-            raise ValueError(
-                f"{where}: {type(m).__name__} at '{name}' is {state}, so it normalises with the "
-                "statistics of the whole batch: the rows of f(x) are not independent and no per-point "
-                "Hessian exists; call model.eval() (with running statistics)"
-            )
-    for name, p in f.named_parameters():
-        if not p.is_floating_point():
-            continue
-        if p.device != x.device:
-            raise ValueError(f"{where}: x is on {x.device} but parameter '{name}' is on {p.device}; move the model or x")
-        if p.dtype != x.dtype:
-            raise TypeError(
-                f"{where}: x is {x.dtype} but parameter '{name}' is {p.dtype}; use one dtype (e.g. "
-                "model.double() with float64 x)"
-            )
-
-
-def _check_output(y: Any, N: int, where: str) -> Tensor:
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{where}: f(x) must return a tensor, got {type(y).__name__}")
-    if y.dim() not in (1, 2) or y.shape[0] != N:
-        raise ValueError(
-            f"{where}: f(x) must return (N,) or (N, m) with N = {N} rows (one per point), got shape "
-            f"{tuple(y.shape)}"
-        )
-    if not y.is_floating_point():
-        raise TypeError(f"{where}: f(x) must be a floating-point tensor, got {y.dtype}")
-    return y
-
-
-def _constant_of(t: Tensor, dep: Optional[Tensor]) -> Tensor:
-    """t as a function of dep with zero derivatives, so a loss on it backpropagates."""
-    if dep is not None and torch.is_grad_enabled() and dep.requires_grad and not t.requires_grad:
-        return engine._ZerosOf.apply(t, dep)
-    return t
-
-
 def _finish(what: str, value: Tensor, derivs: List[Tensor], unbatched: bool):
     """Assemble the public result from the value (N, *S) and the derivatives: for "laplacian"
     derivs = [d1 (N, K, *S) or None, sum (N, *S)]; otherwise each (N, K, *S)."""
@@ -337,13 +242,6 @@ def _finish(what: str, value: Tensor, derivs: List[Tensor], unbatched: bool):
     if 0 in out.stride():  # an expanded constant: give the caller memory of its own
         out = out.contiguous()
     return out.squeeze(0) if unbatched else out
-
-
-def _check_mode(fallback: Optional[str], where: str) -> str:
-    mode = _fallback_mode if fallback is None else fallback
-    if mode not in _MODES:
-        raise ValueError(f"{where}: fallback must be one of {_MODES} (or None for the global mode), got {fallback!r}")
-    return mode
 
 
 def _compute(
@@ -487,273 +385,3 @@ def _compute(
             d2 = d2 * weights.reshape((1, -1) + (1,) * (d2.dim() - 2))
         derivs = [derivs[0], d2.sum(1)]
     return done(_finish(what, value, derivs, unbatched), PathInfo("autograd", reason, method))
-
-
-def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> None:
-    """f(x) raised: if f is a module and one of its layers got the wrong number of features, say
-    which (run f again with a shape check before every nn.Linear / nn.LayerNorm / nn.RMSNorm /
-    nn.MultiheadAttention of f; hooks removed after). Returns silently otherwise."""
-    module = graph.traced_callable(f)
-    if isinstance(module, nn.Module):
-        roots = [("", module)]
-    else:  # a plain function: the modules in its closure and the globals it names
-        roots = []
-        code = getattr(module, "__code__", None)
-        cells = [c.cell_contents for c in (getattr(module, "__closure__", None) or ()) if _cell_full(c)]
-        named = [getattr(module, "__globals__", {}).get(n) for n in (code.co_names if code else ())]
-        for v in cells + named:
-            if isinstance(v, nn.Module) and all(v is not r for _, r in roots):
-                roots.append((f"{type(v).__name__}:", v))
-        if not roots:
-            return
-    found: List[str] = []
-
-    def check(name: str, m: nn.Module):
-        def hook(mod, args):
-            if found or not args or not isinstance(args[0], Tensor):
-                return
-            t = args[0]
-            if isinstance(mod, nn.Linear):
-                want, got, what = mod.in_features, t.shape[-1] if t.dim() else None, "input features"
-            elif isinstance(mod, nn.MultiheadAttention):
-                want, got, what = mod.embed_dim, t.shape[-1] if t.dim() else None, "features (embed_dim)"
-            else:
-                shape = tuple(mod.normalized_shape)
-                want, got, what = shape, tuple(t.shape[t.dim() - len(shape):]), "trailing dims (normalized_shape)"
-            if got != want:
-                found.append(f"{type(mod).__name__} '{name}' takes {want} {what}, but gets shape {tuple(t.shape)}")
-                raise _ShapeFound()
-
-        return m.register_forward_pre_hook(hook)
-
-    kinds = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-    handles = [check(prefix + n, m) for prefix, root in roots for n, m in root.named_modules() if isinstance(m, kinds)]
-    try:
-        with torch.no_grad():
-            f(x)
-    except _ShapeFound:
-        pass
-    except Exception:  # noqa: BLE001 - some other failure: the original error stands
-        return
-    finally:
-        for h in handles:
-            h.remove()
-    if found:
-        raise ValueError(f"{where}: x has shape {tuple(x.shape)}, which does not fit the model: {found[0]}") from err
-
-
-class _ShapeFound(Exception):
-    pass
-
-
-def _cell_full(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
-# ---- the exact slow path ------------------------------------------------------------------------
-
-
-def _jvp_up(fn: Callable, v: Tensor) -> Callable:
-    """x -> fn(x) + (the directional derivative along v of fn(x)'s last entry,)."""
-
-    def up(xx):
-        p, t = torch.func.jvp(fn, (xx,), (v,))
-        return tuple(p) + (t[-1],)
-
-    return up
-
-
-def _func_derivatives(f: Callable, x: Tensor, V: Tensor, order: int) -> Tuple[List[Tensor], str]:
-    """[D^k f along each column of V, (N, K, *S)] for k = 1..order by nested torch.func.jvp."""
-    N, d = x.shape
-
-    def along(v: Tensor):
-        vv = v.expand(N, d)
-        fn: Callable = lambda xx: (f(xx),)  # noqa: E731
-        for _ in range(order):
-            fn = _jvp_up(fn, vv)
-        return fn(x)[1:]
-
-    rows = V.t()  # (K, d)
-    try:
-        outs = torch.func.vmap(along)(rows)
-        return [o.movedim(0, 1) for o in outs], "torch.func: nested jvp along each axis, vmap over the axes"
-    except Exception as e:  # noqa: BLE001 - e.g. an op without a batching rule
-        logger.debug("torchhessdiag: vmap over the axes failed (%s: %s); one axis at a time", type(e).__name__, e)
-    per_axis = [along(rows[k]) for k in range(rows.shape[0])]
-    return [torch.stack([p[j] for p in per_axis], 1) for j in range(order)], "torch.func: nested jvp, one axis at a time"
-
-
-def _grad_derivatives(f: Callable, x: Tensor, V: Tensor, order: int, keep: bool) -> Tuple[List[Tensor], List[Tuple[int, int, int]]]:
-    """The same by nested torch.autograd.grad (rows independent: the gradient of the sum over
-    rows is the per-row gradient).
-
-    Returns the derivatives and the entries (order index, axis index, output component) that
-    reverse mode could not settle: from order 2 on, a derivative whose graph ends (the previous
-    level does not require grad, or x is unreachable from it) is exactly 0 if f really is
-    polynomial of lower degree there -- or unknown, if a backward was not recorded (a
-    ``once_differentiable`` backward, a custom op without double backward). Those are left 0 here
-    and listed; the caller settles them another way."""
-    dims = [int(i) for i in V.argmax(0).tolist()]
-    unknown: List[Tuple[int, int, int]] = []
-    with torch.enable_grad():
-        xx = x if x.requires_grad else x.detach().requires_grad_(True)
-        y = f(xx)
-        N = y.shape[0]
-        S = tuple(y.shape[1:])
-        yf = y.reshape(N, -1)
-        M = yf.shape[1]
-        zero = yf.new_zeros(N)
-        res = [[[zero] * M for _ in dims] for _ in range(order)]
-        for i in range(M):
-            yi = yf[:, i]
-            if not yi.requires_grad:
-                continue  # the forward graph does not reach x: every derivative is 0
-            (g,) = torch.autograd.grad(yi.sum(), xx, create_graph=order > 1 or keep, retain_graph=True, allow_unused=True)
-            if g is None:
-                continue
-            for kk, k in enumerate(dims):
-                cur = g[:, k]
-                res[0][kk][i] = cur
-                for o in range(1, order):
-                    gg = None
-                    if cur.requires_grad:
-                        (gg,) = torch.autograd.grad(
-                            cur.sum(), xx, create_graph=o < order - 1 or keep, retain_graph=True, allow_unused=True
-                        )
-                    if gg is None:
-                        unknown.extend((oo, kk, i) for oo in range(o, order))
-                        break
-                    cur = gg[:, k]
-                    res[o][kk][i] = cur
-    out = [torch.stack([torch.stack(res[o][kk], 1) for kk in range(len(dims))], 1).reshape((N, len(dims)) + S) for o in range(order)]
-    return (out if keep else [t.detach() for t in out]), unknown
-
-
-#: the code object of torch's @once_differentiable wrapper (the same for every decorated backward)
-_ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx, *g: g).__code__
-
-
-def _is_once_differentiable(node: Any) -> bool:
-    backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
-    return getattr(backward, "__code__", None) is _ONCE_CODE
-
-
-def _custom_functions(f: Callable, x: Tensor, once_only: bool = False) -> List[str]:
-    """Names of the custom torch.autograd.Functions in f's autograd graph at x (walked from the
-    output); ``once_only``: only those whose backward is ``@once_differentiable``. torch.func's
-    nested forward mode silently returns zeros through custom Functions (pytorch/pytorch#197867),
-    so it must not be used to settle their derivatives; a once-differentiable backward can make
-    nested reverse mode silently incomplete as well (its part of a higher derivative is dropped
-    while other paths keep the graph alive)."""
-    with torch.enable_grad():
-        y = f(x.detach().requires_grad_(True))
-    found, seen = set(), set()
-    stack = [y.grad_fn] if isinstance(y, Tensor) and y.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction) and (not once_only or _is_once_differentiable(node)):
-            found.add(type(node).__name__.replace("Backward", ""))
-        stack.extend(n for n, _ in node.next_functions)
-    return sorted(found)
-
-
-def _once_differentiable_error(where: str, customs: List[str], cause: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{where}: f uses the custom torch.autograd.Function(s) {', '.join(customs)}, and {cause}: its backward "
-        "cannot be differentiated again (e.g. @once_differentiable, or a backward that detaches), so derivatives "
-        "of order >= 2 through it are unknown (torch.func's forward mode gives zeros through custom Functions, "
-        "pytorch/pytorch#197867). Write the backward with differentiable torch ops, or register the activation "
-        "with its derivatives (torchhessdiag.register_activation); pass allow_unconfirmed_zeros=True to take "
-        "those derivatives as 0 (with a warning)"
-    )
-
-
-def _autograd_derivatives(
-    f: Callable, x: Tensor, V: Tensor, order: int, allow_zeros: bool = False, where: str = "torchhessdiag"
-) -> Tuple[List[Tensor], str]:
-    """The exact slow path: nested torch.autograd.grad (reverse over reverse), and torch.func's
-    nested jvp where reverse mode cannot run f or cannot settle an entry.
-
-    Reverse over reverse comes first because it is the best-checked path of torch's derivative
-    rules: forward-over-forward is silently wrong for some ops (e.g. F.layer_norm's second-order
-    JVP in torch 2.13, pytorch/pytorch#196700, umbrella #198017), silently zero through custom
-    autograd.Functions (#197867), and missing for others (silu_backward has no forward-AD
-    formula, so nested jvp of F.silu stops at order 2). The ops known to be wrong are replaced by
-    exact stand-ins while f runs (torchhessdiag/fallback_ops.py; the caller activates it).
-
-    Where a custom autograd.Function's backward cannot be differentiated again, the derivatives
-    through it are unknown: NotImplementedError naming it, or (``allow_zeros``) 0 with a warning."""
-    keep = torch.is_grad_enabled()
-    once = _custom_functions(f, x, once_only=True) if order >= 2 else []
-    if once and not allow_zeros:
-        raise _once_differentiable_error(where, once, "its backward is @once_differentiable")
-    if once:
-        warnings.warn(
-            f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
-            "as 0 (allow_unconfirmed_zeros=True)",
-            UserWarning,
-            stacklevel=_stacklevel(),
-        )
-    try:
-        derivs, unknown = _grad_derivatives(f, x, V, order, keep)
-    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
-        logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
-        customs = _custom_functions(f, x)
-        if customs == ["CompiledFunction"]:  # torch.compile's AOTAutograd graph: torch's error says it all
-            raise
-        if customs:
-            # torch.func would give zeros through them: nothing can compute these derivatives
-            raise _once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
-        try:
-            return _func_derivatives(f, x, V, order)
-        except Exception:  # noqa: BLE001 - neither can: report the reverse-mode error, the usual one
-            raise e from None
-    method = "torch.autograd.grad: nested backward passes"
-    if not unknown:
-        return derivs, method
-    # entries where the backward graph ended: 0 if f is of lower degree there, unknown if a
-    # backward was not recorded -- settle them with forward mode, which does not use backwards,
-    # unless f holds custom autograd.Functions, where torch.func's nested forward mode is zero
-    customs = _custom_functions(f, x)
-    why = None
-    if customs:
-        if not allow_zeros:
-            raise _once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
-        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
-    else:
-        try:
-            fwd, _ = _func_derivatives(f, x, V, order)
-        except Exception as e:  # noqa: BLE001
-            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
-    if why is not None:
-        warnings.warn(
-            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
-            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
-            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
-            f"{why}.",
-            UserWarning,
-            stacklevel=_stacklevel(),
-        )
-        return derivs, method + " (entries with no backward graph taken as 0, unconfirmed)"
-    N = x.shape[0]
-    fixed = []
-    for o, (d_rev, d_fwd) in enumerate(zip(derivs, fwd)):
-        K = d_rev.shape[1]
-        flat_rev = d_rev.reshape(N, K, -1)
-        flat_fwd = d_fwd.reshape(N, K, -1).to(flat_rev.dtype)
-        idx = [(kk, i) for oo, kk, i in unknown if oo == o]
-        if idx:
-            mask = torch.zeros(K, flat_rev.shape[2], dtype=torch.bool, device=flat_rev.device)
-            for kk, i in idx:
-                mask[kk, i] = True
-            flat_rev = torch.where(mask, flat_fwd, flat_rev)
-        fixed.append(flat_rev.reshape(d_rev.shape))
-    return fixed, method + " (entries with no backward graph from torch.func nested jvp)"

@@ -70,16 +70,30 @@ import itertools
 import math
 import numbers
 import operator as _op
-import warnings
 from fractions import Fraction
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import fallback_ops, graph, ops, taylor
+from . import fallback_ops, ops, taylor
 from . import general as G
-from .api import _dims_matrix, _ints
-from .general import PathInfo
+from ._nested_autograd import _nested_partials
+from ._path_common import (
+    PathInfo,
+    _check_module,
+    _check_output,
+    _constant_of,
+    _diagnose_shapes,
+    _dims,
+    _done,
+    _log_slow_path,
+    _prepare,
+    _slow_path_reason,
+    _stacklevel,
+    _try_jets,
+    _warn_piecewise_linear,
+)
+from .api import _ints
 
 Tensor = torch.Tensor
 
@@ -296,181 +310,10 @@ def _check_coef(c: Any, where: str, what: str) -> Any:
 # ---- shared dispatch -----------------------------------------------------------------------------
 
 
-def _prepare(f, x, where: str, fallback, allow_zeros):
-    mode = G._check_mode(fallback, where)
-    if not isinstance(allow_zeros, bool):
-        raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
-    if not callable(f):
-        raise TypeError(f"{where}: f must be a callable (an nn.Module or a function of x), got {type(f).__name__}")
-    ops.check_float_tensor(x, "x", where)
-    if x.dim() not in (1, 2):
-        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,), got shape {tuple(x.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{where}: x has no features (d = 0)")
-    unbatched = x.dim() == 1
-    x2 = x.unsqueeze(0) if unbatched else x
-    return mode, x2, unbatched
-
-
-def _try_jets(
-    f, x2: Tensor, V: Tensor, order: int, collapsed: bool, weights: Optional[Tensor], where: str, x_shape, reasons: List[str],
-    axes: Optional[Tensor] = None,
-):
-    """Run the traced jets: (out, ctx, program) or None (the reason appended)."""
-    try:
-        program = graph.get_program(f, x2)
-        out, ctx = taylor.propagate_chunked(
-            program, x2, V, order, collapsed=collapsed, f=graph.traced_callable(f), weights=weights, axes=axes
-        )
-    except graph.ShapeError as e:
-        raise ValueError(f"{where}: x has shape {tuple(x_shape)}, which does not fit the model: {e}") from None
-    except graph.Unsupported as e:
-        reasons.append(f"not traceable to supported pieces: {e}")
-        if x2.shape[0] > 1 and not torch.compiler.is_compiling():
-            graph.remember_failure(f, x2, str(e))
-        return None
-    return out, ctx, program
-
-
 def _slow_path_allowed(mode: str, where: str, reasons: List[str], f) -> str:
-    reason = "; ".join(reasons)
-    if mode == "error":
-        raise NotImplementedError(
-            f"{where}: no fast path applies ({reason}); pass fallback='autograd' (or "
-            "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
-        )
-    cause = (where, type(f).__name__, reason)
-    if cause not in G._logged:
-        G._logged.add(cause)
-        G.logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
+    reason = _slow_path_reason(mode, where, reasons)
+    _log_slow_path(where, f, reason)
     return reason
-
-
-def _done(result, info: PathInfo, return_info: bool, dry: bool):
-    return (result, info) if (return_info or dry) else result
-
-
-# ---- the exact slow path: nested autograd per multi-index ------------------------------------------
-
-
-def _func_partial(f: Callable, x: Tensor, seq: Sequence[int]) -> Tensor:
-    """d^alpha f (N, *S) by nested torch.func.jvp along the axes of ``seq`` (alpha's sorted axis list)."""
-    N, d = x.shape
-    fn: Callable = f
-    for ax in seq:
-        v = torch.zeros(N, d, dtype=x.dtype, device=x.device)
-        v[:, ax] = 1.0
-        fn = (lambda g, vv: (lambda xx: torch.func.jvp(g, (xx,), (vv,))[1]))(fn, v)
-    return fn(x)
-
-
-def _nested_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], allow_zeros: bool, where: str) -> Tuple[List[Tensor], str]:
-    """[d^alpha f (N, *S) for each sorted axis sequence], exact: nested reverse mode over a trie
-    of the sequences (a node's gradient gives all its children at once), torch.func nested jvp
-    where reverse mode cannot run f or cannot settle an entry (see general._autograd_derivatives
-    for why in this order)."""
-    keep = torch.is_grad_enabled()
-    top = max((len(s) for s in seqs), default=0)
-    if top >= 2:
-        once = G._custom_functions(f, x, once_only=True)
-        if once and not allow_zeros:
-            raise G._once_differentiable_error(where, once, "its backward is @once_differentiable")
-        if once:
-            warnings.warn(
-                f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
-                "as 0 (allow_unconfirmed_zeros=True)",
-                UserWarning,
-                stacklevel=G._stacklevel(),
-            )
-    try:
-        res, unknown, S = _grad_partials(f, x, seqs, keep)
-    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
-        customs = G._custom_functions(f, x)
-        if customs == ["CompiledFunction"]:
-            raise
-        if customs:
-            raise G._once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
-        try:
-            return [_func_partial(f, x, s) for s in seqs], "torch.func: nested jvp along the axes of each multi-index"
-        except Exception:  # noqa: BLE001
-            raise e from None
-    method = "torch.autograd.grad: nested backward passes, shared prefixes once"
-    if not unknown:
-        return res, method
-    customs = G._custom_functions(f, x)
-    why = None
-    if customs:
-        if not allow_zeros:
-            raise G._once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
-        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
-    else:
-        try:
-            for a in sorted({a for a, _ in unknown}):
-                fwd = _func_partial(f, x, seqs[a]).reshape(x.shape[0], -1).to(res[a].dtype)
-                cols = [i for aa, i in unknown if aa == a]
-                flat = res[a].reshape(x.shape[0], -1)
-                mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
-                mask[cols] = True
-                res[a] = torch.where(mask, fwd, flat).reshape(res[a].shape)
-        except Exception as e:  # noqa: BLE001
-            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
-    if why is not None:
-        warnings.warn(
-            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
-            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
-            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
-            f"{why}.",
-            UserWarning,
-            stacklevel=G._stacklevel(),
-        )
-        return res, method + " (entries with no backward graph taken as 0, unconfirmed)"
-    return res, method + " (entries with no backward graph from torch.func nested jvp)"
-
-
-def _grad_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], keep: bool):
-    """Nested reverse mode over the trie of the axis sequences, per output component. Returns the
-    partials, the entries (sequence index, component) that reverse mode could not settle (the
-    graph ended below a derivative of order >= 1: zero if f is of lower degree there, unknown if
-    a backward was not recorded), and the output's feature shape."""
-    with torch.enable_grad():
-        xx = x if x.requires_grad else x.detach().requires_grad_(True)
-        y = G._check_output(f(xx), x.shape[0], "torchhessdiag")
-        N = y.shape[0]
-        S = tuple(y.shape[1:])
-        yf = y.reshape(N, -1)
-        M = yf.shape[1]
-        zero = yf.new_zeros(N)
-        cols: List[List[Tensor]] = [[zero] * M for _ in seqs]
-        unknown: List[Tuple[int, int]] = []
-        for i in range(M):
-            # prefix -> (the derivative, or None where the graph ended; whether that zero is unconfirmed)
-            nodes: Dict[Tuple[int, ...], Tuple[Optional[Tensor], bool]] = {(): (yf[:, i], False)}
-            grads: Dict[Tuple[int, ...], Optional[Tensor]] = {}
-            for a, seq in enumerate(seqs):
-                cur: Tuple[int, ...] = ()
-                for ax in seq:
-                    nxt = cur + (ax,)
-                    if nxt not in nodes:
-                        v, unk = nodes[cur]
-                        if v is None:
-                            nodes[nxt] = (None, unk)
-                        else:
-                            if cur not in grads:
-                                g = None
-                                if v.requires_grad:
-                                    (g,) = torch.autograd.grad(v.sum(), xx, create_graph=True, retain_graph=True, allow_unused=True)
-                                grads[cur] = g
-                            g = grads[cur]
-                            # the gradient of f itself missing: f does not depend on x (a sure 0)
-                            nodes[nxt] = (None, len(cur) >= 1) if g is None else (g[:, ax], False)
-                    cur = nxt
-                v, unk = nodes[cur]
-                if v is not None:
-                    cols[a][i] = v if keep else v.detach()
-                elif unk:
-                    unknown.append((a, i))
-    res = [torch.stack(c, 1).reshape((N,) + S) for c in cols]
-    return res, unknown, S
 
 
 def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zeros: bool, dry: bool = False):
@@ -479,14 +322,14 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
     mode, x2, unbatched = _prepare(f, x, where, fallback, allow_zeros)
     N, d = x2.shape
     plan, kind = plan_fn(d)
-    G._check_module(f, x2, where)
+    _check_module(f, x2, where)
     reasons: List[str] = []
     n = plan.order
     if n == 0:  # the value only
         info = PathInfo("forward", "order 0: f(x) only")
         if dry:
             return _done(None, info, return_info, dry)
-        value = G._check_output(f(x2), N, where)
+        value = _check_output(f(x2), N, where)
         out = _assemble(plan, value, [], kind)
         return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
     ops.warn_if_tf32(x2, stacklevel=4)
@@ -515,10 +358,10 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
             )
             if dry:
                 return _done(None, info, return_info, dry)
-            value = G._check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
+            value = _check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
             coefs = out_jet.coefs if isinstance(out_jet, taylor.Jet) else [None] * n
             if n >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
-                G._warn_piecewise_linear(G._stacklevel() + 1)
+                _warn_piecewise_linear(_stacklevel() + 1)
             out = _assemble(plan, value, coefs, kind)
             return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
     reason = _slow_path_allowed("autograd" if explicit else mode, where, reasons, f)
@@ -531,11 +374,11 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
         try:
             y = f(x2)
         except RuntimeError as e:
-            G._diagnose_shapes(f, x2, where, e)
+            _diagnose_shapes(f, x2, where, e)
             raise
-        value = G._check_output(y, N, where)
+        value = _check_output(y, N, where)
         derivs, method = _nested_partials(f, x2, seqs, allow_zeros, where)
-    derivs = [G._constant_of(t, value) for t in derivs]
+    derivs = [_constant_of(t, value) for t in derivs]
     out = _combine_direct(plan, value, {s: derivs[i] for s, i in index.items()}, kind)
     return _done(out.squeeze(0) if unbatched else out, PathInfo("autograd", reason, method), return_info, dry)
 
@@ -570,7 +413,7 @@ def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: s
             term = torch.matmul(c.movedim(1, -1), W.t())  # (N, *S, K) @ (K, P)
         out = term if out is None else out + term
     if out is None:
-        out = G._constant_of(value.new_zeros((N,) + S + (plan.P,)), value)
+        out = _constant_of(value.new_zeros((N,) + S + (plan.P,)), value)
     elif out.shape != (N,) + S + (plan.P,):
         out = out.expand((N,) + S + (plan.P,))
     if 0 in out.stride():
@@ -589,7 +432,7 @@ def _combine_direct(plan: _Plan, value: Tensor, derivs: Dict[Tuple[int, ...], Te
         else:
             term = part * float(c) if c != 1 else part
         cols[t.out] = term if cols[t.out] is None else cols[t.out] + term
-    cols = [c if c is not None else G._constant_of(torch.zeros_like(value), value) for c in cols]
+    cols = [c if c is not None else _constant_of(torch.zeros_like(value), value) for c in cols]
     out = torch.stack(cols, -1)
     return out.squeeze(-1) if kind == "operator" else out
 
@@ -737,13 +580,6 @@ def biharmonic(
     return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
 
 
-def _dims(dims, d: int, where: str) -> Optional[List[int]]:
-    if dims is None:
-        return None
-    _dims_matrix(dims, d, torch.zeros(1, d), where)  # validates (type, range, repeats, empty)
-    return [i % d for i in _ints(dims, "dims", where)]
-
-
 def divergence(
     f: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -781,7 +617,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
     N, d = x2.shape
     dl = _dims(dims, d, where)
     axes = list(range(d)) if dl is None else dl
-    G._check_module(f, x2, where)
+    _check_module(f, x2, where)
     comps_given = None if components is None else _ints(components, "components", where)
     if comps_given is not None and len(comps_given) != len(axes):
         raise ValueError(
@@ -807,7 +643,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         )
 
     def check_vector(y: Tensor) -> Tensor:
-        y = G._check_output(y, N, where)
+        y = _check_output(y, N, where)
         if y.dim() != 2:
             raise ValueError(f"{where}: f(x) must be a vector field (N, m), got shape {tuple(y.shape)}")
         return y
@@ -825,10 +661,10 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         c1 = out_jet.coefs[0] if isinstance(out_jet, taylor.Jet) else None
         K = len(axes)
         if c1 is None:
-            res = G._constant_of(value.new_zeros(N), value)
+            res = _constant_of(value.new_zeros(N), value)
         elif c1.dim() == 2:  # shared (K, m): the same at every point
             res = c1[torch.arange(K, device=c1.device), comps].sum().expand(N).contiguous()
-            res = G._constant_of(res, value) if not res.requires_grad else res
+            res = _constant_of(res, value) if not res.requires_grad else res
         else:
             res = c1[:, torch.arange(K, device=c1.device), comps].sum(1)
         return _done(res.squeeze(0) if unbatched else res, info, return_info, dry)
@@ -839,13 +675,13 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         try:
             y = f(x2)
         except RuntimeError as e:
-            G._diagnose_shapes(f, x2, where, e)
+            _diagnose_shapes(f, x2, where, e)
             raise
         value = check_vector(y)
         comps = comps_for(value.shape[1])
         derivs, method = _nested_partials(f, x2, [(i,) for i in axes], False, where)
     res = sum(derivs[k][:, c] for k, c in enumerate(comps))
-    res = G._constant_of(res, value)
+    res = _constant_of(res, value)
     return _done(res.squeeze(0) if unbatched else res, PathInfo("autograd", reason, method), return_info, dry)
 
 
