@@ -61,22 +61,21 @@ axis sequence of alpha) -- shared prefixes are differentiated once -- with ``tor
 nested ``jvp`` where reverse mode cannot run f or its graph ends, under the same exact stand-ins
 (torchhessdiag/fallback_ops.py) and the same rules for once-differentiable custom Functions as
 :func:`torchhessdiag.laplacian`. No polarization there: the partials are differentiated directly.
+
+Where things are: _polarization.py (multi-indices, the identity, plans), _nested_autograd.py (the
+exact fallback), _sampled_laplacian.py, _path_common.py (what these paths share with
+general.py's); this module runs a plan on the jets or the fallback and shapes its result, and
+holds the public functions.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
 import numbers
-import operator as _op
-from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from . import fallback_ops, ops, taylor
-from . import general as G
 from ._nested_autograd import _nested_partials
 from ._path_common import (
     PathInfo,
@@ -93,6 +92,17 @@ from ._path_common import (
     _try_jets,
     _warn_piecewise_linear,
 )
+from ._polarization import (
+    _biharmonic_terms,
+    _check_alpha,
+    _check_coef,
+    _Plan,
+    _seq,
+    _Term,
+    amplification,
+    polarization,
+)
+from ._sampled_laplacian import _SAMPLED_ENGINE_MAX_D, sampled_laplacian  # noqa: F401  (re-exported; tests read the constant)
 from .api import _ints
 
 Tensor = torch.Tensor
@@ -101,210 +111,6 @@ __all__ = ["biharmonic", "partials", "operator", "divergence", "polarization", "
 
 #: the largest total order the jets carry
 MAX_ORDER = taylor.MAX_ORDER
-
-
-# ---- multi-indices and the polarization identity -------------------------------------------------
-
-
-def _check_alpha(alpha: Any, d: int, where: str, what: str) -> Tuple[int, ...]:
-    """A multi-index as a tuple of d non-negative Python ints, or a clear error."""
-    if isinstance(alpha, Tensor):
-        if alpha.dim() != 1 or alpha.is_floating_point() or alpha.is_complex() or alpha.dtype == torch.bool:
-            raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints, got the tensor {alpha!r}")
-        alpha = alpha.tolist()
-    if isinstance(alpha, (str, bytes, Mapping)) or not hasattr(alpha, "__iter__"):
-        raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints (one per input dimension), got {alpha!r}")
-    items = list(alpha)
-    out = []
-    for a in items:
-        if isinstance(a, bool):
-            raise TypeError(f"{where}: {what} = {tuple(items)!r} holds a bool; entries must be non-negative ints")
-        try:
-            out.append(_op.index(a))
-        except TypeError:
-            raise TypeError(
-                f"{where}: {what} = {tuple(items)!r} holds {a!r} ({type(a).__name__}); entries must be non-negative "
-                "ints (the number of derivatives along each input dimension)"
-            ) from None
-    if len(out) != d:
-        raise ValueError(
-            f"{where}: {what} = {tuple(out)!r} has length {len(out)}, but x has d = {d} input dimensions; a "
-            f"multi-index has one entry per input dimension (e.g. {(2, 2) + (0,) * (d - 2) if d >= 2 else (4,)} "
-            f"for {'d^4u/dx_0^2 dx_1^2' if d >= 2 else 'd^4u/dx^4'})"
-        )
-    neg = [a for a in out if a < 0]
-    if neg:
-        raise ValueError(f"{where}: {what} = {tuple(out)!r} has negative entries; entries must be >= 0")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=4096)
-def _local_polarization(local: Tuple[int, ...]) -> Tuple[Tuple[Tuple[int, ...], Fraction], ...]:
-    """The identity for a multi-index with every entry >= 1 (m = len(local) variables): pairs
-    (primitive direction over the m variables, exact weight) with d^alpha u = sum w D_v^n u."""
-    n = sum(local)
-    acc: Dict[Tuple[int, ...], Fraction] = {}
-    denom = math.factorial(n) * 2**n
-    for k in itertools.product(*(range(a + 1) for a in local)):
-        p = tuple(2 * ki - ai for ki, ai in zip(k, local))
-        if not any(p):
-            continue  # D_0^n u = 0 for n >= 1
-        coef = (-1) ** (n - sum(k)) * math.prod(math.comb(a, ki) for a, ki in zip(local, k))
-        g = functools.reduce(math.gcd, (abs(e) for e in p))
-        first = next(e for e in p if e)
-        s = g if first > 0 else -g
-        v = tuple(e // s for e in p)
-        acc[v] = acc.get(v, Fraction(0)) + Fraction(coef * s**n, denom)
-    return tuple((v, w) for v, w in sorted(acc.items()) if w != 0)
-
-
-def polarization(alpha: Sequence[int]) -> List[Tuple[Tuple[int, ...], Fraction]]:
-    """The directions and exact weights this module uses for d^alpha u:
-    ``[(v, w), ...]`` with d^alpha u = sum w * D_v^n u, n = |alpha|, v integer vectors of
-    len(alpha) (primitive, first nonzero entry positive). Order 0: ``[]`` (the value itself).
-
-    >>> polarization((2, 2))
-    [((0, 1), Fraction(-1, 6)), ((1, -1), Fraction(1, 12)), ((1, 0), Fraction(-1, 6)), ((1, 1), Fraction(1, 12))]
-    """
-    alpha = _check_alpha(alpha, len(alpha), "torchhessdiag.polarization", "alpha")
-    support = [i for i, a in enumerate(alpha) if a]
-    if not support:
-        return []
-    out = []
-    for v_local, w in _local_polarization(tuple(alpha[i] for i in support)):
-        v = [0] * len(alpha)
-        for i, e in zip(support, v_local):
-            v[i] = e
-        out.append((tuple(v), w))
-    return sorted(out)
-
-
-def amplification(alpha: Sequence[int]) -> float:
-    """A(alpha) = sum_v |w_v| ||v||_1^n of :func:`polarization`: the combination's rounding error
-    is at most about eps * A(alpha) * max_(|beta| = n) |d^beta u| (module docstring)."""
-    n = sum(alpha)
-    return float(sum(abs(w) * sum(abs(e) for e in v) ** n for v, w in polarization(alpha)))
-
-
-# ---- plans: which directions, which weights ------------------------------------------------------
-
-
-class _Term(NamedTuple):
-    alpha: Tuple[int, ...]  # dense, length d
-    out: int  # which output (partials: the alpha's index; operator: 0)
-    coef: Any  # a Python number (int, float, Fraction) or a 0-d tensor
-
-
-class _Plan:
-    """The directions (pooled over every term) and, per order n, the weight matrix W_n (P, K):
-    output p = c0[p] * u + sum_n sum_k W_n[p, k] D^n_(v_k) u."""
-
-    def __init__(self, d: int, terms: List[_Term], P: int):
-        self.d, self.terms, self.P = d, terms, P
-        self.order = max((sum(t.alpha) for t in terms), default=0)
-        self.dirs: Dict[Tuple[Tuple[int, int], ...], int] = {}  # sparse direction -> column
-        # per order n: {(p, k): exact weight} for number coefficients, [(p, {k: w}, tensor)] else
-        self.exact: Dict[int, Dict[Tuple[int, int], Any]] = {}
-        self.tensor_terms: Dict[int, List[Tuple[int, Dict[int, Fraction], Tensor]]] = {}
-        self.c0_exact: Dict[int, Any] = {}
-        self.c0_tensor: List[Tuple[int, Tensor]] = []
-        for t in terms:
-            n = sum(t.alpha)
-            if n == 0:
-                if isinstance(t.coef, Tensor):
-                    self.c0_tensor.append((t.out, t.coef))
-                else:
-                    self.c0_exact[t.out] = self.c0_exact.get(t.out, 0) + _exact(t.coef)
-                continue
-            support = [i for i, a in enumerate(t.alpha) if a]
-            ws: Dict[int, Fraction] = {}
-            for v_local, w in _local_polarization(tuple(t.alpha[i] for i in support)):
-                key = tuple((i, e) for i, e in zip(support, v_local) if e)
-                k = self.dirs.setdefault(key, len(self.dirs))
-                ws[k] = ws.get(k, Fraction(0)) + w
-            if isinstance(t.coef, Tensor):
-                self.tensor_terms.setdefault(n, []).append((t.out, ws, t.coef))
-            else:
-                c = _exact(t.coef)
-                table = self.exact.setdefault(n, {})
-                for k, w in ws.items():
-                    table[(t.out, k)] = table.get((t.out, k), 0) + w * c
-        self.K = len(self.dirs)
-        n = self.order
-        tops = {p for (p, _k), w in self.exact.get(n, {}).items() if w != 0} | {p for p, _ws, _c in self.tensor_terms.get(n, [])}
-        # collapse the top order when one output needs it (and it is >= 2: order 1 is one row anyway)
-        self.collapse_out: Optional[int] = next(iter(tops)) if (n >= 2 and len(tops) == 1) else None
-
-    def V(self, x: Tensor) -> Tensor:
-        """(d, K) directions in x's dtype and device (small integers: exact)."""
-        V = torch.zeros(self.d, self.K, dtype=torch.float64)
-        for key, k in self.dirs.items():
-            for i, e in key:
-                V[i, k] = float(e)
-        return V.to(dtype=x.dtype, device=x.device)
-
-    def W(self, n: int, like: Tensor) -> Optional[Tensor]:
-        """W_n (P, K) in like's dtype/device (None if order n has no term)."""
-        table = self.exact.get(n)
-        tt = self.tensor_terms.get(n, [])
-        if not table and not tt:
-            return None
-        W = torch.zeros(self.P, self.K, dtype=torch.float64)
-        for (p, k), w in (table or {}).items():
-            W[p, k] = float(w)  # one rounding of the exact rational
-        W = W.to(dtype=like.dtype, device=like.device)
-        for p, ws, c in tt:
-            row = torch.zeros(self.P, self.K, dtype=torch.float64)
-            for k, w in ws.items():
-                row[p, k] = float(w)
-            W = W + row.to(dtype=like.dtype, device=like.device) * c.to(dtype=like.dtype, device=like.device)
-        return W
-
-    def c0(self, like: Tensor) -> Optional[Tensor]:
-        if not self.c0_exact and not self.c0_tensor:
-            return None
-        c = torch.zeros(self.P, dtype=torch.float64)
-        for p, v in self.c0_exact.items():
-            c[p] = float(v)
-        c = c.to(dtype=like.dtype, device=like.device)
-        for p, t in self.c0_tensor:
-            onehot = torch.zeros(self.P, dtype=like.dtype, device=like.device)
-            onehot[p] = 1.0
-            c = c + onehot * t.to(dtype=like.dtype, device=like.device)
-        return c
-
-
-def _exact(c: Any) -> Any:
-    """A Python number as an exact rational (floats are rationals) -- so that coefficient times
-    weight is rounded once, at the end."""
-    if isinstance(c, (int, Fraction)):
-        return Fraction(c)
-    if isinstance(c, float):
-        return Fraction(c) if math.isfinite(c) else c
-    return c
-
-
-def _check_coef(c: Any, where: str, what: str) -> Any:
-    """A coefficient: a finite real Python number (kept exact) or a 0-d real tensor."""
-    if isinstance(c, bool):
-        raise TypeError(f"{where}: the coefficient of {what} is a bool; give a real number or a 0-d tensor")
-    if isinstance(c, Tensor):
-        if c.dim() != 0 or c.is_complex() or c.dtype == torch.bool:
-            raise TypeError(
-                f"{where}: the coefficient of {what} must be a real number or a 0-d real tensor, got a tensor of shape "
-                f"{tuple(c.shape)} and dtype {c.dtype}"
-            )
-        return c
-    if isinstance(c, numbers.Integral):
-        return int(c)
-    if isinstance(c, Fraction):
-        return c
-    if isinstance(c, numbers.Real):
-        c = float(c)
-        if not math.isfinite(c):
-            raise ValueError(f"{where}: the coefficient of {what} is {c}; coefficients must be finite")
-        return c
-    raise TypeError(f"{where}: the coefficient of {what} must be a real number or a 0-d tensor, got {type(c).__name__}")
 
 
 # ---- shared dispatch -----------------------------------------------------------------------------
@@ -381,10 +187,6 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
     derivs = [_constant_of(t, value) for t in derivs]
     out = _combine_direct(plan, value, {s: derivs[i] for s, i in index.items()}, kind)
     return _done(out.squeeze(0) if unbatched else out, PathInfo("autograd", reason, method), return_info, dry)
-
-
-def _seq(alpha: Tuple[int, ...]) -> Tuple[int, ...]:
-    return tuple(i for i, a in enumerate(alpha) for _ in range(a))
 
 
 def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: str) -> Tensor:
@@ -532,20 +334,6 @@ def operator(
     return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
 
 
-def _biharmonic_terms(d: int, dims: Optional[List[int]]) -> List[_Term]:
-    axes = list(range(d)) if dims is None else dims
-    out = []
-    for a, i in enumerate(axes):
-        alpha = [0] * d
-        alpha[i] = 4
-        out.append(_Term(tuple(alpha), 0, 1))
-        for j in axes[a + 1 :]:
-            alpha = [0] * d
-            alpha[i] = alpha[j] = 2
-            out.append(_Term(tuple(alpha), 0, 2))
-    return out
-
-
 def biharmonic(
     f: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -683,117 +471,6 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
     res = sum(derivs[k][:, c] for k, c in enumerate(comps))
     res = _constant_of(res, value)
     return _done(res.squeeze(0) if unbatched else res, PathInfo("autograd", reason, method), return_info, dry)
-
-
-# ---- the sampled Laplacian ---------------------------------------------------------------------
-
-#: above this d the sampled Laplacian of an MLP on the CPU takes the jets, not the MLP engine: the
-#: engine's no-graph chunks are sized by S * max(width, d) elements per point, so at large d they
-#: shrink to a few points and the (d, S) first layer is recomputed for each (measured here, tanh
-#: 3x128, N = 256, 1 thread: d = 1e3 engine 4-42 ms vs jets 8-49 ms for S = 8-128, d = 1e4 engine
-#: 23-1930 ms vs jets 17-119 ms for S = 8-200)
-_SAMPLED_ENGINE_MAX_D = 2048
-
-
-def sampled_laplacian(
-    f: Callable[[Tensor], Tensor],
-    x: Tensor,
-    dims=None,
-    *,
-    num_samples: int,
-    generator: Optional[torch.Generator] = None,
-    sample_weights=None,
-    fallback: Optional[str] = None,
-    return_info: bool = False,
-    allow_unconfirmed_zeros: bool = False,
-):
-    """An unbiased estimate of the Laplacian sum_(i in dims) d^2u/dx_i^2 from S = ``num_samples``
-    sampled axes, each second derivative exact. ``torchhessdiag.laplacian(f, x, num_samples=S)``
-    calls this.
-
-    Sampling (the same axes for every point of the call; draw again each training step):
-
-    * uniform (default): S distinct axes of the D = len(dims) candidates without replacement,
-      estimate (D / S) sum_(s) h_(i_s) with h_i = d^2u/dx_i^2. Unbiased; variance
-      D^2 sigma^2 (D - S) / (S (D - 1)) with sigma^2 = (1/D) sum_i (h_i - Delta u / D)^2 (the
-      finite-population correction: S = D is exact, variance 0).
-    * ``sample_weights`` (D,) > 0: S axes drawn *with* replacement with probabilities
-      p_i = w_i / sum w, estimate (1/S) sum_s h_(i_s) / p_(i_s). Unbiased; variance
-      (1/S) (sum_i h_i^2 / p_i - (Delta u)^2), zero when p_i is proportional to h_i (h_i >= 0).
-
-    Cost: S directions instead of D -- S + 2 rows per point (the MLP engine or collapsed jets),
-    so time and memory grow with S; d enters only the first layer (the forward x W_1 and the
-    (d, S) selection). ``generator``: a ``torch.Generator`` for the draw (default: torch's
-    global generator); CPU generators draw on the CPU, CUDA ones on their device.
-    """
-    where = "torchhessdiag.laplacian"
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"{where}: num_samples must be an int >= 1, got {num_samples!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    ops.check_float_tensor(x, "x", where)
-    if x.dim() not in (1, 2) or x.shape[-1] == 0:
-        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,) with d >= 1, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    dl = _dims(dims, d, where)
-    axes = list(range(d)) if dl is None else dl
-    D = len(axes)
-    S = int(num_samples)
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    if sample_weights is None:
-        if not 1 <= S <= D:
-            raise ValueError(
-                f"{where}: num_samples must be between 1 and the {D} axes summed over (uniform sampling is without "
-                f"replacement; num_samples = {D} gives the exact Laplacian), got {S}"
-            )
-        pick = torch.randperm(D, generator=generator, device=gdev)[:S].tolist()
-        chosen = sorted(axes[j] for j in pick)
-        note = f"sampled Laplacian: {S} of {D} axes, uniform without replacement, scaled by {D}/{S}"
-        res = G._compute(
-            f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note,
-            use_engine=_engine_ok(x, d),
-        )
-        scale = D / S
-        if return_info:
-            return res[0] * scale if scale != 1 else res[0], res[1]
-        return res * scale if scale != 1 else res
-    if S < 1:
-        raise ValueError(f"{where}: num_samples must be >= 1, got {S}")
-    w = sample_weights
-    if not isinstance(w, Tensor):
-        try:
-            w = torch.tensor(w, dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: sample_weights must be a (D,) tensor or sequence of positive numbers, got {type(sample_weights).__name__}") from None
-    if w.dim() != 1 or w.shape[0] != D or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
-        raise ValueError(
-            f"{where}: sample_weights must be a real (D,) tensor with D = {D} entries (one per axis of dims, in that "
-            f"order), got shape {tuple(w.shape)} and dtype {w.dtype}"
-        )
-    w = w.detach().to(dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError(
-            f"{where}: sample_weights must be finite and > 0 (an axis with weight 0 would never be sampled and the "
-            "estimate would miss its term; leave such axes out with dims=)"
-        )
-    p = w / w.sum()
-    draws = torch.multinomial(p.to(gdev), S, replacement=True, generator=generator).cpu()
-    counts = torch.bincount(draws, minlength=D).to(torch.float64)
-    js = [j for j in range(D) if counts[j] > 0]
-    chosen = [axes[j] for j in js]
-    wts = torch.tensor([float(counts[j] / (S * p[j])) for j in js], dtype=torch.float64)
-    order = sorted(range(len(chosen)), key=lambda k: chosen[k])
-    chosen = [chosen[k] for k in order]
-    wts = wts[order]
-    note = f"sampled Laplacian: {S} draws of {D} axes with replacement, probabilities from sample_weights ({len(chosen)} distinct axes)"
-    return G._compute(
-        f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros,
-        weights=wts.to(dtype=x.dtype, device=x.device), path_note=note, use_engine=_engine_ok(x, d),
-    )
-
-
-def _engine_ok(x: Tensor, d: int) -> bool:
-    return x.device.type != "cpu" or d <= _SAMPLED_ENGINE_MAX_D
 
 
 # ---- explain -----------------------------------------------------------------------------------
