@@ -2,8 +2,8 @@
 (``torchhessdiag.laplacian(f, x, num_samples=S)``), computed as a weighted partial Laplacian by
 the dispatch of ``laplacian``.
 
-Import direction: above ``_path_common`` and the dispatch of general.py; below ``operators``
-(which re-exports ``sampled_laplacian``).
+Import direction: above ``_path_common`` and ``_dispatch``; below ``operators`` (which
+re-exports ``sampled_laplacian``) and ``general``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import general as G
 from . import ops
+from ._dispatch import _compute
 from ._path_common import _dims
 
 Tensor = torch.Tensor
@@ -81,7 +81,7 @@ def sampled_laplacian(
         pick = torch.randperm(D, generator=generator, device=gdev)[:S].tolist()
         chosen = sorted(axes[j] for j in pick)
         note = f"sampled Laplacian: {S} of {D} axes, uniform without replacement, scaled by {D}/{S}"
-        res = G._compute(
+        res = _compute(
             f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note,
             use_engine=_engine_ok(x, d),
         )
@@ -118,7 +118,7 @@ def sampled_laplacian(
     chosen = [chosen[k] for k in order]
     wts = wts[order]
     note = f"sampled Laplacian: {S} draws of {D} axes with replacement, probabilities from sample_weights ({len(chosen)} distinct axes)"
-    return G._compute(
+    return _compute(
         f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros,
         weights=wts.to(dtype=x.dtype, device=x.device), path_note=note, use_engine=_engine_ok(x, d),
     )
