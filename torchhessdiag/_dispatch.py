@@ -15,7 +15,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import engine, fallback_ops, ops, taylor
+from . import _precision, engine, fallback_ops, taylor
 from ._nested_autograd import _autograd_derivatives
 from ._path_common import (
     PathInfo,
@@ -154,7 +154,7 @@ def _jet_path(c: _Call) -> _Outcome:
     """Taylor jets along the axes over the traced graph, orders up to taylor.MAX_ORDER."""
     # the TF32 policy (torchhessdiag/_precision.py) for this path and the autograd one after it;
     # stacklevel 5: user -> public function -> _compute -> here -> warn_if_tf32
-    ops.warn_if_tf32(c.x2, stacklevel=5)
+    _precision.warn_if_tf32(c.x2, stacklevel=5)
     if c.order > taylor.MAX_ORDER:
         return f"order {c.order} is above the jets' {taylor.MAX_ORDER}"
     reasons: List[str] = []

@@ -252,7 +252,7 @@ def _diagnose_shapes(f: Callable, x: Tensor, where: str, err: RuntimeError) -> N
 
         return m.register_forward_pre_hook(hook)
 
-    kinds = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    kinds = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.RMSNorm)
     handles = [check(prefix + n, m) for prefix, root in roots for n, m in root.named_modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():

@@ -75,7 +75,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from . import fallback_ops, ops, taylor
+from . import _precision, fallback_ops, taylor
 from ._nested_autograd import _nested_partials
 from ._path_common import (
     PathInfo,
@@ -138,7 +138,7 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
         value = _check_output(f(x2), N, where)
         out = _assemble(plan, value, [], kind)
         return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
-    ops.warn_if_tf32(x2, stacklevel=4)
+    _precision.warn_if_tf32(x2, stacklevel=4)
     explicit = fallback == "autograd"
     if n > MAX_ORDER:
         if not explicit:
@@ -437,7 +437,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         return y
 
     reasons: List[str] = []
-    ops.warn_if_tf32(x2, stacklevel=3)
+    _precision.warn_if_tf32(x2, stacklevel=3)
     got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
     if got is not None:
         out_jet, ctx, program = got

@@ -66,8 +66,7 @@ from ._backend import (  # noqa: F401  (re-exported: read as ops.<name> across t
     _warn_reference,
 )
 from ._checks import check_float_tensor
-from ._op_autograd import _derivs, _keep_needs  # noqa: F401  (re-exported, as above)
-from ._precision import warn_if_tf32  # noqa: F401  (the TF32 policy, for general.py's paths)
+from ._op_autograd import _derivs  # noqa: F401  (re-exported, as above)
 from ._reference_kernels import _REF_KERNELS, _mul_pair_backward_math, _ref_jet_layer_  # noqa: F401
 from .activations import make_spec
 from .reference import MAX_ORDER
