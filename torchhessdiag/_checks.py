@@ -71,13 +71,19 @@ def _check_grad(g, z, act, a, b, k):
     _check_order(k, MAX_ORDER, "act_grad")
 
 
-def _check_layer(J, s1, c, op):
-    for t in (J, s1, c):
+def _check_alike(tensors, op):
+    """float32/float64, all of the first one's dtype and device."""
+    first = tensors[0]
+    for t in tensors:
         _check_float(t, "tensors", op)
-        if t.dtype != J.dtype:
-            raise TypeError(f"torchhessdiag.{op}: dtypes differ ({t.dtype} vs {J.dtype})")
-        if t.device != J.device:
-            raise ValueError(f"torchhessdiag.{op}: devices differ ({t.device} vs {J.device})")
+        if t.dtype != first.dtype:
+            raise TypeError(f"torchhessdiag.{op}: dtypes differ ({t.dtype} vs {first.dtype})")
+        if t.device != first.device:
+            raise ValueError(f"torchhessdiag.{op}: devices differ ({t.device} vs {first.device})")
+
+
+def _check_layer(J, s1, c, op):
+    _check_alike((J, s1, c), op)
     if J.dim() != 3:
         raise ValueError(f"torchhessdiag.{op}: J must be (N, K, w), got shape {tuple(J.shape)}")
     N, _, w = J.shape
@@ -103,12 +109,7 @@ def _check_layer_backward(gJa, gacc, J, s1, c):
 
 
 def _check_taylor(D, H, op):
-    for t in (D, H):
-        _check_float(t, "tensors", op)
-        if t.dtype != D.dtype:
-            raise TypeError(f"torchhessdiag.{op}: dtypes differ ({t.dtype} vs {D.dtype})")
-        if t.device != D.device:
-            raise ValueError(f"torchhessdiag.{op}: devices differ ({t.device} vs {D.device})")
+    _check_alike((D, H), op)
     if H.dim() != 4:
         raise ValueError(f"torchhessdiag.{op}: H must be (n, N, K, w), got shape {tuple(H.shape)}")
     n, N, _, w = H.shape

@@ -160,20 +160,61 @@ def _autograd_derivatives(
     Where a custom autograd.Function's backward cannot be differentiated again, the derivatives
     through it are unknown: NotImplementedError naming it, or (``allow_zeros``) 0 with a warning."""
     keep = torch.is_grad_enabled()
-    once = _custom_functions(f, x, once_only=True) if order >= 2 else []
-    if once and not allow_zeros:
-        raise _once_differentiable_error(where, once, "its backward is @once_differentiable")
-    if once:
-        warnings.warn(
-            f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
-            "as 0 (allow_unconfirmed_zeros=True)",
-            UserWarning,
-            stacklevel=_stacklevel(),
-        )
+
+    def reverse():
+        try:
+            return _grad_derivatives(f, x, V, order, keep)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
+            raise
+
+    def settle(derivs, unknown):
+        fwd, _ = _func_derivatives(f, x, V, order)
+        N = x.shape[0]
+        fixed = []
+        for o, (d_rev, d_fwd) in enumerate(zip(derivs, fwd)):
+            K = d_rev.shape[1]
+            flat_rev = d_rev.reshape(N, K, -1)
+            flat_fwd = d_fwd.reshape(N, K, -1).to(flat_rev.dtype)
+            idx = [(kk, i) for oo, kk, i in unknown if oo == o]
+            if idx:
+                mask = torch.zeros(K, flat_rev.shape[2], dtype=torch.bool, device=flat_rev.device)
+                for kk, i in idx:
+                    mask[kk, i] = True
+                flat_rev = torch.where(mask, flat_fwd, flat_rev)
+            fixed.append(flat_rev.reshape(d_rev.shape))
+        return fixed
+
+    return _reverse_then_forward(
+        f, x, order, allow_zeros, where, reverse, lambda: _func_derivatives(f, x, V, order), settle,
+        "torch.autograd.grad: nested backward passes",
+    )
+
+
+def _reverse_then_forward(
+    f: Callable, x: Tensor, order: int, allow_zeros: bool, where: str, reverse: Callable, forward: Callable,
+    settle: Callable, method: str,
+) -> Tuple[List[Tensor], str]:
+    """The order of methods of both exact paths (see _autograd_derivatives for why).
+
+    ``reverse()`` -> (results, the entries reverse mode could not settle) by nested
+    torch.autograd.grad; ``forward()`` -> (results, method) by torch.func's nested jvp, where
+    reverse mode cannot run f; ``settle(results, entries)`` -> the results with those entries from
+    torch.func. ``order``: the highest order asked for; ``method``: what reverse mode reports."""
+    if order >= 2:
+        once = _custom_functions(f, x, once_only=True)
+        if once and not allow_zeros:
+            raise _once_differentiable_error(where, once, "its backward is @once_differentiable")
+        if once:
+            warnings.warn(
+                f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
+                "as 0 (allow_unconfirmed_zeros=True)",
+                UserWarning,
+                stacklevel=_stacklevel(),
+            )
     try:
-        derivs, unknown = _grad_derivatives(f, x, V, order, keep)
+        res, unknown = reverse()
     except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
-        logger.debug("torchhessdiag: nested torch.autograd.grad failed (%s: %s); torch.func nested jvp", type(e).__name__, e)
         customs = _custom_functions(f, x)
         if customs == ["CompiledFunction"]:  # torch.compile's AOTAutograd graph: torch's error says it all
             raise
@@ -181,12 +222,11 @@ def _autograd_derivatives(
             # torch.func would give zeros through them: nothing can compute these derivatives
             raise _once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
         try:
-            return _func_derivatives(f, x, V, order)
+            return forward()
         except Exception:  # noqa: BLE001 - neither can: report the reverse-mode error, the usual one
             raise e from None
-    method = "torch.autograd.grad: nested backward passes"
     if not unknown:
-        return derivs, method
+        return res, method
     # entries where the backward graph ended: 0 if f is of lower degree there, unknown if a
     # backward was not recorded -- settle them with forward mode, which does not use backwards,
     # unless f holds custom autograd.Functions, where torch.func's nested forward mode is zero
@@ -198,7 +238,7 @@ def _autograd_derivatives(
         why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
     else:
         try:
-            fwd, _ = _func_derivatives(f, x, V, order)
+            res = settle(res, unknown)
         except Exception as e:  # noqa: BLE001
             why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
     if why is not None:
@@ -210,21 +250,8 @@ def _autograd_derivatives(
             UserWarning,
             stacklevel=_stacklevel(),
         )
-        return derivs, method + " (entries with no backward graph taken as 0, unconfirmed)"
-    N = x.shape[0]
-    fixed = []
-    for o, (d_rev, d_fwd) in enumerate(zip(derivs, fwd)):
-        K = d_rev.shape[1]
-        flat_rev = d_rev.reshape(N, K, -1)
-        flat_fwd = d_fwd.reshape(N, K, -1).to(flat_rev.dtype)
-        idx = [(kk, i) for oo, kk, i in unknown if oo == o]
-        if idx:
-            mask = torch.zeros(K, flat_rev.shape[2], dtype=torch.bool, device=flat_rev.device)
-            for kk, i in idx:
-                mask[kk, i] = True
-            flat_rev = torch.where(mask, flat_fwd, flat_rev)
-        fixed.append(flat_rev.reshape(d_rev.shape))
-    return fixed, method + " (entries with no backward graph from torch.func nested jvp)"
+        return res, method + " (entries with no backward graph taken as 0, unconfirmed)"
+    return res, method + " (entries with no backward graph from torch.func nested jvp)"
 
 
 # ---- per multi-index ---------------------------------------------------------------------------
@@ -247,61 +274,28 @@ def _nested_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], allow_
     where reverse mode cannot run f or cannot settle an entry (see _autograd_derivatives
     for why in this order)."""
     keep = torch.is_grad_enabled()
+
+    def reverse():
+        res, unknown, _ = _grad_partials(f, x, seqs, keep)
+        return res, unknown
+
+    def forward():
+        return [_func_partial(f, x, s) for s in seqs], "torch.func: nested jvp along the axes of each multi-index"
+
+    def settle(res, unknown):
+        for a in sorted({a for a, _ in unknown}):
+            fwd = _func_partial(f, x, seqs[a]).reshape(x.shape[0], -1).to(res[a].dtype)
+            cols = [i for aa, i in unknown if aa == a]
+            flat = res[a].reshape(x.shape[0], -1)
+            mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
+            mask[cols] = True
+            res[a] = torch.where(mask, fwd, flat).reshape(res[a].shape)
+        return res
+
     top = max((len(s) for s in seqs), default=0)
-    if top >= 2:
-        once = _custom_functions(f, x, once_only=True)
-        if once and not allow_zeros:
-            raise _once_differentiable_error(where, once, "its backward is @once_differentiable")
-        if once:
-            warnings.warn(
-                f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
-                "as 0 (allow_unconfirmed_zeros=True)",
-                UserWarning,
-                stacklevel=_stacklevel(),
-            )
-    try:
-        res, unknown, S = _grad_partials(f, x, seqs, keep)
-    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
-        customs = _custom_functions(f, x)
-        if customs == ["CompiledFunction"]:
-            raise
-        if customs:
-            raise _once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
-        try:
-            return [_func_partial(f, x, s) for s in seqs], "torch.func: nested jvp along the axes of each multi-index"
-        except Exception:  # noqa: BLE001
-            raise e from None
-    method = "torch.autograd.grad: nested backward passes, shared prefixes once"
-    if not unknown:
-        return res, method
-    customs = _custom_functions(f, x)
-    why = None
-    if customs:
-        if not allow_zeros:
-            raise _once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
-        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
-    else:
-        try:
-            for a in sorted({a for a, _ in unknown}):
-                fwd = _func_partial(f, x, seqs[a]).reshape(x.shape[0], -1).to(res[a].dtype)
-                cols = [i for aa, i in unknown if aa == a]
-                flat = res[a].reshape(x.shape[0], -1)
-                mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
-                mask[cols] = True
-                res[a] = torch.where(mask, fwd, flat).reshape(res[a].shape)
-        except Exception as e:  # noqa: BLE001
-            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
-    if why is not None:
-        warnings.warn(
-            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
-            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
-            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
-            f"{why}.",
-            UserWarning,
-            stacklevel=_stacklevel(),
-        )
-        return res, method + " (entries with no backward graph taken as 0, unconfirmed)"
-    return res, method + " (entries with no backward graph from torch.func nested jvp)"
+    return _reverse_then_forward(
+        f, x, top, allow_zeros, where, reverse, forward, settle, "torch.autograd.grad: nested backward passes, shared prefixes once"
+    )
 
 
 def _grad_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], keep: bool):
