@@ -352,7 +352,7 @@ def test_dropins_threads_share_one_graph():
     drop-in nodes, whose cached derivatives they fill and read concurrently. This found a torch
     hazard: torch.library's backward wrapper shortens ctx.needs_input_grad around our backward
     and restores it afterwards, so concurrent threads saw it cut twice (IndexError, ValueError);
-    ops._keep_needs works around it."""
+    _op_autograd._keep_needs works around it."""
     model = _dropin_model(1)
     x = _points(1, 12, "cpu").requires_grad_(True)
     u = model(x)
@@ -363,7 +363,7 @@ def test_dropins_threads_share_one_graph():
         return h.detach()
 
     refs = {(i, c): second(i, c) for i in range(3) for c in (False, True)}
-    # without ops._keep_needs this failed in 24 of 40 runs with 4 calls per thread, switches at 1e-5 s
+    # without _op_autograd._keep_needs this failed in 24 of 40 runs with 4 calls per thread, switches at 1e-5 s
     results = _run_threads(lambda i: [second(i, k % 2 == 1) for k in range(16)], interval=1e-6)
     for i, runs in enumerate(results):
         for k, got in enumerate(runs):

@@ -29,7 +29,7 @@ from torch import nn
 
 import torchhessdiag
 import torchhessdiag.nn as thnn
-from torchhessdiag import ops
+from torchhessdiag import _op_autograd, ops
 
 F = torch.nn.functional
 # Small tensors only: one intra-op thread (see conftest.single_thread).
@@ -471,7 +471,7 @@ def test_linear_identity_network_second_derivative_is_zero_not_none(device):
 @pytest.fixture
 def fresh_pwl_warning(monkeypatch):
     """The piecewise-linear warning is emitted once per process per activation: reset it."""
-    monkeypatch.setattr(ops, "_warned_pwl", set())  # the reference backend's (Python) autograd
+    monkeypatch.setattr(_op_autograd, "_warned_pwl", set())  # the reference backend's (Python) autograd
     if ops.COMPILED:
         ops._C._reset_piecewise_linear_warnings()  # the compiled one's (csrc/jet_autograd.h)
 

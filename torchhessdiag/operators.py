@@ -61,25 +61,49 @@ axis sequence of alpha) -- shared prefixes are differentiated once -- with ``tor
 nested ``jvp`` where reverse mode cannot run f or its graph ends, under the same exact stand-ins
 (torchhessdiag/fallback_ops.py) and the same rules for once-differentiable custom Functions as
 :func:`torchhessdiag.laplacian`. No polarization there: the partials are differentiated directly.
+
+Where things are: _polarization.py (multi-indices, the identity, plans), _nested_autograd.py (the
+exact fallback), _sampled_laplacian.py, _path_common.py (what these paths share with
+general.py's); this module runs a plan on the jets or the fallback and shapes its result, and
+holds the public functions.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
 import numbers
-import operator as _op
-import warnings
-from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from . import fallback_ops, graph, ops, taylor
-from . import general as G
-from .api import _dims_matrix, _ints
-from .general import PathInfo
+from . import _precision, fallback_ops, taylor
+from ._nested_autograd import _nested_partials
+from ._path_common import (
+    PathInfo,
+    _check_module,
+    _check_output,
+    _constant_of,
+    _diagnose_shapes,
+    _dims,
+    _done,
+    _log_slow_path,
+    _prepare,
+    _slow_path_reason,
+    _stacklevel,
+    _try_jets,
+    _warn_piecewise_linear,
+)
+from ._polarization import (
+    _biharmonic_terms,
+    _check_alpha,
+    _check_coef,
+    _Plan,
+    _seq,
+    _Term,
+    amplification,
+    polarization,
+)
+from ._sampled_laplacian import _SAMPLED_ENGINE_MAX_D, sampled_laplacian  # noqa: F401  (re-exported; tests read the constant)
+from .api import _ints
 
 Tensor = torch.Tensor
 
@@ -89,388 +113,13 @@ __all__ = ["biharmonic", "partials", "operator", "divergence", "polarization", "
 MAX_ORDER = taylor.MAX_ORDER
 
 
-# ---- multi-indices and the polarization identity -------------------------------------------------
-
-
-def _check_alpha(alpha: Any, d: int, where: str, what: str) -> Tuple[int, ...]:
-    """A multi-index as a tuple of d non-negative Python ints, or a clear error."""
-    if isinstance(alpha, Tensor):
-        if alpha.dim() != 1 or alpha.is_floating_point() or alpha.is_complex() or alpha.dtype == torch.bool:
-            raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints, got the tensor {alpha!r}")
-        alpha = alpha.tolist()
-    if isinstance(alpha, (str, bytes, Mapping)) or not hasattr(alpha, "__iter__"):
-        raise TypeError(f"{where}: {what} must be a tuple of {d} non-negative ints (one per input dimension), got {alpha!r}")
-    items = list(alpha)
-    out = []
-    for a in items:
-        if isinstance(a, bool):
-            raise TypeError(f"{where}: {what} = {tuple(items)!r} holds a bool; entries must be non-negative ints")
-        try:
-            out.append(_op.index(a))
-        except TypeError:
-            raise TypeError(
-                f"{where}: {what} = {tuple(items)!r} holds {a!r} ({type(a).__name__}); entries must be non-negative "
-                "ints (the number of derivatives along each input dimension)"
-            ) from None
-    if len(out) != d:
-        raise ValueError(
-            f"{where}: {what} = {tuple(out)!r} has length {len(out)}, but x has d = {d} input dimensions; a "
-            f"multi-index has one entry per input dimension (e.g. {(2, 2) + (0,) * (d - 2) if d >= 2 else (4,)} "
-            f"for {'d^4u/dx_0^2 dx_1^2' if d >= 2 else 'd^4u/dx^4'})"
-        )
-    neg = [a for a in out if a < 0]
-    if neg:
-        raise ValueError(f"{where}: {what} = {tuple(out)!r} has negative entries; entries must be >= 0")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=4096)
-def _local_polarization(local: Tuple[int, ...]) -> Tuple[Tuple[Tuple[int, ...], Fraction], ...]:
-    """The identity for a multi-index with every entry >= 1 (m = len(local) variables): pairs
-    (primitive direction over the m variables, exact weight) with d^alpha u = sum w D_v^n u."""
-    n = sum(local)
-    acc: Dict[Tuple[int, ...], Fraction] = {}
-    denom = math.factorial(n) * 2**n
-    for k in itertools.product(*(range(a + 1) for a in local)):
-        p = tuple(2 * ki - ai for ki, ai in zip(k, local))
-        if not any(p):
-            continue  # D_0^n u = 0 for n >= 1
-        coef = (-1) ** (n - sum(k)) * math.prod(math.comb(a, ki) for a, ki in zip(local, k))
-        g = functools.reduce(math.gcd, (abs(e) for e in p))
-        first = next(e for e in p if e)
-        s = g if first > 0 else -g
-        v = tuple(e // s for e in p)
-        acc[v] = acc.get(v, Fraction(0)) + Fraction(coef * s**n, denom)
-    return tuple((v, w) for v, w in sorted(acc.items()) if w != 0)
-
-
-def polarization(alpha: Sequence[int]) -> List[Tuple[Tuple[int, ...], Fraction]]:
-    """The directions and exact weights this module uses for d^alpha u:
-    ``[(v, w), ...]`` with d^alpha u = sum w * D_v^n u, n = |alpha|, v integer vectors of
-    len(alpha) (primitive, first nonzero entry positive). Order 0: ``[]`` (the value itself).
-
-    >>> polarization((2, 2))
-    [((0, 1), Fraction(-1, 6)), ((1, -1), Fraction(1, 12)), ((1, 0), Fraction(-1, 6)), ((1, 1), Fraction(1, 12))]
-    """
-    alpha = _check_alpha(alpha, len(alpha), "torchhessdiag.polarization", "alpha")
-    support = [i for i, a in enumerate(alpha) if a]
-    if not support:
-        return []
-    out = []
-    for v_local, w in _local_polarization(tuple(alpha[i] for i in support)):
-        v = [0] * len(alpha)
-        for i, e in zip(support, v_local):
-            v[i] = e
-        out.append((tuple(v), w))
-    return sorted(out)
-
-
-def amplification(alpha: Sequence[int]) -> float:
-    """A(alpha) = sum_v |w_v| ||v||_1^n of :func:`polarization`: the combination's rounding error
-    is at most about eps * A(alpha) * max_(|beta| = n) |d^beta u| (module docstring)."""
-    n = sum(alpha)
-    return float(sum(abs(w) * sum(abs(e) for e in v) ** n for v, w in polarization(alpha)))
-
-
-# ---- plans: which directions, which weights ------------------------------------------------------
-
-
-class _Term(NamedTuple):
-    alpha: Tuple[int, ...]  # dense, length d
-    out: int  # which output (partials: the alpha's index; operator: 0)
-    coef: Any  # a Python number (int, float, Fraction) or a 0-d tensor
-
-
-class _Plan:
-    """The directions (pooled over every term) and, per order n, the weight matrix W_n (P, K):
-    output p = c0[p] * u + sum_n sum_k W_n[p, k] D^n_(v_k) u."""
-
-    def __init__(self, d: int, terms: List[_Term], P: int):
-        self.d, self.terms, self.P = d, terms, P
-        self.order = max((sum(t.alpha) for t in terms), default=0)
-        self.dirs: Dict[Tuple[Tuple[int, int], ...], int] = {}  # sparse direction -> column
-        # per order n: {(p, k): exact weight} for number coefficients, [(p, {k: w}, tensor)] else
-        self.exact: Dict[int, Dict[Tuple[int, int], Any]] = {}
-        self.tensor_terms: Dict[int, List[Tuple[int, Dict[int, Fraction], Tensor]]] = {}
-        self.c0_exact: Dict[int, Any] = {}
-        self.c0_tensor: List[Tuple[int, Tensor]] = []
-        for t in terms:
-            n = sum(t.alpha)
-            if n == 0:
-                if isinstance(t.coef, Tensor):
-                    self.c0_tensor.append((t.out, t.coef))
-                else:
-                    self.c0_exact[t.out] = self.c0_exact.get(t.out, 0) + _exact(t.coef)
-                continue
-            support = [i for i, a in enumerate(t.alpha) if a]
-            ws: Dict[int, Fraction] = {}
-            for v_local, w in _local_polarization(tuple(t.alpha[i] for i in support)):
-                key = tuple((i, e) for i, e in zip(support, v_local) if e)
-                k = self.dirs.setdefault(key, len(self.dirs))
-                ws[k] = ws.get(k, Fraction(0)) + w
-            if isinstance(t.coef, Tensor):
-                self.tensor_terms.setdefault(n, []).append((t.out, ws, t.coef))
-            else:
-                c = _exact(t.coef)
-                table = self.exact.setdefault(n, {})
-                for k, w in ws.items():
-                    table[(t.out, k)] = table.get((t.out, k), 0) + w * c
-        self.K = len(self.dirs)
-        n = self.order
-        tops = {p for (p, _k), w in self.exact.get(n, {}).items() if w != 0} | {p for p, _ws, _c in self.tensor_terms.get(n, [])}
-        # collapse the top order when one output needs it (and it is >= 2: order 1 is one row anyway)
-        self.collapse_out: Optional[int] = next(iter(tops)) if (n >= 2 and len(tops) == 1) else None
-
-    def V(self, x: Tensor) -> Tensor:
-        """(d, K) directions in x's dtype and device (small integers: exact)."""
-        V = torch.zeros(self.d, self.K, dtype=torch.float64)
-        for key, k in self.dirs.items():
-            for i, e in key:
-                V[i, k] = float(e)
-        return V.to(dtype=x.dtype, device=x.device)
-
-    def W(self, n: int, like: Tensor) -> Optional[Tensor]:
-        """W_n (P, K) in like's dtype/device (None if order n has no term)."""
-        table = self.exact.get(n)
-        tt = self.tensor_terms.get(n, [])
-        if not table and not tt:
-            return None
-        W = torch.zeros(self.P, self.K, dtype=torch.float64)
-        for (p, k), w in (table or {}).items():
-            W[p, k] = float(w)  # one rounding of the exact rational
-        W = W.to(dtype=like.dtype, device=like.device)
-        for p, ws, c in tt:
-            row = torch.zeros(self.P, self.K, dtype=torch.float64)
-            for k, w in ws.items():
-                row[p, k] = float(w)
-            W = W + row.to(dtype=like.dtype, device=like.device) * c.to(dtype=like.dtype, device=like.device)
-        return W
-
-    def c0(self, like: Tensor) -> Optional[Tensor]:
-        if not self.c0_exact and not self.c0_tensor:
-            return None
-        c = torch.zeros(self.P, dtype=torch.float64)
-        for p, v in self.c0_exact.items():
-            c[p] = float(v)
-        c = c.to(dtype=like.dtype, device=like.device)
-        for p, t in self.c0_tensor:
-            onehot = torch.zeros(self.P, dtype=like.dtype, device=like.device)
-            onehot[p] = 1.0
-            c = c + onehot * t.to(dtype=like.dtype, device=like.device)
-        return c
-
-
-def _exact(c: Any) -> Any:
-    """A Python number as an exact rational (floats are rationals) -- so that coefficient times
-    weight is rounded once, at the end."""
-    if isinstance(c, (int, Fraction)):
-        return Fraction(c)
-    if isinstance(c, float):
-        return Fraction(c) if math.isfinite(c) else c
-    return c
-
-
-def _check_coef(c: Any, where: str, what: str) -> Any:
-    """A coefficient: a finite real Python number (kept exact) or a 0-d real tensor."""
-    if isinstance(c, bool):
-        raise TypeError(f"{where}: the coefficient of {what} is a bool; give a real number or a 0-d tensor")
-    if isinstance(c, Tensor):
-        if c.dim() != 0 or c.is_complex() or c.dtype == torch.bool:
-            raise TypeError(
-                f"{where}: the coefficient of {what} must be a real number or a 0-d real tensor, got a tensor of shape "
-                f"{tuple(c.shape)} and dtype {c.dtype}"
-            )
-        return c
-    if isinstance(c, numbers.Integral):
-        return int(c)
-    if isinstance(c, Fraction):
-        return c
-    if isinstance(c, numbers.Real):
-        c = float(c)
-        if not math.isfinite(c):
-            raise ValueError(f"{where}: the coefficient of {what} is {c}; coefficients must be finite")
-        return c
-    raise TypeError(f"{where}: the coefficient of {what} must be a real number or a 0-d tensor, got {type(c).__name__}")
-
-
 # ---- shared dispatch -----------------------------------------------------------------------------
 
 
-def _prepare(f, x, where: str, fallback, allow_zeros):
-    mode = G._check_mode(fallback, where)
-    if not isinstance(allow_zeros, bool):
-        raise TypeError(f"{where}: allow_unconfirmed_zeros must be a bool, got {type(allow_zeros).__name__}")
-    if not callable(f):
-        raise TypeError(f"{where}: f must be a callable (an nn.Module or a function of x), got {type(f).__name__}")
-    ops.check_float_tensor(x, "x", where)
-    if x.dim() not in (1, 2):
-        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,), got shape {tuple(x.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{where}: x has no features (d = 0)")
-    unbatched = x.dim() == 1
-    x2 = x.unsqueeze(0) if unbatched else x
-    return mode, x2, unbatched
-
-
-def _try_jets(
-    f, x2: Tensor, V: Tensor, order: int, collapsed: bool, weights: Optional[Tensor], where: str, x_shape, reasons: List[str],
-    axes: Optional[Tensor] = None,
-):
-    """Run the traced jets: (out, ctx, program) or None (the reason appended)."""
-    try:
-        program = graph.get_program(f, x2)
-        out, ctx = taylor.propagate_chunked(
-            program, x2, V, order, collapsed=collapsed, f=graph.traced_callable(f), weights=weights, axes=axes
-        )
-    except graph.ShapeError as e:
-        raise ValueError(f"{where}: x has shape {tuple(x_shape)}, which does not fit the model: {e}") from None
-    except graph.Unsupported as e:
-        reasons.append(f"not traceable to supported pieces: {e}")
-        if x2.shape[0] > 1 and not torch.compiler.is_compiling():
-            graph.remember_failure(f, x2, str(e))
-        return None
-    return out, ctx, program
-
-
 def _slow_path_allowed(mode: str, where: str, reasons: List[str], f) -> str:
-    reason = "; ".join(reasons)
-    if mode == "error":
-        raise NotImplementedError(
-            f"{where}: no fast path applies ({reason}); pass fallback='autograd' (or "
-            "torchhessdiag.set_fallback('autograd')) to compute it exactly with autograd"
-        )
-    cause = (where, type(f).__name__, reason)
-    if cause not in G._logged:
-        G._logged.add(cause)
-        G.logger.debug("%s: slow path (exact autograd) for %s: %s", where, type(f).__name__, reason)
+    reason = _slow_path_reason(mode, where, reasons)
+    _log_slow_path(where, f, reason)
     return reason
-
-
-def _done(result, info: PathInfo, return_info: bool, dry: bool):
-    return (result, info) if (return_info or dry) else result
-
-
-# ---- the exact slow path: nested autograd per multi-index ------------------------------------------
-
-
-def _func_partial(f: Callable, x: Tensor, seq: Sequence[int]) -> Tensor:
-    """d^alpha f (N, *S) by nested torch.func.jvp along the axes of ``seq`` (alpha's sorted axis list)."""
-    N, d = x.shape
-    fn: Callable = f
-    for ax in seq:
-        v = torch.zeros(N, d, dtype=x.dtype, device=x.device)
-        v[:, ax] = 1.0
-        fn = (lambda g, vv: (lambda xx: torch.func.jvp(g, (xx,), (vv,))[1]))(fn, v)
-    return fn(x)
-
-
-def _nested_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], allow_zeros: bool, where: str) -> Tuple[List[Tensor], str]:
-    """[d^alpha f (N, *S) for each sorted axis sequence], exact: nested reverse mode over a trie
-    of the sequences (a node's gradient gives all its children at once), torch.func nested jvp
-    where reverse mode cannot run f or cannot settle an entry (see general._autograd_derivatives
-    for why in this order)."""
-    keep = torch.is_grad_enabled()
-    top = max((len(s) for s in seqs), default=0)
-    if top >= 2:
-        once = G._custom_functions(f, x, once_only=True)
-        if once and not allow_zeros:
-            raise G._once_differentiable_error(where, once, "its backward is @once_differentiable")
-        if once:
-            warnings.warn(
-                f"torchhessdiag: derivatives of order >= 2 through {', '.join(once)} (@once_differentiable) are taken "
-                "as 0 (allow_unconfirmed_zeros=True)",
-                UserWarning,
-                stacklevel=G._stacklevel(),
-            )
-    try:
-        res, unknown, S = _grad_partials(f, x, seqs, keep)
-    except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be differentiated again
-        customs = G._custom_functions(f, x)
-        if customs == ["CompiledFunction"]:
-            raise
-        if customs:
-            raise G._once_differentiable_error(where, customs, f"differentiating f again failed ({type(e).__name__}: {str(e)[:160]})") from e
-        try:
-            return [_func_partial(f, x, s) for s in seqs], "torch.func: nested jvp along the axes of each multi-index"
-        except Exception:  # noqa: BLE001
-            raise e from None
-    method = "torch.autograd.grad: nested backward passes, shared prefixes once"
-    if not unknown:
-        return res, method
-    customs = G._custom_functions(f, x)
-    why = None
-    if customs:
-        if not allow_zeros:
-            raise G._once_differentiable_error(where, customs, "some derivatives of order >= 2 through it had no backward graph")
-        why = f"f uses custom autograd.Functions ({', '.join(customs)}), through which torch.func's nested forward mode is unreliable"
-    else:
-        try:
-            for a in sorted({a for a, _ in unknown}):
-                fwd = _func_partial(f, x, seqs[a]).reshape(x.shape[0], -1).to(res[a].dtype)
-                cols = [i for aa, i in unknown if aa == a]
-                flat = res[a].reshape(x.shape[0], -1)
-                mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
-                mask[cols] = True
-                res[a] = torch.where(mask, fwd, flat).reshape(res[a].shape)
-        except Exception as e:  # noqa: BLE001
-            why = f"torch.func could not run f ({type(e).__name__}: {str(e)[:200]})"
-    if why is not None:
-        warnings.warn(
-            "torchhessdiag: some derivatives of order >= 2 came out of nested torch.autograd.grad "
-            "with no graph to differentiate: f is of lower degree there, or a backward in f was "
-            "not recorded (e.g. @once_differentiable). They are returned as 0, unconfirmed: "
-            f"{why}.",
-            UserWarning,
-            stacklevel=G._stacklevel(),
-        )
-        return res, method + " (entries with no backward graph taken as 0, unconfirmed)"
-    return res, method + " (entries with no backward graph from torch.func nested jvp)"
-
-
-def _grad_partials(f: Callable, x: Tensor, seqs: List[Tuple[int, ...]], keep: bool):
-    """Nested reverse mode over the trie of the axis sequences, per output component. Returns the
-    partials, the entries (sequence index, component) that reverse mode could not settle (the
-    graph ended below a derivative of order >= 1: zero if f is of lower degree there, unknown if
-    a backward was not recorded), and the output's feature shape."""
-    with torch.enable_grad():
-        xx = x if x.requires_grad else x.detach().requires_grad_(True)
-        y = G._check_output(f(xx), x.shape[0], "torchhessdiag")
-        N = y.shape[0]
-        S = tuple(y.shape[1:])
-        yf = y.reshape(N, -1)
-        M = yf.shape[1]
-        zero = yf.new_zeros(N)
-        cols: List[List[Tensor]] = [[zero] * M for _ in seqs]
-        unknown: List[Tuple[int, int]] = []
-        for i in range(M):
-            # prefix -> (the derivative, or None where the graph ended; whether that zero is unconfirmed)
-            nodes: Dict[Tuple[int, ...], Tuple[Optional[Tensor], bool]] = {(): (yf[:, i], False)}
-            grads: Dict[Tuple[int, ...], Optional[Tensor]] = {}
-            for a, seq in enumerate(seqs):
-                cur: Tuple[int, ...] = ()
-                for ax in seq:
-                    nxt = cur + (ax,)
-                    if nxt not in nodes:
-                        v, unk = nodes[cur]
-                        if v is None:
-                            nodes[nxt] = (None, unk)
-                        else:
-                            if cur not in grads:
-                                g = None
-                                if v.requires_grad:
-                                    (g,) = torch.autograd.grad(v.sum(), xx, create_graph=True, retain_graph=True, allow_unused=True)
-                                grads[cur] = g
-                            g = grads[cur]
-                            # the gradient of f itself missing: f does not depend on x (a sure 0)
-                            nodes[nxt] = (None, len(cur) >= 1) if g is None else (g[:, ax], False)
-                    cur = nxt
-                v, unk = nodes[cur]
-                if v is not None:
-                    cols[a][i] = v if keep else v.detach()
-                elif unk:
-                    unknown.append((a, i))
-    res = [torch.stack(c, 1).reshape((N,) + S) for c in cols]
-    return res, unknown, S
 
 
 def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zeros: bool, dry: bool = False):
@@ -479,17 +128,17 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
     mode, x2, unbatched = _prepare(f, x, where, fallback, allow_zeros)
     N, d = x2.shape
     plan, kind = plan_fn(d)
-    G._check_module(f, x2, where)
+    _check_module(f, x2, where)
     reasons: List[str] = []
     n = plan.order
     if n == 0:  # the value only
         info = PathInfo("forward", "order 0: f(x) only")
         if dry:
             return _done(None, info, return_info, dry)
-        value = G._check_output(f(x2), N, where)
+        value = _check_output(f(x2), N, where)
         out = _assemble(plan, value, [], kind)
         return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
-    ops.warn_if_tf32(x2, stacklevel=4)
+    _precision.warn_if_tf32(x2, stacklevel=4)
     explicit = fallback == "autograd"
     if n > MAX_ORDER:
         if not explicit:
@@ -515,10 +164,10 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
             )
             if dry:
                 return _done(None, info, return_info, dry)
-            value = G._check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
+            value = _check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
             coefs = out_jet.coefs if isinstance(out_jet, taylor.Jet) else [None] * n
             if n >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
-                G._warn_piecewise_linear(G._stacklevel() + 1)
+                _warn_piecewise_linear(_stacklevel() + 1)
             out = _assemble(plan, value, coefs, kind)
             return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
     reason = _slow_path_allowed("autograd" if explicit else mode, where, reasons, f)
@@ -531,17 +180,13 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
         try:
             y = f(x2)
         except RuntimeError as e:
-            G._diagnose_shapes(f, x2, where, e)
+            _diagnose_shapes(f, x2, where, e)
             raise
-        value = G._check_output(y, N, where)
+        value = _check_output(y, N, where)
         derivs, method = _nested_partials(f, x2, seqs, allow_zeros, where)
-    derivs = [G._constant_of(t, value) for t in derivs]
+    derivs = [_constant_of(t, value) for t in derivs]
     out = _combine_direct(plan, value, {s: derivs[i] for s, i in index.items()}, kind)
     return _done(out.squeeze(0) if unbatched else out, PathInfo("autograd", reason, method), return_info, dry)
-
-
-def _seq(alpha: Tuple[int, ...]) -> Tuple[int, ...]:
-    return tuple(i for i, a in enumerate(alpha) for _ in range(a))
 
 
 def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: str) -> Tensor:
@@ -570,7 +215,7 @@ def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: s
             term = torch.matmul(c.movedim(1, -1), W.t())  # (N, *S, K) @ (K, P)
         out = term if out is None else out + term
     if out is None:
-        out = G._constant_of(value.new_zeros((N,) + S + (plan.P,)), value)
+        out = _constant_of(value.new_zeros((N,) + S + (plan.P,)), value)
     elif out.shape != (N,) + S + (plan.P,):
         out = out.expand((N,) + S + (plan.P,))
     if 0 in out.stride():
@@ -589,7 +234,7 @@ def _combine_direct(plan: _Plan, value: Tensor, derivs: Dict[Tuple[int, ...], Te
         else:
             term = part * float(c) if c != 1 else part
         cols[t.out] = term if cols[t.out] is None else cols[t.out] + term
-    cols = [c if c is not None else G._constant_of(torch.zeros_like(value), value) for c in cols]
+    cols = [c if c is not None else _constant_of(torch.zeros_like(value), value) for c in cols]
     out = torch.stack(cols, -1)
     return out.squeeze(-1) if kind == "operator" else out
 
@@ -689,20 +334,6 @@ def operator(
     return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
 
 
-def _biharmonic_terms(d: int, dims: Optional[List[int]]) -> List[_Term]:
-    axes = list(range(d)) if dims is None else dims
-    out = []
-    for a, i in enumerate(axes):
-        alpha = [0] * d
-        alpha[i] = 4
-        out.append(_Term(tuple(alpha), 0, 1))
-        for j in axes[a + 1 :]:
-            alpha = [0] * d
-            alpha[i] = alpha[j] = 2
-            out.append(_Term(tuple(alpha), 0, 2))
-    return out
-
-
 def biharmonic(
     f: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -735,13 +366,6 @@ def biharmonic(
         return _Plan(d, _biharmonic_terms(d, dl), 1), "operator"
 
     return _run_plan(f, x, plan_fn, where, fallback, return_info, allow_unconfirmed_zeros)
-
-
-def _dims(dims, d: int, where: str) -> Optional[List[int]]:
-    if dims is None:
-        return None
-    _dims_matrix(dims, d, torch.zeros(1, d), where)  # validates (type, range, repeats, empty)
-    return [i % d for i in _ints(dims, "dims", where)]
 
 
 def divergence(
@@ -781,7 +405,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
     N, d = x2.shape
     dl = _dims(dims, d, where)
     axes = list(range(d)) if dl is None else dl
-    G._check_module(f, x2, where)
+    _check_module(f, x2, where)
     comps_given = None if components is None else _ints(components, "components", where)
     if comps_given is not None and len(comps_given) != len(axes):
         raise ValueError(
@@ -807,13 +431,13 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         )
 
     def check_vector(y: Tensor) -> Tensor:
-        y = G._check_output(y, N, where)
+        y = _check_output(y, N, where)
         if y.dim() != 2:
             raise ValueError(f"{where}: f(x) must be a vector field (N, m), got shape {tuple(y.shape)}")
         return y
 
     reasons: List[str] = []
-    ops.warn_if_tf32(x2, stacklevel=3)
+    _precision.warn_if_tf32(x2, stacklevel=3)
     got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
     if got is not None:
         out_jet, ctx, program = got
@@ -825,10 +449,10 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         c1 = out_jet.coefs[0] if isinstance(out_jet, taylor.Jet) else None
         K = len(axes)
         if c1 is None:
-            res = G._constant_of(value.new_zeros(N), value)
+            res = _constant_of(value.new_zeros(N), value)
         elif c1.dim() == 2:  # shared (K, m): the same at every point
             res = c1[torch.arange(K, device=c1.device), comps].sum().expand(N).contiguous()
-            res = G._constant_of(res, value) if not res.requires_grad else res
+            res = _constant_of(res, value) if not res.requires_grad else res
         else:
             res = c1[:, torch.arange(K, device=c1.device), comps].sum(1)
         return _done(res.squeeze(0) if unbatched else res, info, return_info, dry)
@@ -839,125 +463,14 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         try:
             y = f(x2)
         except RuntimeError as e:
-            G._diagnose_shapes(f, x2, where, e)
+            _diagnose_shapes(f, x2, where, e)
             raise
         value = check_vector(y)
         comps = comps_for(value.shape[1])
         derivs, method = _nested_partials(f, x2, [(i,) for i in axes], False, where)
     res = sum(derivs[k][:, c] for k, c in enumerate(comps))
-    res = G._constant_of(res, value)
+    res = _constant_of(res, value)
     return _done(res.squeeze(0) if unbatched else res, PathInfo("autograd", reason, method), return_info, dry)
-
-
-# ---- the sampled Laplacian ---------------------------------------------------------------------
-
-#: above this d the sampled Laplacian of an MLP on the CPU takes the jets, not the MLP engine: the
-#: engine's no-graph chunks are sized by S * max(width, d) elements per point, so at large d they
-#: shrink to a few points and the (d, S) first layer is recomputed for each (measured here, tanh
-#: 3x128, N = 256, 1 thread: d = 1e3 engine 4-42 ms vs jets 8-49 ms for S = 8-128, d = 1e4 engine
-#: 23-1930 ms vs jets 17-119 ms for S = 8-200)
-_SAMPLED_ENGINE_MAX_D = 2048
-
-
-def sampled_laplacian(
-    f: Callable[[Tensor], Tensor],
-    x: Tensor,
-    dims=None,
-    *,
-    num_samples: int,
-    generator: Optional[torch.Generator] = None,
-    sample_weights=None,
-    fallback: Optional[str] = None,
-    return_info: bool = False,
-    allow_unconfirmed_zeros: bool = False,
-):
-    """An unbiased estimate of the Laplacian sum_(i in dims) d^2u/dx_i^2 from S = ``num_samples``
-    sampled axes, each second derivative exact. ``torchhessdiag.laplacian(f, x, num_samples=S)``
-    calls this.
-
-    Sampling (the same axes for every point of the call; draw again each training step):
-
-    * uniform (default): S distinct axes of the D = len(dims) candidates without replacement,
-      estimate (D / S) sum_(s) h_(i_s) with h_i = d^2u/dx_i^2. Unbiased; variance
-      D^2 sigma^2 (D - S) / (S (D - 1)) with sigma^2 = (1/D) sum_i (h_i - Delta u / D)^2 (the
-      finite-population correction: S = D is exact, variance 0).
-    * ``sample_weights`` (D,) > 0: S axes drawn *with* replacement with probabilities
-      p_i = w_i / sum w, estimate (1/S) sum_s h_(i_s) / p_(i_s). Unbiased; variance
-      (1/S) (sum_i h_i^2 / p_i - (Delta u)^2), zero when p_i is proportional to h_i (h_i >= 0).
-
-    Cost: S directions instead of D -- S + 2 rows per point (the MLP engine or collapsed jets),
-    so time and memory grow with S; d enters only the first layer (the forward x W_1 and the
-    (d, S) selection). ``generator``: a ``torch.Generator`` for the draw (default: torch's
-    global generator); CPU generators draw on the CPU, CUDA ones on their device.
-    """
-    where = "torchhessdiag.laplacian"
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"{where}: num_samples must be an int >= 1, got {num_samples!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    ops.check_float_tensor(x, "x", where)
-    if x.dim() not in (1, 2) or x.shape[-1] == 0:
-        raise ValueError(f"{where}: x must be (N, d) or unbatched (d,) with d >= 1, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    dl = _dims(dims, d, where)
-    axes = list(range(d)) if dl is None else dl
-    D = len(axes)
-    S = int(num_samples)
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    if sample_weights is None:
-        if not 1 <= S <= D:
-            raise ValueError(
-                f"{where}: num_samples must be between 1 and the {D} axes summed over (uniform sampling is without "
-                f"replacement; num_samples = {D} gives the exact Laplacian), got {S}"
-            )
-        pick = torch.randperm(D, generator=generator, device=gdev)[:S].tolist()
-        chosen = sorted(axes[j] for j in pick)
-        note = f"sampled Laplacian: {S} of {D} axes, uniform without replacement, scaled by {D}/{S}"
-        res = G._compute(
-            f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros, path_note=note,
-            use_engine=_engine_ok(x, d),
-        )
-        scale = D / S
-        if return_info:
-            return res[0] * scale if scale != 1 else res[0], res[1]
-        return res * scale if scale != 1 else res
-    if S < 1:
-        raise ValueError(f"{where}: num_samples must be >= 1, got {S}")
-    w = sample_weights
-    if not isinstance(w, Tensor):
-        try:
-            w = torch.tensor(w, dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: sample_weights must be a (D,) tensor or sequence of positive numbers, got {type(sample_weights).__name__}") from None
-    if w.dim() != 1 or w.shape[0] != D or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
-        raise ValueError(
-            f"{where}: sample_weights must be a real (D,) tensor with D = {D} entries (one per axis of dims, in that "
-            f"order), got shape {tuple(w.shape)} and dtype {w.dtype}"
-        )
-    w = w.detach().to(dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError(
-            f"{where}: sample_weights must be finite and > 0 (an axis with weight 0 would never be sampled and the "
-            "estimate would miss its term; leave such axes out with dims=)"
-        )
-    p = w / w.sum()
-    draws = torch.multinomial(p.to(gdev), S, replacement=True, generator=generator).cpu()
-    counts = torch.bincount(draws, minlength=D).to(torch.float64)
-    js = [j for j in range(D) if counts[j] > 0]
-    chosen = [axes[j] for j in js]
-    wts = torch.tensor([float(counts[j] / (S * p[j])) for j in js], dtype=torch.float64)
-    order = sorted(range(len(chosen)), key=lambda k: chosen[k])
-    chosen = [chosen[k] for k in order]
-    wts = wts[order]
-    note = f"sampled Laplacian: {S} draws of {D} axes with replacement, probabilities from sample_weights ({len(chosen)} distinct axes)"
-    return G._compute(
-        f, x, chosen, "laplacian", 2, fallback, return_info, where, allow_zeros=allow_unconfirmed_zeros,
-        weights=wts.to(dtype=x.dtype, device=x.device), path_note=note, use_engine=_engine_ok(x, d),
-    )
-
-
-def _engine_ok(x: Tensor, d: int) -> bool:
-    return x.device.type != "cpu" or d <= _SAMPLED_ENGINE_MAX_D
 
 
 # ---- explain -----------------------------------------------------------------------------------
