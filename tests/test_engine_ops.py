@@ -322,7 +322,7 @@ def test_fake_kernels_shapes(device):
 
 
 def test_fake_kernel_refuses_what_the_kernel_refuses_inplace_non_contiguous(device):
-    """ops.py promises that its checks (used by the fake kernels and the reference backend) are
+    """_checks.py promises that its checks (used by the fake kernels and the reference backend) are
     "the same argument checks as the C++ ops": the compiled jet_layer_ refuses a non-contiguous
     J with ValueError, so tracing (fake tensors) must refuse it too rather than succeed and fail
     only when the compiled graph runs."""
@@ -392,7 +392,7 @@ def _fake(mode, args):
 
 def test_bad_arguments(device):
     """TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError, with messages naming the
-    argument; the fake kernels (ops.py) refuse the same arguments with the same exception."""
+    argument; the fake kernels (_fake_kernels.py) refuse the same arguments with the same exception."""
     for name, op, args, exc, regex in _bad_cases(device):
         with pytest.raises(exc, match=regex):
             op(*args)

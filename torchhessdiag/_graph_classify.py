@@ -79,11 +79,9 @@ _FUNCTION_KINDS: Dict[Any, str] = {
     F.layer_norm: "layer_norm",
     torch.layer_norm: "layer_norm",
     F.scaled_dot_product_attention: "sdpa",
+    F.rms_norm: "rms_norm",  # F.rms_norm, torch.rms_norm and nn.RMSNorm: torch >= 2.4 (setup.py)
+    torch.rms_norm: "rms_norm",
 }
-if hasattr(F, "rms_norm"):
-    _FUNCTION_KINDS[F.rms_norm] = "rms_norm"
-if hasattr(torch, "rms_norm"):
-    _FUNCTION_KINDS[torch.rms_norm] = "rms_norm"
 
 #: call_method names -> op kind
 _METHOD_KINDS: Dict[str, str] = {
@@ -131,7 +129,7 @@ _METHOD_KINDS: Dict[str, str] = {
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 
 # Table activations as functions: target -> (table name, names of the arguments after the input).
-# Their derivatives come from the table (ops._derivs); nothing here knows a formula.
+# Their derivatives come from the table (_op_autograd._derivs); nothing here knows a formula.
 _ACT_FUNCTIONS: Dict[Any, Tuple[str, Tuple[str, ...]]] = {
     torch.tanh: ("tanh", ()),
     F.tanh: ("tanh", ()),
@@ -259,9 +257,8 @@ _MODULE_KINDS: Dict[type, str] = {
     nn.Softmax: "softmax_module",
     nn.LogSoftmax: "log_softmax_module",
     nn.MultiheadAttention: "mha_module",
+    nn.RMSNorm: "rms_norm_module",
 }
-if hasattr(nn, "RMSNorm"):
-    _MODULE_KINDS[nn.RMSNorm] = "rms_norm_module"
 
 
 def _classify(node: fx.Node, root: nn.Module, dep: set) -> Step:
