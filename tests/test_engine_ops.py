@@ -28,8 +28,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torchhessdiag import ops as thd_ops
-from torchhessdiag import reference
+from torchhessdiag import ops as thd_ops, reference
 
 ops = torch.ops.torchhessdiag
 
@@ -452,7 +451,7 @@ def test_device_mismatch_cuda():
 # (w + 2) eps S of rounding on each side, so 2.2 (w + 2) eps S (S: sum of |terms|) -- FACTOR's
 # 50 eps S assumed w <= 16; the backward's sums have K = 3 or m = 3 terms, within FACTOR.
 
-from _helpers import WARPS_PER_BLOCK, WIDE_WIDTHS, THREADS_PER_BLOCK, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
+from _helpers import THREADS_PER_BLOCK, WARPS_PER_BLOCK, WIDE_WIDTHS, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
 
 WIDE_K, WIDE_M = 3, 3
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from . import custom
-from .activations import ActivationSpec
 from ._graph_codegen import build_program
 from ._graph_program import Program, Unsupported
+from .activations import ActivationSpec
 
 Tensor = torch.Tensor
 

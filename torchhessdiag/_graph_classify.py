@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations
-from .activations import ActivationSpec, make_spec, spec_from_module
 from ._graph_program import Step, Unsupported
+from .activations import ActivationSpec, make_spec, spec_from_module
 
 # ---- what the nodes mean --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from ._graph_classify import classify_all
 from ._graph_program import Program, Step
 from ._graph_trace import _Root, _trace
 
+
 def build_program(f: Callable) -> Program:
     """Trace ``f`` and classify its nodes; raise :class:`Unsupported` (with the offending node)
     when some input-dependent node has no jet rule. Not cached (see :func:`get_program`)."""

@@ -17,9 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 from . import activations
-from .activations import spec_from_module
 from ._graph_classify import _is_linear
 from ._graph_program import Unsupported
+from .activations import spec_from_module
 
 # ---- the tracer -------------------------------------------------------------------------------
 

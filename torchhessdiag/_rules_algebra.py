@@ -123,7 +123,8 @@ def _add_sub(ctx: Context, a, b, sign: float, alpha) -> Any:
     if alpha is None:
         value = av + bv if sign > 0 else av - bv  # also for a Python number on either side
     else:
-        value = (torch.add if sign > 0 else torch.sub)(torch.as_tensor(av, dtype=bv.dtype if isinstance(bv, Tensor) else None), bv, alpha=alpha)
+        op = torch.add if sign > 0 else torch.sub
+        value = op(torch.as_tensor(av, dtype=bv.dtype if isinstance(bv, Tensor) else None), bv, alpha=alpha)
     shape = tuple(value.shape)
     scale_b = sign * (1 if alpha is None else alpha)
     ja = _broadcast(ctx, a, shape) if isinstance(a, Jet) else None
@@ -157,7 +158,10 @@ def _rule_sub(ctx: Context, p: dict, a, b, alpha=None) -> Any:
     _const(ctx, alpha, "alpha")
     if not isinstance(a, Jet):
         # c - jet: value c - h0, coefficients -alpha h_k
-        value = a - b.value if alpha is None else torch.sub(torch.as_tensor(a, dtype=b.value.dtype, device=b.value.device), b.value, alpha=alpha)
+        if alpha is None:
+            value = a - b.value
+        else:
+            value = torch.sub(torch.as_tensor(a, dtype=b.value.dtype, device=b.value.device), b.value, alpha=alpha)
         jb = _broadcast(ctx, b, tuple(value.shape))
         s = -(1 if alpha is None else alpha)
         return Jet(value, [None if c is None else c * s for c in jb.coefs])

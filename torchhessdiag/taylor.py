@@ -45,9 +45,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import _rules_algebra as _algebra
-from . import _rules_shape as _shape
-from . import taylor_nn as _nn
+from . import _rules_algebra as _algebra, _rules_shape as _shape, taylor_nn as _nn
 from ._graph_codegen import _RUNTIME
 from ._graph_program import Program, ShapeError, Unsupported
 from ._jet import Context, Jet, _AxisInput, _check

@@ -31,10 +31,15 @@ import torch.nn.functional as F
 from ._graph_program import ShapeError, Unsupported
 from ._jet import Context, Jet, _feature_dim, _fix, _map, _point, _wsum
 from ._rules_activation import activation_jet
-from ._rules_algebra import _add_sub, _product, _rule_linear, _scale
-from ._rules_algebra import _rule_div as _algebra_div
-from ._rules_algebra import _rule_matmul as _algebra_matmul
-from ._rules_algebra import _rule_pow as _algebra_pow
+from ._rules_algebra import (
+    _add_sub,
+    _product,
+    _rule_div as _algebra_div,
+    _rule_linear,
+    _rule_matmul as _algebra_matmul,
+    _rule_pow as _algebra_pow,
+    _scale,
+)
 from ._rules_shape import _reduce
 
 Tensor = torch.Tensor
@@ -431,7 +436,9 @@ def sdpa_jet(ctx: Context, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return bilinear(ctx, softmax_jet(ctx, s, -1), v, torch.matmul)
 
 
-def _rule_sdpa(ctx: Context, p: dict, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> Any:
+def _rule_sdpa(
+    ctx: Context, p: dict, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> Any:
     if not any(isinstance(t, Jet) for t in (query, key, value)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return sdpa_jet(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
