@@ -26,7 +26,8 @@ fi
 # Re-runs skip what is already done (measured before: ~80 s before pytest started on every run):
 # the tools when their list is unchanged, the build when no input of it changed (a hash of
 # setup.py, csrc/ and the torch version). A changed input rebuilds incrementally (ninja, build/).
-TOOLS='"setuptools>=64" wheel ninja pytest numpy mpmath matplotlib hypothesis'
+RUFF_SPEC='ruff==0.17.6'  # the linter (pyproject.toml [tool.ruff]); pinned: new rules come with new versions
+TOOLS='"setuptools>=64" wheel ninja pytest numpy mpmath matplotlib hypothesis '"$RUFF_SPEC"
 STAMP_DIR="$VENV/.torchhessdiag"
 mkdir -p "$STAMP_DIR"
 if [ "$(cat "$STAMP_DIR/tools" 2>/dev/null)" != "$TOOLS" ]; then

@@ -12,7 +12,6 @@ import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchhessdiag.activations import ActivationSpec, make_spec, torch_function

@@ -72,7 +72,6 @@ def op_fn_and_inputs(op: str, arg, spec, device):
     a = (spec.name, spec.a, spec.b)
     z = kink_free_inputs(4, device, seed=1).requires_grad_(True)
     g = randn(4, device, seed=2).requires_grad_(True)
-    gg = randn(4, device, seed=3).requires_grad_(True)
     if op == "act_forward":
         return (lambda z: ops.act_forward(z, *a)), (z,)
     if op == "act_derivatives":
@@ -207,7 +206,6 @@ def test_opcheck(op, spec, dtype, lay, arg, device):
     a = (spec.name, spec.a, spec.b)
     z = layout(kink_free_inputs(20, device, seed=5, dtype=dtype), lay).requires_grad_(True)
     g = layout(randn(20, device, seed=6, dtype=dtype), lay).requires_grad_(True)
-    gg = layout(randn(20, device, seed=7, dtype=dtype), lay).requires_grad_(True)
     args = {
         "act_forward": (z, *a),
         "act_derivatives": (z, *a, arg),

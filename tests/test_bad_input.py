@@ -17,7 +17,7 @@ import torch
 
 import torchhessdiag
 import torchhessdiag.nn as thnn
-from torchhessdiag.activations import NAMES, torch_function, make_spec
+from torchhessdiag.activations import NAMES, make_spec, torch_function
 
 F = torch.nn.functional
 # Small tensors only: one intra-op thread (see conftest.single_thread).

@@ -20,7 +20,6 @@ caller's back would hand back a dtype the caller did not ask for); int/bool/comp
 from __future__ import annotations
 
 import copy
-
 import re
 import warnings
 from dataclasses import dataclass, field

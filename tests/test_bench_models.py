@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
-from torchhessdiag.bench import cli
-from torchhessdiag.bench import models as BM
+from torchhessdiag.bench import cli, models as BM
 
 TINY = ["--dtype", "float64", "--d", "2", "--width", "8", "--n", "8", "--repeats", "1", "--check-n", "4"]
 
@@ -49,7 +45,9 @@ def test_transformer_block_and_cannot_run(tmp_path):
 
 
 def test_a_wrong_method_fails(tmp_path, monkeypatch):
-    wrong = BM.Method("nested", "nested autograd", lambda mo, x, train: (lambda: BM._nested_laplacian(mo, x, train) * 1.001), inference_no_grad=False)
+    wrong = BM.Method(
+        "nested", "nested autograd", lambda mo, x, train: (lambda: BM._nested_laplacian(mo, x, train) * 1.001), inference_no_grad=False
+    )
     monkeypatch.setitem(BM.METHODS, "nested", wrong)
     rc = BM.main([*TINY, "--models", "modified_mlp", "--modes", "inference", "--out", str(tmp_path)])
     assert rc == 1

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 
-from torchhessdiag.bench import cli
-from torchhessdiag.bench import operators as BO
+from torchhessdiag.bench import cli, operators as BO
 
 TINY = ["--d", "2", "--width", "8", "--depth", "2", "--n", "8", "--repeats", "1", "--check-n", "3"]
 

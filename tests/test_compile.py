@@ -1,7 +1,7 @@
 """torch.compile: what compiles, with or without graph breaks, to the same numbers (README "torch.compile").
 
 * every mlp_* function compiles with ``fullgraph=True`` (a graph break anywhere would raise), and
-  the library's ops are in the captured graph -- they have fake kernels (ops.py), including the
+  the library's ops are in the captured graph -- they have fake kernels (_fake_kernels.py), including the
   in-place jet_layer_ of the no-grad chunked path; a PINN loss built on mlp_laplacian trains
   (loss.backward()) with the same loss and parameter gradients as in eager mode;
 * one graph for every batch size with ``dynamic=True``;

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 import torchhessdiag as thd
-from torchhessdiag import engine, graph
+from torchhessdiag import engine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _random_models import ACT_BY_LABEL, build_mlp, build_residual  # noqa: E402

@@ -57,7 +57,9 @@ def _gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-pytestmark = pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with the gloo backend is not available in this torch build")
+pytestmark = pytest.mark.skipif(
+    not _gloo_available(), reason="torch.distributed with the gloo backend is not available in this torch build"
+)
 
 
 # ---- shared by the worker and the test -------------------------------------------------------------
@@ -287,7 +289,7 @@ def test_ddp_example_with_torchrun():
     assert "parameters identical on all ranks: True" in log, log[-4000:]
     losses = [float(line.split()[3]) for line in log.splitlines() if line.startswith("step ")]
     # 30 steps are too few for a loss that surely decreases; the gradients are checked above
-    assert len(losses) == 3 and all(l == l and l < float("inf") for l in losses), log[-4000:]
+    assert len(losses) == 3 and all(loss == loss and loss < float("inf") for loss in losses), log[-4000:]
 
 
 if __name__ == "__main__":

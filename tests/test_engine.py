@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 
 import pytest
 import torch
@@ -38,7 +37,6 @@ from torch import nn
 
 import torchhessdiag as thd
 from torchhessdiag import engine
-
 
 # tiny tensors: one intra-op thread (conftest.py's fixture; with 2 OpenMP threads the many tiny
 # GEMMs of torch.func spin-wait and the file runs ~4x slower on a 2-core machine)
@@ -346,7 +344,7 @@ def test_structures(device, name):
     torch.manual_seed(7)
     model = build().double().to(device)
     layers = engine.parse_mlp(model, "test")
-    assert sum(isinstance(l, engine.ActLayer) for l in layers) == n_acts
+    assert sum(isinstance(layer, engine.ActLayer) for layer in layers) == n_acts
     check_model(model, _x(5, 3, device, scale=1.2))
 
 
@@ -355,9 +353,9 @@ def test_reused_activation_is_applied_every_time(device):
     which silently dropped a layer. The parser must see all three Tanh and both Linear uses."""
     model = _reused_activation().double().to(device)
     layers = engine.parse_mlp(model, "test")
-    assert [type(l).__name__ for l in layers] == ["LinearLayer", "ActLayer", "LinearLayer", "ActLayer", "LinearLayer", "ActLayer"]
+    assert [type(layer).__name__ for layer in layers] == ["LinearLayer", "ActLayer", "LinearLayer", "ActLayer", "LinearLayer", "ActLayer"]
     model = _reused_block().double().to(device)
-    assert sum(isinstance(l, engine.ActLayer) for l in engine.parse_mlp(model, "test")) == 3
+    assert sum(isinstance(layer, engine.ActLayer) for layer in engine.parse_mlp(model, "test")) == 3
 
 
 # ---- dims, negative dims, unbatched ----------------------------------------------------------

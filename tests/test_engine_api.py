@@ -15,7 +15,6 @@ the scale is the sum of the magnitudes of its terms, einsum(|A|, |H|), the natur
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -24,7 +23,6 @@ import torch
 from torch import nn
 
 import torchhessdiag as thd
-
 
 # tiny tensors: one intra-op thread (see tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("single_thread", "engine_path")  # and both engine propagations
@@ -95,9 +93,13 @@ TRAIN_CASES = {
     # name: (acts, d, width, m, bias, loss kind, dims)
     "laplacian d=3 w=8 m=1": ([nn.Tanh(), nn.SiLU()], 3, 8, 1, True, "laplacian", None),
     "laplacian d=10>w=4 (QR) m=1": ([nn.Tanh(), nn.GELU()], 10, 4, 1, True, "laplacian", None),
-    "laplacian d=10>w=4 (QR) m=2 depth3": ([nn.Softplus(), nn.Tanh(), thd.nn.SiLU()], 10, 4, 2, [True, False, True, True], "laplacian", None),
+    "laplacian d=10>w=4 (QR) m=2 depth3": (
+        [nn.Softplus(), nn.Tanh(), thd.nn.SiLU()], 10, 4, 2, [True, False, True, True], "laplacian", None
+    ),
     "partial laplacian dims=[0,2,3] m=2": ([nn.Sigmoid(), nn.Tanh()], 5, 6, 2, True, "laplacian", [0, 2, -2]),
-    "hessian diag d=3 m=2 depth3": ([nn.Tanh(), nn.GELU(approximate="tanh"), nn.ELU(0.7)], 3, 6, 2, [False, True, True, True], "diag", None),
+    "hessian diag d=3 m=2 depth3": (
+        [nn.Tanh(), nn.GELU(approximate="tanh"), nn.ELU(0.7)], 3, 6, 2, [False, True, True, True], "diag", None
+    ),
     "hessian diag d=6>w=3 m=1": ([thd.nn.Sine(2.0), nn.SiLU()], 6, 3, 1, True, "diag", None),
     "pinn value+gradient+laplacian m=2": ([nn.Tanh(), nn.Softplus(beta=2.0)], 3, 5, 2, True, "pinn", None),
 }
@@ -396,7 +398,10 @@ def test_hutchinson_unbiased(device, distribution, dims):
     n_calls, S = 200, 4
     with torch.no_grad():
         samples = torch.stack(
-            [thd.mlp_laplacian_hutchinson(model, x, num_samples=S, distribution=distribution, generator=gen, dims=dims) for _ in range(n_calls)]
+            [
+                thd.mlp_laplacian_hutchinson(model, x, num_samples=S, distribution=distribution, generator=gen, dims=dims)
+                for _ in range(n_calls)
+            ]
         )
     assert samples.shape == (n_calls, 4, 2) and samples.dtype == torch.float64
     mean, std = samples.mean(0), samples.std(0)

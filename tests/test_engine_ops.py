@@ -28,8 +28,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torchhessdiag import ops as thd_ops
-from torchhessdiag import reference
+from torchhessdiag import ops as thd_ops, reference
 
 ops = torch.ops.torchhessdiag
 
@@ -322,7 +321,7 @@ def test_fake_kernels_shapes(device):
 
 
 def test_fake_kernel_refuses_what_the_kernel_refuses_inplace_non_contiguous(device):
-    """ops.py promises that its checks (used by the fake kernels and the reference backend) are
+    """_checks.py promises that its checks (used by the fake kernels and the reference backend) are
     "the same argument checks as the C++ ops": the compiled jet_layer_ refuses a non-contiguous
     J with ValueError, so tracing (fake tensors) must refuse it too rather than succeed and fail
     only when the compiled graph runs."""
@@ -392,7 +391,7 @@ def _fake(mode, args):
 
 def test_bad_arguments(device):
     """TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError, with messages naming the
-    argument; the fake kernels (ops.py) refuse the same arguments with the same exception."""
+    argument; the fake kernels (_fake_kernels.py) refuse the same arguments with the same exception."""
     for name, op, args, exc, regex in _bad_cases(device):
         with pytest.raises(exc, match=regex):
             op(*args)
@@ -452,7 +451,7 @@ def test_device_mismatch_cuda():
 # (w + 2) eps S of rounding on each side, so 2.2 (w + 2) eps S (S: sum of |terms|) -- FACTOR's
 # 50 eps S assumed w <= 16; the backward's sums have K = 3 or m = 3 terms, within FACTOR.
 
-from _helpers import WARPS_PER_BLOCK, WIDE_WIDTHS, THREADS_PER_BLOCK, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
+from _helpers import THREADS_PER_BLOCK, WARPS_PER_BLOCK, WIDE_WIDTHS, beyond_one_pass, grid_pass, lanes_per_row  # noqa: E402
 
 WIDE_K, WIDE_M = 3, 3
 

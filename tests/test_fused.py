@@ -26,7 +26,7 @@ import torchhessdiag as thd
 from torchhessdiag import engine, fused, ops
 from torchhessdiag.activations import NAMES
 
-from _random_models import ACTS, ACT_BY_LABEL, func_hessian, func_value_grad, nested_hessian, rel_err
+from _random_models import ACT_BY_LABEL, ACTS, func_hessian, func_value_grad, nested_hessian, rel_err
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 _ops = torch.ops.torchhessdiag

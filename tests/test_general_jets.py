@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchhessdiag as thd
-from torchhessdiag import graph, taylor
+from torchhessdiag import _rules_activation, graph, taylor
 from torchhessdiag.activations import torch_function
 
 from _general_helpers import SPECS, RandomNet, assert_close, oracle, torch_module
@@ -369,23 +369,23 @@ def test_division_sqrt_and_real_powers_of_input_dependent_values():
 def test_fused_taylor_act_and_torch_ops_paths_agree(monkeypatch):
     """After the first nonlinearity activation_jet runs the fused taylor_act op; the torch-ops
     formulas serve the rest. Both paths against the oracle, and the op is really used."""
-    if taylor._TAYLOR_ACT is None:
+    if _rules_activation._TAYLOR_ACT is None:
         pytest.skip("this build has no taylor_act op")
     torch.manual_seed(10)
     model = ResidualMLP(d=2, w=5, m=1, blocks=2).double()
     x = torch.randn(4, 2, dtype=DT, requires_grad=True)
     want = oracle(model, x, 4)
     calls = []
-    op = taylor._TAYLOR_ACT
+    op = _rules_activation._TAYLOR_ACT
 
     def counting(D, H):
         calls.append(H.shape)
         return op(D, H)
 
-    monkeypatch.setattr(taylor, "_TAYLOR_ACT", counting)
+    monkeypatch.setattr(_rules_activation, "_TAYLOR_ACT", counting)
     fused = thd.axis_derivatives(model, x, 4)
     assert len(calls) == 2 and calls[0][0] == 4  # the two residual blocks' tanh, order 4
-    monkeypatch.setattr(taylor, "_TAYLOR_ACT", None)
+    monkeypatch.setattr(_rules_activation, "_TAYLOR_ACT", None)
     plain = thd.axis_derivatives(model, x, 4)
     assert_close(fused, want, 1e-10, "fused")
     assert_close(plain, want, 1e-10, "torch ops")

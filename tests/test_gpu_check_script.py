@@ -35,7 +35,7 @@ def test_dry_run_plan(tmp_path):
         for piece, files in (("layer", "tests/test_engine_ops.py"), ("taylor", "tests/test_taylor_op.py"),
                              ("table", "tests/test_table.py"), ("engine", "tests/test_engine.py"),
                              ("jets", "tests/test_general_jets.py")):
-            line = next(l for l in plan.splitlines() if f"] {tool}_{piece} (" in l)
+            line = next(ln for ln in plan.splitlines() if f"] {tool}_{piece} (" in ln)
             assert f"compute-sanitizer --tool {tool}" in line and files in line and "-k" in line
     for step in ("info", "build", "test_cuda", "test_rest", "bench_gpu", "bench_taylor"):
         assert re.search(rf"\] {step} \(up to \d+s\)", plan), step

@@ -18,8 +18,6 @@ What holds for ``chunk_size=c`` (README "Large inputs"):
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn

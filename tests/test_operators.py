@@ -126,7 +126,9 @@ MODELS = {
 # ---- the polarization identity itself ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alpha", [(1,), (4,), (1, 1), (2, 1), (2, 2), (3, 1), (1, 1, 1), (2, 1, 1), (1, 1, 1, 1), (0, 2, 0, 2), (5, 1), (3, 3)])
+@pytest.mark.parametrize(
+    "alpha", [(1,), (4,), (1, 1), (2, 1), (2, 2), (3, 1), (1, 1, 1), (2, 1, 1), (1, 1, 1, 1), (0, 2, 0, 2), (5, 1), (3, 3)]
+)
 def test_polarization_extracts_one_coefficient(alpha):
     """sum_v w_v D_v^n applied to every monomial x^beta of degree n gives alpha! delta(alpha, beta):
     D_v^n x^beta = n! v^beta, so the identity must satisfy sum_v w_v n! v^beta = alpha! [beta = alpha]
@@ -148,7 +150,9 @@ def test_polarization_extracts_one_coefficient(alpha):
 
 def test_known_identities_and_amplification():
     assert O.polarization((1, 1)) == [((1, -1), Fraction(-1, 4)), ((1, 1), Fraction(1, 4))]
-    assert O.polarization((2, 2)) == [((0, 1), Fraction(-1, 6)), ((1, -1), Fraction(1, 12)), ((1, 0), Fraction(-1, 6)), ((1, 1), Fraction(1, 12))]
+    assert O.polarization((2, 2)) == [
+        ((0, 1), Fraction(-1, 6)), ((1, -1), Fraction(1, 12)), ((1, 0), Fraction(-1, 6)), ((1, 1), Fraction(1, 12))
+    ]
     assert O.polarization((0, 3, 0)) == [((0, 1, 0), Fraction(1))]
     assert O.polarization((0, 0)) == []
     assert O.amplification((4, 0)) == 1.0 and O.amplification((1, 1)) == 2.0 and O.amplification((2, 2)) == 3.0

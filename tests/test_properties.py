@@ -31,8 +31,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import torchhessdiag as thd  # noqa: E402
 
@@ -199,7 +198,8 @@ def test_hutchinson_exact_cases(device, case, data):
             mask = torch.zeros(d * k, d, dtype=torch.float64, device=device)
             mask[torch.arange(d * k), torch.arange(d * k) % d] = 1.0
             sep[0].weight.mul_(mask)
-        est_sep = thd.mlp_laplacian_hutchinson(model=sep, x=x, num_samples=s, generator=gen, chunk_size=data.draw(st.one_of(st.none(), st.integers(1, 4))))
+        chunk_size = data.draw(st.one_of(st.none(), st.integers(1, 4)))
+        est_sep = thd.mlp_laplacian_hutchinson(model=sep, x=x, num_samples=s, generator=gen, chunk_size=chunk_size)
     finally:
         w.__exit__(None, None, None)
     assert rel_err(est, H[:, :, i % d, i % d], hscale) <= TOL

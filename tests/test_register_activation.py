@@ -239,7 +239,7 @@ def test_forward_ad_through_the_dropin():
 
 def _mlp(d, widths, m, acts, seed, dtype=torch.float64):
     torch.manual_seed(seed)
-    layers, ref, w_in = [], [], d
+    layers, w_in = [], d
     for i, w in enumerate(widths):
         lin = nn.Linear(w_in, w)
         a = acts[i % len(acts)]

@@ -27,7 +27,6 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torchhessdiag as thd
@@ -182,7 +181,9 @@ def test_reregistered_activation_retraces():
         x = _x()
         before = thd.laplacian(f, x)
         m0 = _misses()
-        thd.register_activation("t_cache_act", lambda z: torch.sin(2 * z), [lambda z: 2 * torch.cos(2 * z), lambda z: -4 * torch.sin(2 * z)], replace=True)
+        thd.register_activation(
+            "t_cache_act", lambda z: torch.sin(2 * z), [lambda z: 2 * torch.cos(2 * z), lambda z: -4 * torch.sin(2 * z)], replace=True
+        )
         after = thd.laplacian(f, x)
         assert _misses() == m0 + 1 and not torch.allclose(after, before)
         z = lin(x)
@@ -228,7 +229,7 @@ def _uses_global(z):
 def test_entries_die_with_their_model():
     thd.clear_trace_cache()
     model, x = _net(), _x()
-    g = lambda z: model(z) * 2.0  # noqa: E731  (held under the lambda, which holds the model)
+    g = lambda z: model(z) * 2.0  # noqa: E731, F821  (held under the lambda, which holds the model; deleted below)
     thd.laplacian(model, x)
     thd.laplacian(g, x)
     assert thd.trace_cache_info()["models"] == 2

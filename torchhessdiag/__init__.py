@@ -19,18 +19,14 @@ What is here (README.md has the whole tour):
 
 __version__ = "0.1.0"
 
+# import order is load order here: the op layer (ops) before what builds on it
+# isort: off
 from . import activations, reference  # noqa: E402
-from . import ops  # noqa: E402  (loads the compiled extension and registers the ops)
+from . import ops  # noqa: E402, F401  (loads the compiled extension and registers the ops)
 from . import nn  # noqa: E402
-from .activations import ActivationSpec, make_spec  # noqa: E402
-from .custom import (  # noqa: E402
-    RegisteredActivation,
-    check_activation,
-    register_activation,
-    unregister_activation,
-)
-from .ops import activation, activation_derivatives, backend_info, empty_cache  # noqa: E402
+# isort: on
 from ._precision import TF32Warning  # noqa: E402
+from .activations import ActivationSpec, make_spec  # noqa: E402
 from .api import (  # noqa: E402
     MLPDerivatives,
     mlp_derivatives,
@@ -39,6 +35,12 @@ from .api import (  # noqa: E402
     mlp_laplacian_hutchinson,
     mlp_mixed_partials,
     mlp_weighted_laplacian,
+)
+from .custom import (  # noqa: E402
+    RegisteredActivation,
+    check_activation,
+    register_activation,
+    unregister_activation,
 )
 from .general import (  # noqa: E402
     PathInfo,
@@ -52,6 +54,7 @@ from .general import (  # noqa: E402
     trace_cache_info,
 )
 from .operators import biharmonic, divergence, operator, partials  # noqa: E402
+from .ops import activation, activation_derivatives, backend_info, empty_cache  # noqa: E402
 
 __all__ = [
     "PathInfo",

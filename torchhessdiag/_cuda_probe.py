@@ -15,7 +15,7 @@ compiled with the same targets as every other kernel), once per compute capabili
 * the launch failed for want of a kernel image (``cudaErrorNoKernelImageForDevice``, its older
   name ``cudaErrorInvalidDeviceFunction``, or a driver too old for the PTX,
   ``cudaErrorUnsupportedPtxVersion``): every torchhessdiag op on that device runs the pure-PyTorch
-  reference implementation of the same op (``torchhessdiag_ref::<op>``, registered by ops.py;
+  reference implementation of the same op (``torchhessdiag_ref::<op>``, registered by _reference_kernels.py;
   exact, slower), and one ``RuntimeWarning`` per compute capability names the device, its sm_XY,
   the architectures built and the command that rebuilds for it;
 * any other launch error (e.g. out of memory while creating the context): the compiled kernels
@@ -33,6 +33,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import _backend
+
 # cudaError_t names that mean "no kernel image of this build can run on that device"
 IMAGE_ERRORS = frozenset(
     {"cudaErrorNoKernelImageForDevice", "cudaErrorInvalidDeviceFunction", "cudaErrorUnsupportedPtxVersion"}
@@ -47,9 +49,7 @@ _warned: set = set()  # capabilities warned about
 def compiled_archs() -> str:
     """The -gencode targets of this build's CUDA kernels, e.g. ``"sm_80 sm_90 compute_90"``
     (``""`` without compiled CUDA kernels)."""
-    from . import ops
-
-    return ops._C.cuda_archs() if ops.CUDA_KERNELS else ""
+    return _backend._C.cuda_archs() if _backend.CUDA_KERNELS else ""
 
 
 def fallback_devices() -> Dict[str, str]:
@@ -60,9 +60,7 @@ def fallback_devices() -> Dict[str, str]:
 
 # The two calls that touch the GPU; tests replace them to simulate a device without an image.
 def _launch(device: int) -> Tuple[int, str, str]:
-    from . import ops
-
-    return ops._C.cuda_probe_launch(device)
+    return _backend._C.cuda_probe_launch(device)
 
 
 def _capability(device: int) -> Tuple[int, int]:
@@ -109,11 +107,9 @@ def on_first_use(device: int) -> bool:
 
 def _reset() -> None:
     """Forget every answer (tests), here and in the compiled gate."""
-    from . import ops
-
     with _lock:
         _by_capability.clear()
         _fallback.clear()
         _warned.clear()
-    if ops.COMPILED:
-        ops._C.cuda_probe_reset()
+    if _backend.COMPILED:
+        _backend._C.cuda_probe_reset()

@@ -14,8 +14,7 @@ from typing import List, Sequence
 
 import torch
 
-from . import custom as _custom
-from . import reference
+from . import custom as _custom, reference
 from ._backend import COMPILED, _impl_lib, _ops
 from ._checks import _check_act, _check_float
 from .activations import ActivationSpec, torch_function

@@ -96,7 +96,9 @@ def sampled_laplacian(
         try:
             w = torch.tensor(w, dtype=torch.float64)
         except (TypeError, ValueError):
-            raise TypeError(f"{where}: sample_weights must be a (D,) tensor or sequence of positive numbers, got {type(sample_weights).__name__}") from None
+            raise TypeError(
+                f"{where}: sample_weights must be a (D,) tensor or sequence of positive numbers, got {type(sample_weights).__name__}"
+            ) from None
     if w.dim() != 1 or w.shape[0] != D or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
         raise ValueError(
             f"{where}: sample_weights must be a real (D,) tensor with D = {D} entries (one per axis of dims, in that "

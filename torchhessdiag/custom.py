@@ -11,7 +11,7 @@ the name works wherever a table activation does:
 * as a drop-in module or a function (``act(x)``) whose backward multiplies by d1, whose double
   backward uses d2, and so on: differentiating the order-k derivative gives order k+1;
 * in ``activation_derivatives(x, name, order)`` and the other internals that ask for
-  sigma^(k) (``ops._derivs``), for any k.
+  sigma^(k) (``_op_autograd._derivs``), for any k.
 
 Past the last derivative you gave (order n), sigma^(n+j) is computed by j-fold exact autograd of
 your last callable ``d_n``. That is exact only where torch can differentiate ``d_n`` (it is made of
@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_float_tensor
 from .activations import _PARAMS, NAMES, ActivationSpec
 
 Tensor = torch.Tensor
@@ -160,8 +161,6 @@ class RegisteredActivation:
         beyond the last one given, exact autograd of it."""
         if isinstance(x, torch.fx.Proxy):  # symbolic tracing: one call_function node
             return x.tracer.create_proxy("call_function", self, (x,), dict(params))
-        from .ops import check_float_tensor
-
         check_float_tensor(x, "x", f"torchhessdiag activation {self.name!r}")
         return apply(x, self.spec(**params))
 
@@ -444,7 +443,7 @@ class _UserDeriv(torch.autograd.Function):
     """sigma^(k)(z) of a user activation; its derivative is sigma^(k+1)(z), again a _UserDeriv, so
     differentiation to any order uses the given callables (and autograd of the last beyond them).
 
-    Like the table ops (ops.py), a node computes sigma^(k+1) once and reuses it when nested
+    Like the table ops (their autograd: csrc/jet_autograd.h, _op_autograd.py), a node computes sigma^(k+1) once and reuses it when nested
     autograd comes back through it (once per input dimension): with a graph when one is being
     recorded, without otherwise."""
 

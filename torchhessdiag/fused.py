@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops, reference
+from . import _backend, reference
 from .activations import NAMES
 
 Tensor = torch.Tensor
@@ -62,11 +62,11 @@ def available(x: Tensor) -> bool:
     """Whether a compiled mlp_jet kernel serves x's device. On a GPU this build has no kernel
     image for (the probe in torchhessdiag/_cuda_probe.py, asked once per device) the engine takes
     the reverse sweep, whose ops fall back to the reference kernels there."""
-    if not ops.COMPILED or ops.FORCED_REFERENCE:
+    if not _backend.COMPILED or _backend.FORCED_REFERENCE:
         return False
     if x.device.type == "cpu":
         return True
-    if x.device.type != "cuda" or not ops.CUDA_KERNELS:
+    if x.device.type != "cuda" or not _backend.CUDA_KERNELS:
         return False
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ok = _CUDA_OK.get(idx)
@@ -206,7 +206,7 @@ def _fake_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_r
 # not loaded): the same rows from reference_jet; the saved tensors are placeholders of the right
 # size (the backward of a reference call recomputes the jet and differentiates it).
 def _ref_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, save):
-    ops._warn_reference(x.device)
+    _backend._warn_reference(x.device)
     S = len(sel) if diag else 1
     with torch.no_grad():
         out = reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
@@ -217,7 +217,7 @@ def _ref_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_ro
 
 def _ref_jet_backward(gout, x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, saved,
                       need_gx):
-    ops._warn_reference(x.device)
+    _backend._warn_reference(x.device)
     with torch.enable_grad():
         xs = x.detach().requires_grad_(need_gx)
         Ws = [W.detach().requires_grad_(True) for W in weights]
@@ -370,12 +370,12 @@ def _bw_backward(ctx, ggx, ggW, ggb):
 torch.library.register_fake("torchhessdiag::mlp_jet")(_fake_jet)
 torch.library.register_fake("torchhessdiag::mlp_jet_backward")(_fake_backward)
 torch.library.register_autograd("torchhessdiag::mlp_jet_backward", _bw_backward, setup_context=_bw_setup)
-if not ops.COMPILED:
+if not _backend.COMPILED:
     # compiled: the autograd of mlp_jet is C++ (csrc/mlp_ops.cpp, MlpJetFunction)
     torch.library.register_autograd("torchhessdiag::mlp_jet", _backward, setup_context=_setup)
-for _key in ops._ref_keys:
+for _key in _backend._ref_keys:
     for _name, _fn in (("mlp_jet", _ref_jet), ("mlp_jet_backward", _ref_jet_backward)):
         try:
-            ops._impl_lib.impl(_name, _fn, _key)
+            _backend._impl_lib.impl(_name, _fn, _key)
         except (RuntimeError, ValueError):  # a dispatch key this torch build does not know
             pass

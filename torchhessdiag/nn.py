@@ -26,7 +26,6 @@ from torch import nn
 from . import custom, ops
 from .activations import ActivationSpec, make_spec, spec_from_module, torch_function
 
-
 _functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 

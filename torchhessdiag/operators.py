@@ -441,7 +441,10 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
     got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
     if got is not None:
         out_jet, ctx, program = got
-        info = PathInfo("jet", f"traced graph of supported pieces ({len(program.activations)} activation nodes): first-order jets along {len(axes)} axes")
+        info = PathInfo(
+            "jet",
+            f"traced graph of supported pieces ({len(program.activations)} activation nodes): first-order jets along {len(axes)} axes",
+        )
         if dry:
             return _done(None, info, return_info, dry)
         value = check_vector(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet)
@@ -504,7 +507,9 @@ def explain(f, x, function: str, dims=None, alphas=None, components=None) -> Pat
                 raise ValueError(f"{where}: function='operator' needs alphas={{alpha: coefficient, ...}}")
 
             def plan_fn(d: int):
-                terms = [_Term(_check_alpha(a, d, where, f"the multi-index {a!r}"), 0, _check_coef(c, where, str(a))) for a, c in alphas.items()]
+                terms = [
+                    _Term(_check_alpha(a, d, where, f"the multi-index {a!r}"), 0, _check_coef(c, where, str(a))) for a, c in alphas.items()
+                ]
                 return _Plan(d, terms, 1), "operator"
 
         else:

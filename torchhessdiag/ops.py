@@ -51,9 +51,11 @@ from typing import Optional, Sequence
 
 import torch
 
+# isort: off
 from . import custom as _custom
 # the op layer, bottom up (importing it defines the ops and registers their kernels and autograd)
-from . import _backend, _checks, _reference_kernels, _fake_kernels, _op_autograd  # noqa: F401, I001
+from . import _backend, _checks, _reference_kernels, _fake_kernels, _op_autograd  # noqa: F401
+# isort: on
 from ._backend import (  # noqa: F401  (re-exported: read as ops.<name> across the package and tests)
     _C,
     COMPILED,

@@ -3,8 +3,8 @@ reciprocals, division by an input-dependent value, LayerNorm, RMSNorm, softmax /
 feature dims, products of input-dependent matrices, scaled dot-product attention and
 ``nn.MultiheadAttention`` (``batch_first``).
 
-Every rule is *composed* from the exact rules of torchhessdiag/taylor.py -- linear maps, sums and
-means, Leibniz's rule for (bi)linear products, Faa di Bruno's formula for a scalar function of a
+Every rule is *composed* from the exact elementary rules (_rules_algebra, _rules_shape,
+_rules_activation) -- linear maps, sums and means, Leibniz's rule for (bi)linear products, Faa di Bruno's formula for a scalar function of a
 jet -- so each is exact to every order the jets carry (1-4) and is built from differentiable
 torch ops (training gradients through it are exact too). Nothing here writes a derivative of
 layer_norm or softmax by hand: layer norm is (h - mean h) * (var + eps)^(-1/2), softmax is
@@ -16,6 +16,8 @@ Rows are points: every input-dependent value keeps the N points in its first dim
 tokens of attention are slices of one point's features (``(N, L, E)``, ``batch_first``); a rule
 that would mix points (a reduction or softmax over dim 0, an unbatched ``nn.MultiheadAttention``)
 raises :class:`~torchhessdiag.graph.Unsupported`.
+
+Sits above those rule modules and below taylor.py, whose ``RULES`` lists the rules defined here.
 """
 
 from __future__ import annotations
@@ -26,23 +28,19 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .graph import ShapeError, Unsupported
-from .taylor import (
-    RULES,
-    Context,
-    Jet,
+from ._graph_program import ShapeError, Unsupported
+from ._jet import Context, Jet, _feature_dim, _fix, _map, _point, _wsum
+from ._rules_activation import activation_jet
+from ._rules_algebra import (
     _add_sub,
-    _feature_dim,
-    _fix,
-    _map,
-    _point,
     _product,
-    _reduce,
+    _rule_div as _algebra_div,
     _rule_linear,
+    _rule_matmul as _algebra_matmul,
+    _rule_pow as _algebra_pow,
     _scale,
-    _wsum,
-    activation_jet,
 )
+from ._rules_shape import _reduce
 
 Tensor = torch.Tensor
 
@@ -200,14 +198,11 @@ def _rule_permute(ctx: Context, p: dict, x, *dims, **kw) -> Any:
     return _map(x, lambda t, off: t.permute(tuple(range(off)) + tuple(e + off for e in feat)))
 
 
-_OLD_MATMUL = RULES["matmul"]
-
-
 def _rule_matmul(ctx: Context, p: dict, a, b) -> Any:
     """(jet) @ (constant matrix) as before; otherwise a batched product of per-point matrices
     (jet @ jet, constant @ jet), both sides with the points first and >= 3 dims."""
     if isinstance(a, Jet) and not isinstance(b, Jet) and isinstance(b, Tensor) and b.dim() in (1, 2):
-        return _OLD_MATMUL(ctx, p, a, b)
+        return _algebra_matmul(ctx, p, a, b)
     av = a.value if isinstance(a, Jet) else a
     bv = b.value if isinstance(b, Jet) else b
     if not isinstance(av, Tensor) or not isinstance(bv, Tensor):
@@ -236,13 +231,9 @@ def _rule_reciprocal(ctx: Context, p: dict, x) -> Any:
     return pow_jet(ctx, x, -1.0)
 
 
-_OLD_DIV = RULES["div"]
-_OLD_POW = RULES["pow"]
-
-
 def _rule_div(ctx: Context, p: dict, a, b, rounding_mode=None) -> Any:
     if not isinstance(b, Jet):
-        return _OLD_DIV(ctx, p, a, b, rounding_mode=rounding_mode)
+        return _algebra_div(ctx, p, a, b, rounding_mode=rounding_mode)
     if rounding_mode is not None:
         raise Unsupported(f"node '{ctx.node}': division with rounding_mode={rounding_mode!r}")
     r = pow_jet(ctx, b, -1.0)
@@ -257,15 +248,15 @@ def _rule_div(ctx: Context, p: dict, a, b, rounding_mode=None) -> Any:
 def _rule_pow(ctx: Context, p: dict, base, exponent) -> Any:
     e = exponent
     if isinstance(e, Tensor) and e.dim() == 0 and not isinstance(base, Jet):
-        return _OLD_POW(ctx, p, base, exponent)
+        return _algebra_pow(ctx, p, base, exponent)
     if isinstance(e, Tensor) and e.dim() == 0:
         e = e.item()
     if isinstance(base, Jet) and isinstance(e, (int, float)) and not isinstance(e, bool):
         if e == int(e) and e >= 0:
-            return _OLD_POW(ctx, p, base, exponent)
+            return _algebra_pow(ctx, p, base, exponent)
         out = pow_jet(ctx, base, float(e))
         return Jet(torch.pow(base.value, exponent), out.coefs)
-    return _OLD_POW(ctx, p, base, exponent)
+    return _algebra_pow(ctx, p, base, exponent)
 
 
 # ---- softmax -------------------------------------------------------------------------------------
@@ -445,7 +436,9 @@ def sdpa_jet(ctx: Context, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return bilinear(ctx, softmax_jet(ctx, s, -1), v, torch.matmul)
 
 
-def _rule_sdpa(ctx: Context, p: dict, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> Any:
+def _rule_sdpa(
+    ctx: Context, p: dict, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> Any:
     if not any(isinstance(t, Jet) for t in (query, key, value)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return sdpa_jet(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -560,28 +553,3 @@ def _rule_mha_module(
     else:
         weights = P
     return (out, weights)
-
-
-RULES.update(
-    {
-        "sqrt": _rule_sqrt,
-        "rsqrt": _rule_rsqrt,
-        "reciprocal": _rule_reciprocal,
-        "div": _rule_div,
-        "pow": _rule_pow,
-        "matmul": _rule_matmul,
-        "transpose": _rule_transpose,
-        "permute": _rule_permute,
-        "mT": _rule_mT,
-        "softmax": _rule_softmax,
-        "log_softmax": _rule_log_softmax,
-        "softmax_module": _rule_softmax_module,
-        "log_softmax_module": _rule_log_softmax_module,
-        "layer_norm": _rule_layer_norm,
-        "layer_norm_module": _rule_layer_norm_module,
-        "rms_norm": _rule_rms_norm,
-        "rms_norm_module": _rule_rms_norm_module,
-        "sdpa": _rule_sdpa,
-        "mha_module": _rule_mha_module,
-    }
-)
