@@ -13,7 +13,7 @@ In torch ops each is six to eight elementwise kernels over the (N, K, *S) rows, 
 output; the ops ``torchhessdiag::jet2_mul`` / ``jet2_act`` (csrc/jet2_ops.cpp, CPU) read every
 input and write every output once, and so do their backward ops (the gradients of a training
 step). ``mul`` and ``act`` below return the new jet's (y0, y1, sy), or None where the op does not
-apply -- then taylor.py uses the torch formulas:
+apply -- then the rules (_rules_algebra, _rules_activation) use the torch formulas:
 
 * not compiled, or not every tensor on the CPU (the CUDA path keeps torch's kernels), or dtypes
   other than float32/float64;
