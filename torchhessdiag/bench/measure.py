@@ -178,12 +178,18 @@ def cpu_peak_rss(fn: Callable[[], object]) -> Dict[str, object]:
 
 def cpu_peak_tensor(fn: Callable[[], object], collect: bool = True) -> Dict[str, object]:
     """Peak bytes of live CPU tensors above the starting level during fn, from the allocation
-    events of torch.profiler (profile_memory=True). ``collect=False`` skips the gc.collect()
+    events of torch.profiler (profile_memory=True), the library's pooled buffers included. ``collect=False`` skips the gc.collect()
     first (slow in a large process; frees of older tensors during fn only lower the count)."""
     from torch.profiler import ProfilerActivity, profile
 
+    import torchhessdiag
+
     if collect:
         gc.collect()
+    # the pooled CPU buffers (torchhessdiag.empty_cache) are released first, so that every buffer
+    # the call uses is allocated -- and counted -- in it: a buffer handed out again by the pool
+    # makes no allocation event, and one returned to it no free event (it stays resident)
+    torchhessdiag.empty_cache()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
