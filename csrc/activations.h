@@ -8,8 +8,8 @@
 // Every formula is written in a numerically stable form: it only ever exponentiates a
 // non-positive number (exp(-|z|) and friends), never subtracts two nearly equal O(1) quantities
 // to get a small one (sech^2 is 4e/(1+e)^2, not 1 - tanh^2; q - p of the sigmoid is -tanh(z/2)),
-// so every entry is finite and accurate to a few ulp in float64 for |z| <= 1e4 (exp itself excepted:
-// e^z overflows for z > 709, as it must).
+// so every entry is finite and accurate to a few ulp in float64 for |z| <= 1e4 (exp itself
+// excepted: e^z overflows for z > 709, as it must).
 //
 // Branches follow torch's own kernels exactly where torch is piecewise (softplus' threshold,
 // ELU/CELU and ReLU at 0 and at NaN), so derivatives agree with nested torch.autograd.grad of
@@ -49,23 +49,23 @@ enum class Act : int {
   Identity = 0,
   Tanh,
   Sigmoid,
-  Softplus,   // a = beta, b = threshold (torch semantics: linear where beta*z > threshold)
+  Softplus,  // a = beta, b = threshold (torch semantics: linear where beta*z > threshold)
   SiLU,
-  GELU,       // exact (erf) GELU
-  GELUTanh,   // GELU with approximate='tanh'
-  Sin,        // a = frequency w: sin(w z)
-  Cos,        // a = frequency w: cos(w z)
+  GELU,      // exact (erf) GELU
+  GELUTanh,  // GELU with approximate='tanh'
+  Sin,       // a = frequency w: sin(w z)
+  Cos,       // a = frequency w: cos(w z)
   Exp,
-  ELU,        // a = alpha
-  CELU,       // a = alpha
+  ELU,   // a = alpha
+  CELU,  // a = alpha
   ReLU,
   LeakyReLU,  // a = negative_slope
   kCount
 };
 
-constexpr const char* kActNames[] = {"identity", "tanh", "sigmoid", "softplus", "silu",
-                                     "gelu",     "gelu_tanh", "sin", "cos",     "exp",
-                                     "elu",      "celu", "relu",    "leaky_relu"};
+constexpr const char* kActNames[] = {"identity", "tanh",      "sigmoid", "softplus",  "silu",
+                                     "gelu",     "gelu_tanh", "sin",     "cos",       "exp",
+                                     "elu",      "celu",      "relu",    "leaky_relu"};
 static_assert(sizeof(kActNames) / sizeof(kActNames[0]) == static_cast<int>(Act::kCount),
               "one name per activation");
 

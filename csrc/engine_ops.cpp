@@ -146,17 +146,16 @@ void taylor_backward_cpu(const T* gY, const T* D, const T* H, T* dD, T* dH, cons
 // checked by the op half (float32 or float64), so there is no error path here.
 template <typename T>
 void layer_rows_typed(const LayerRowsArgs& p) {
-  layer_rows_cpu<T>(static_cast<const T*>(p.J), static_cast<T*>(p.Ja),
-                    static_cast<const T*>(p.s1), static_cast<const T*>(p.c),
-                    static_cast<T*>(p.acc), p.d);
+  layer_rows_cpu<T>(static_cast<const T*>(p.J), static_cast<T*>(p.Ja), static_cast<const T*>(p.s1),
+                    static_cast<const T*>(p.c), static_cast<T*>(p.acc), p.d);
 }
 
 template <typename T>
 void layer_backward_typed(const LayerBackwardArgs& p) {
   layer_backward_cpu<T>(static_cast<const T*>(p.gJa), static_cast<const T*>(p.gacc),
                         static_cast<const T*>(p.J), static_cast<const T*>(p.s1),
-                        static_cast<const T*>(p.c), static_cast<T*>(p.dJ),
-                        static_cast<T*>(p.ds1), static_cast<T*>(p.dc), p.d);
+                        static_cast<const T*>(p.c), static_cast<T*>(p.dJ), static_cast<T*>(p.ds1),
+                        static_cast<T*>(p.dc), p.d);
 }
 
 void layer_rows_host(const LayerRowsArgs& p) {
@@ -189,15 +188,14 @@ void taylor_backward_host(const TaylorBackwardArgs& p) {
   dispatch_taylor_order(static_cast<int>(p.d.n), [&](auto no) {
     constexpr int NO = decltype(no)::value;
     if (p.dtype == at::kDouble)
-      taylor_backward_cpu<NO, double>(
-          static_cast<const double*>(p.gY), static_cast<const double*>(p.D),
-          static_cast<const double*>(p.H), static_cast<double*>(p.dD),
-          static_cast<double*>(p.dH), p.d);
+      taylor_backward_cpu<NO, double>(static_cast<const double*>(p.gY),
+                                      static_cast<const double*>(p.D),
+                                      static_cast<const double*>(p.H), static_cast<double*>(p.dD),
+                                      static_cast<double*>(p.dH), p.d);
     else
-      taylor_backward_cpu<NO, float>(
-          static_cast<const float*>(p.gY), static_cast<const float*>(p.D),
-          static_cast<const float*>(p.H), static_cast<float*>(p.dD), static_cast<float*>(p.dH),
-          p.d);
+      taylor_backward_cpu<NO, float>(static_cast<const float*>(p.gY),
+                                     static_cast<const float*>(p.D), static_cast<const float*>(p.H),
+                                     static_cast<float*>(p.dD), static_cast<float*>(p.dH), p.d);
   });
 }
 
@@ -207,9 +205,11 @@ void taylor_backward_host(const TaylorBackwardArgs& p) {
 // (both contiguous here, so ATen's overlap test is exact). Mirrored by ops._check_no_overlap.
 void check_no_overlap(const at::Tensor& out, const at::Tensor& in, const char* what,
                       const char* op) {
-  THD_CHECK_VALUE(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, "torchhessdiag.",
-                  op, ": ", what, " shares memory with J, which this op overwrites while it still "
-                  "reads ", what, "; pass ", what, ".clone(), or use the out-of-place jet_layer");
+  THD_CHECK_VALUE(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, "torchhessdiag.", op,
+                  ": ", what,
+                  " shares memory with J, which this op overwrites while it still "
+                  "reads ",
+                  what, "; pass ", what, ".clone(), or use the out-of-place jet_layer");
 }
 
 template <void (*Rows)(const LayerRowsArgs&)>
@@ -327,32 +327,28 @@ constexpr char kRefTaylorActBackward[] = "torchhessdiag_ref::taylor_act_backward
 // The gate's fallback path on the CPU, for tests (schemas defined by torchhessdiag/ops.py).
 TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
   using thd::TestGate;
-  m.impl("jet_layer",
-         &TestGate<&thd::jet_layer_op<thd::layer_rows_host>, thd::kRefJetLayer>::call);
-  m.impl("jet_layer_", &TestGate<&thd::jet_layer_inplace_op<thd::layer_rows_host>,
-                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer", &TestGate<&thd::jet_layer_op<thd::layer_rows_host>, thd::kRefJetLayer>::call);
+  m.impl(
+      "jet_layer_",
+      &TestGate<&thd::jet_layer_inplace_op<thd::layer_rows_host>, thd::kRefJetLayerInplace>::call);
   m.impl("jet_layer_backward", &TestGate<&thd::jet_layer_backward_op<thd::layer_backward_host>,
                                          thd::kRefJetLayerBackward>::call);
-  m.impl("taylor_act",
-         &TestGate<&thd::taylor_act_op<thd::taylor_host>, thd::kRefTaylorAct>::call);
-  m.impl("taylor_act_backward",
-         &TestGate<&thd::taylor_act_backward_op<thd::taylor_backward_host>,
-                   thd::kRefTaylorActBackward>::call);
+  m.impl("taylor_act", &TestGate<&thd::taylor_act_op<thd::taylor_host>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward", &TestGate<&thd::taylor_act_backward_op<thd::taylor_backward_host>,
+                                          thd::kRefTaylorActBackward>::call);
 }
 
 #ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
   using thd::CudaGate;
-  m.impl("jet_layer",
-         &CudaGate<&thd::jet_layer_op<thd::layer_rows_cuda>, thd::kRefJetLayer>::call);
-  m.impl("jet_layer_", &CudaGate<&thd::jet_layer_inplace_op<thd::layer_rows_cuda>,
-                                 thd::kRefJetLayerInplace>::call);
+  m.impl("jet_layer", &CudaGate<&thd::jet_layer_op<thd::layer_rows_cuda>, thd::kRefJetLayer>::call);
+  m.impl(
+      "jet_layer_",
+      &CudaGate<&thd::jet_layer_inplace_op<thd::layer_rows_cuda>, thd::kRefJetLayerInplace>::call);
   m.impl("jet_layer_backward", &CudaGate<&thd::jet_layer_backward_op<thd::layer_backward_cuda>,
                                          thd::kRefJetLayerBackward>::call);
-  m.impl("taylor_act",
-         &CudaGate<&thd::taylor_act_op<thd::taylor_cuda>, thd::kRefTaylorAct>::call);
-  m.impl("taylor_act_backward",
-         &CudaGate<&thd::taylor_act_backward_op<thd::taylor_backward_cuda>,
-                   thd::kRefTaylorActBackward>::call);
+  m.impl("taylor_act", &CudaGate<&thd::taylor_act_op<thd::taylor_cuda>, thd::kRefTaylorAct>::call);
+  m.impl("taylor_act_backward", &CudaGate<&thd::taylor_act_backward_op<thd::taylor_backward_cuda>,
+                                          thd::kRefTaylorActBackward>::call);
 }
 #endif

@@ -40,20 +40,20 @@ inline LayerDims check_jet_layer(const at::Tensor& J, const at::Tensor& s1, cons
   for (const at::Tensor* t : {&J, &s1, &c}) {
     THD_CHECK_VALUE(t->defined(), "torchhessdiag.", op, ": undefined tensor argument");
     THD_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
-                     "torchhessdiag.", op, ": tensors must be float32 or float64, got ",
-                     t->scalar_type());
-    THD_CHECK_TYPE(t->scalar_type() == J.scalar_type(), "torchhessdiag.", op,
-                     ": dtypes differ (", t->scalar_type(), " vs ", J.scalar_type(), ")");
+                   "torchhessdiag.", op, ": tensors must be float32 or float64, got ",
+                   t->scalar_type());
+    THD_CHECK_TYPE(t->scalar_type() == J.scalar_type(), "torchhessdiag.", op, ": dtypes differ (",
+                   t->scalar_type(), " vs ", J.scalar_type(), ")");
     THD_CHECK_VALUE(t->device() == J.device(), "torchhessdiag.", op, ": devices differ (",
-                      t->device(), " vs ", J.device(), ")");
+                    t->device(), " vs ", J.device(), ")");
   }
   THD_CHECK_VALUE(J.dim() == 3, "torchhessdiag.", op, ": J must be (N, K, w), got shape ",
-                    J.sizes());
+                  J.sizes());
   const int64_t N = J.size(0), K = J.size(1), w = J.size(2);
   THD_CHECK_VALUE(s1.dim() == 2 && s1.size(0) == N && s1.size(1) == w, "torchhessdiag.", op,
-                    ": s1 must be (N, w) = (", N, ", ", w, "), got ", s1.sizes());
+                  ": s1 must be (N, w) = (", N, ", ", w, "), got ", s1.sizes());
   THD_CHECK_VALUE(c.dim() == 3 && c.size(1) == N && c.size(2) == w, "torchhessdiag.", op,
-                    ": c must be (m, N, w) with N=", N, ", w=", w, ", got ", c.sizes());
+                  ": c must be (m, N, w) with N=", N, ", w=", w, ", got ", c.sizes());
   return {N, K, w, c.size(0)};
 }
 
@@ -62,21 +62,21 @@ inline std::pair<at::Tensor, at::Tensor> check_jet_layer_grads(
     const c10::optional<at::Tensor>& gJa_, const at::Tensor& gacc_, const at::Tensor& J,
     const LayerDims& d) {
   auto check_grad = [&](const at::Tensor& t, const char* what) {
-    THD_CHECK_TYPE(t.scalar_type() == J.scalar_type(), "torchhessdiag.jet_layer_backward: ",
-                     what, " has dtype ", t.scalar_type(), " but J has ", J.scalar_type());
-    THD_CHECK_VALUE(t.device() == J.device(), "torchhessdiag.jet_layer_backward: ", what,
-                      " is on ", t.device(), " but J is on ", J.device());
+    THD_CHECK_TYPE(t.scalar_type() == J.scalar_type(), "torchhessdiag.jet_layer_backward: ", what,
+                   " has dtype ", t.scalar_type(), " but J has ", J.scalar_type());
+    THD_CHECK_VALUE(t.device() == J.device(), "torchhessdiag.jet_layer_backward: ", what, " is on ",
+                    t.device(), " but J is on ", J.device());
   };
   check_grad(gacc_, "gacc");
   const at::Tensor gacc = gacc_.contiguous();
   THD_CHECK_VALUE(gacc.sizes() == at::IntArrayRef({d.m, d.N, d.K}),
-                    "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
+                  "torchhessdiag.jet_layer_backward: gacc must be (m, N, K)");
   at::Tensor gJa;
   if (gJa_.has_value() && gJa_->defined()) {
     check_grad(*gJa_, "gJa");
     gJa = gJa_->contiguous();
     THD_CHECK_VALUE(gJa.sizes() == J.sizes(),
-                      "torchhessdiag.jet_layer_backward: gJa must have J's shape");
+                    "torchhessdiag.jet_layer_backward: gJa must have J's shape");
   }
   return {gJa, gacc};
 }
@@ -128,8 +128,8 @@ inline TaylorDims check_taylor(const at::Tensor& D, const at::Tensor& H, const c
   THD_CHECK_VALUE(n >= 1 && n <= 4, "torchhessdiag.", op,
                   ": the jet order n = H.shape[0] must be 1..4, got ", n);
   THD_CHECK_VALUE(D.dim() == 3 && D.size(0) == n && D.size(1) == N && D.size(2) == w,
-                  "torchhessdiag.", op, ": D must be (n, N, w) = (", n, ", ", N, ", ", w,
-                  "), got ", D.sizes());
+                  "torchhessdiag.", op, ": D must be (n, N, w) = (", n, ", ", N, ", ", w, "), got ",
+                  D.sizes());
   return {n, N, K, w};
 }
 

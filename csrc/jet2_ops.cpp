@@ -30,11 +30,13 @@ Jet2Shape check_jet(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor
                    " must share one dtype, got ", x0.scalar_type(), " and ", t->scalar_type());
   }
   THD_CHECK_VALUE(x0.dim() >= 1 && x1.dim() == x0.dim() + 1 && sx.sizes() == x0.sizes(),
-                  "torchhessdiag.", op, ": ", names, " must be shaped (N, *S), (N, K, *S), (N, *S), got ",
-                  x0.sizes(), ", ", x1.sizes(), ", ", sx.sizes());
+                  "torchhessdiag.", op, ": ", names,
+                  " must be shaped (N, *S), (N, K, *S), (N, *S), got ", x0.sizes(), ", ",
+                  x1.sizes(), ", ", sx.sizes());
   THD_CHECK_VALUE(x1.size(0) == x0.size(0) && x1.sizes().slice(2) == x0.sizes().slice(1),
-                  "torchhessdiag.", op, ": ", names, " must be shaped (N, *S), (N, K, *S), (N, *S), got ",
-                  x0.sizes(), ", ", x1.sizes(), ", ", sx.sizes());
+                  "torchhessdiag.", op, ": ", names,
+                  " must be shaped (N, *S), (N, K, *S), (N, *S), got ", x0.sizes(), ", ",
+                  x1.sizes(), ", ", sx.sizes());
   if (like != nullptr) {
     THD_CHECK_VALUE(x0.sizes() == like->sizes(), "torchhessdiag.", op,
                     ": the two jets must have one shape, got values ", like->sizes(), " and ",
@@ -62,15 +64,17 @@ at::Tensor check_weights(const c10::optional<at::Tensor>& weights, int64_t K, co
 at::Tensor grad_or_none(const c10::optional<at::Tensor>& g, const at::Tensor& like,
                         const char* what, const char* op) {
   if (!g.has_value() || !g->defined()) return at::Tensor();
-  THD_CHECK_VALUE(g->sizes() == like.sizes(), "torchhessdiag.", op, ": ", what,
-                  " must have shape ", like.sizes(), ", got ", g->sizes());
+  THD_CHECK_VALUE(g->sizes() == like.sizes(), "torchhessdiag.", op, ": ", what, " must have shape ",
+                  like.sizes(), ", got ", g->sizes());
   THD_CHECK_TYPE(g->scalar_type() == like.scalar_type(), "torchhessdiag.", op, ": ", what,
                  " must have dtype ", like.scalar_type(), ", got ", g->scalar_type());
   return g->contiguous();
 }
 
 // Points per task: about 32k elements of every row together (at::internal::GRAIN_SIZE).
-int64_t grain(const Jet2Shape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.w * (s.K + 2))); }
+int64_t grain(const Jet2Shape& s) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.w * (s.K + 2)));
+}
 
 template <class Fn>
 void run(const Fn& fn, const cpu::Jet2Job& job) {
@@ -95,8 +99,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_mul_cpu(
                                      b0_.contiguous(), b1_.contiguous(), sb_.contiguous()};
   at::Tensor v = new_output(in[0]), y1 = new_output(in[1]), sy = new_output(in[0]);
   if (s.n * s.w == 0) return {v, y1, sy};
-  cpu::Jet2Job job{0, 0.0, 0.0, s.n, s.K, s.w, wt.defined() ? wt.data_ptr() : nullptr,
-                   {}, {v.data_ptr(), y1.data_ptr(), sy.data_ptr()}, {}, {}};
+  cpu::Jet2Job job{0,
+                   0.0,
+                   0.0,
+                   s.n,
+                   s.K,
+                   s.w,
+                   wt.defined() ? wt.data_ptr() : nullptr,
+                   {},
+                   {v.data_ptr(), y1.data_ptr(), sy.data_ptr()},
+                   {},
+                   {}};
   for (int i = 0; i < 6; ++i) job.in[i] = in[i].data_ptr();
   run(cpu::kernels().jet2_mul[dt(v)], job);
   return {v, y1, sy};
@@ -122,8 +135,8 @@ jet2_mul_backward_cpu(const c10::optional<at::Tensor>& gv, const c10::optional<a
   std::array<at::Tensor, 6> gin;
   for (int i = 0; i < 6; ++i) gin[i] = new_output(in[i]);
   if (s.n * s.w > 0) {
-    cpu::Jet2Job job{0, 0.0, 0.0, s.n, s.K, s.w, wt.defined() ? wt.data_ptr() : nullptr,
-                     {}, {}, {}, {}};
+    cpu::Jet2Job job{0,  0.0, 0.0, s.n, s.K, s.w, wt.defined() ? wt.data_ptr() : nullptr,
+                     {}, {},  {},  {}};
     for (int i = 0; i < 6; ++i) {
       job.in[i] = in[i].data_ptr();
       job.gin[i] = gin[i].data_ptr();
@@ -145,10 +158,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_cpu(
   const std::array<at::Tensor, 3> in{h0_.contiguous(), h1_.contiguous(), s_.contiguous()};
   at::Tensor y0 = new_output(in[0]), y1 = new_output(in[1]), sy = new_output(in[0]);
   if (s.n * s.w == 0) return {y0, y1, sy};
-  cpu::Jet2Job job{static_cast<int>(act), a, b, s.n, s.K, s.w,
+  cpu::Jet2Job job{static_cast<int>(act),
+                   a,
+                   b,
+                   s.n,
+                   s.K,
+                   s.w,
                    wt.defined() ? wt.data_ptr() : nullptr,
                    {in[0].data_ptr(), in[1].data_ptr(), in[2].data_ptr()},
-                   {y0.data_ptr(), y1.data_ptr(), sy.data_ptr()}, {}, {}};
+                   {y0.data_ptr(), y1.data_ptr(), sy.data_ptr()},
+                   {},
+                   {}};
   run(cpu::kernels().jet2_act[dt(y0)], job);
   return {y0, y1, sy};
 }
@@ -169,10 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_backward_cpu(
                                     grad_or_none(gsy, h0_, "gsy", op)};
   at::Tensor gh0 = new_output(in[0]), gh1 = new_output(in[1]), gs = new_output(in[0]);
   if (s.n * s.w == 0) return {gh0, gh1, gs};
-  cpu::Jet2Job job{static_cast<int>(act), a, b, s.n, s.K, s.w,
+  cpu::Jet2Job job{static_cast<int>(act),
+                   a,
+                   b,
+                   s.n,
+                   s.K,
+                   s.w,
                    wt.defined() ? wt.data_ptr() : nullptr,
-                   {in[0].data_ptr(), in[1].data_ptr(), in[2].data_ptr()}, {},
-                   {}, {gh0.data_ptr(), gh1.data_ptr(), gs.data_ptr()}};
+                   {in[0].data_ptr(), in[1].data_ptr(), in[2].data_ptr()},
+                   {},
+                   {},
+                   {gh0.data_ptr(), gh1.data_ptr(), gs.data_ptr()}};
   for (int i = 0; i < 3; ++i) job.gout[i] = g[i].defined() ? g[i].data_ptr() : nullptr;
   run(cpu::kernels().jet2_act_backward[dt(gh0)], job);
   return {gh0, gh1, gs};
@@ -182,15 +209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_backward_cpu(
 
 // Schemas: torchhessdiag/_schemas.py holds the same strings (tests/test_backend.py).
 TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
-  m.def("jet2_mul(Tensor a0, Tensor a1, Tensor sa, Tensor b0, Tensor b1, Tensor sb, "
-        "Tensor? weights) -> (Tensor, Tensor, Tensor)");
-  m.def("jet2_mul_backward(Tensor? gv, Tensor? gy1, Tensor? gs, Tensor a0, Tensor a1, "
-        "Tensor sa, Tensor b0, Tensor b1, Tensor sb, Tensor? weights) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("jet2_act(Tensor h0, Tensor h1, Tensor s, str act, float a, float b, Tensor? weights) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("jet2_act_backward(Tensor? gy0, Tensor? gy1, Tensor? gsy, Tensor h0, Tensor h1, "
-        "Tensor s, str act, float a, float b, Tensor? weights) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "jet2_mul(Tensor a0, Tensor a1, Tensor sa, Tensor b0, Tensor b1, Tensor sb, "
+      "Tensor? weights) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "jet2_mul_backward(Tensor? gv, Tensor? gy1, Tensor? gs, Tensor a0, Tensor a1, "
+      "Tensor sa, Tensor b0, Tensor b1, Tensor sb, Tensor? weights) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "jet2_act(Tensor h0, Tensor h1, Tensor s, str act, float a, float b, Tensor? weights) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "jet2_act_backward(Tensor? gy0, Tensor? gy1, Tensor? gsy, Tensor h0, Tensor h1, "
+      "Tensor s, str act, float a, float b, Tensor? weights) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {

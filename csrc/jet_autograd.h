@@ -64,7 +64,8 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// ---- the ops, through the dispatcher -------------------------------------------------------------
+// ---- the ops, through the dispatcher
+// -------------------------------------------------------------
 
 using ForwardSig = at::Tensor(const at::Tensor&, c10::string_view, double, double);
 using DerivsSig = at::Tensor(const at::Tensor&, c10::string_view, double, double, at::IntArrayRef);
@@ -122,12 +123,13 @@ inline at::Tensor add_opt(const at::Tensor& x, const at::Tensor& y) {
   return at::add(x, y);
 }
 
-// ---- forward-mode AD ------------------------------------------------------------------------------
-// Tangents (torch.autograd.forward_ad, torch.func.jvp) at level 0, as torch's generated kernels
-// set them: computed from the primals with the ops themselves (with autograd, so a tangent is
-// differentiable in reverse mode too). A backward node that meets a dual tensor (forward-over-
-// reverse) does not use its kept derivatives, which carry no tangent: it calls the ops, whose
-// autograd kernels set the tangents.
+// ---- forward-mode AD
+// ------------------------------------------------------------------------------ Tangents
+// (torch.autograd.forward_ad, torch.func.jvp) at level 0, as torch's generated kernels set them:
+// computed from the primals with the ops themselves (with autograd, so a tangent is differentiable
+// in reverse mode too). A backward node that meets a dual tensor (forward-over- reverse) does not
+// use its kept derivatives, which carry no tangent: it calls the ops, whose autograd kernels set
+// the tangents.
 
 inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
 inline bool any_tangent(std::initializer_list<const at::Tensor*> ts) {
@@ -144,7 +146,8 @@ inline at::Tensor grad_through_op(const at::Tensor& w, const at::Tensor& z, c10:
   return at::mul(w, beyond_op().call(z, act, a, b, k));
 }
 
-// ---- the piecewise-linear warning (once per process and activation) ------------------------------
+// ---- the piecewise-linear warning (once per process and activation)
+// ------------------------------
 
 inline std::atomic<bool>* pwl_warned() {
   static std::atomic<bool> flags[static_cast<int>(Act::kCount)];
@@ -161,7 +164,8 @@ inline void warn_piecewise_linear(Act act) {
   // verbatim: the message as the Python backend words it, without torch's "Triggered internally
   // at <source path>" suffix
   ::c10::warn(::c10::Warning(
-      ::c10::UserWarning(), ::c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+      ::c10::UserWarning(),
+      ::c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
       std::string("torchhessdiag: second and higher derivatives of ") +
           kActNames[static_cast<int>(act)] +
           " are exactly 0 -- it is piecewise linear, and its true second derivative is a Dirac "
@@ -171,7 +175,8 @@ inline void warn_piecewise_linear(Act act) {
       /*verbatim=*/true));
 }
 
-// ---- the state shared by the nodes of one activation ---------------------------------------------
+// ---- the state shared by the nodes of one activation
+// ---------------------------------------------
 
 struct ActState {
   ActState(const at::Tensor& z, Act act_, double a_, double b_)
@@ -200,7 +205,8 @@ struct ActState {
     TORCH_CHECK(y_._version() == y_version_,
                 "one of the variables needed for gradient computation has been modified by an "
                 "inplace operation: the output of a torchhessdiag.nn.Exp (ThdActivationBackward) "
-                "is at version ", y_._version(), "; expected version ", y_version_, " instead.");
+                "is at version ",
+                y_._version(), "; expected version ", y_version_, " instead.");
     return y_;
   }
 
@@ -268,7 +274,8 @@ at::Tensor times_deriv(const at::Tensor& w, const StatePtr& s, int k);
 std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w, const at::Tensor& g,
                                                     const StatePtr& s, int k);
 
-// ---- nodes ---------------------------------------------------------------------------------------
+// ---- nodes
+// ---------------------------------------------------------------------------------------
 
 // y = sigma(z) (act_forward); input 0: z.
 struct ActNode final : Node {
@@ -493,15 +500,16 @@ struct DerivsNode final : Node {
   }
 };
 
-// ---- making nodes --------------------------------------------------------------------------------
+// ---- making nodes
+// --------------------------------------------------------------------------------
 
 template <class N>
 c10::intrusive_ptr<N> new_node(torch::autograd::edge_list&& edges) {
   return c10::make_intrusive<N>(std::move(edges));
 }
 
-inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const StatePtr& s,
-                                 int k, const at::Tensor* value = nullptr) {
+inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const StatePtr& s, int k,
+                                 const at::Tensor* value = nullptr) {
   at::Tensor out;
   if (value != nullptr) {
     out = *value;
@@ -529,8 +537,10 @@ inline at::Tensor make_grad_node(const at::Tensor& w, const at::Tensor& z, const
   return out;
 }
 
-inline std::tuple<at::Tensor, at::Tensor> make_grad_backward_node(
-    const at::Tensor& w, const at::Tensor& g, const at::Tensor& z, const StatePtr& s, int k) {
+inline std::tuple<at::Tensor, at::Tensor> make_grad_backward_node(const at::Tensor& w,
+                                                                  const at::Tensor& g,
+                                                                  const at::Tensor& z,
+                                                                  const StatePtr& s, int k) {
   at::Tensor a1, a2;
   {
     const auto D = s->derivs({k, k + 1});
@@ -567,8 +577,7 @@ inline at::Tensor ActState::plain_product(const at::Tensor& w, int k) {
   return at::mul(w, derivs({k})[0]);
 }
 
-inline std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w,
-                                                           const at::Tensor& g,
+inline std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w, const at::Tensor& g,
                                                            const StatePtr& s, int k) {
   if (s->zero_from_2() && k + 1 >= 2)
     return {times_deriv(w, s, k), at::zeros_like(w, at::MemoryFormat::Contiguous)};
@@ -582,7 +591,8 @@ inline std::tuple<at::Tensor, at::Tensor> times_deriv_pair(const at::Tensor& w,
   return mul_pair_op().call(w, g, D[0], D[1]);
 }
 
-// ---- the Autograd kernels of the ops -------------------------------------------------------------
+// ---- the Autograd kernels of the ops
+// -------------------------------------------------------------
 
 inline at::Tensor act_forward_autograd(const at::Tensor& z, c10::string_view act_name, double a,
                                        double b) {
@@ -616,8 +626,7 @@ inline at::Tensor act_grad_autograd(const at::Tensor& g, const at::Tensor& z,
     at::Tensor t;
     if (has_tangent(g)) t = grad_through_op(g._fw_grad(0), zp, act_name, a, b, k);
     if (has_tangent(z))
-      t = add_opt(t, grad_through_op(at::mul(primal(g), z._fw_grad(0)), zp, act_name, a, b,
-                                     k + 1));
+      t = add_opt(t, grad_through_op(at::mul(primal(g), z._fw_grad(0)), zp, act_name, a, b, k + 1));
     out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
   }
   if (!any_requires_grad({&g, &z})) return out;
@@ -625,8 +634,8 @@ inline at::Tensor act_grad_autograd(const at::Tensor& g, const at::Tensor& z,
   return make_grad_node(g, z, s, static_cast<int>(k), &out);
 }
 
-inline at::Tensor act_derivatives_autograd(const at::Tensor& z, c10::string_view act_name,
-                                           double a, double b, at::IntArrayRef orders) {
+inline at::Tensor act_derivatives_autograd(const at::Tensor& z, c10::string_view act_name, double a,
+                                           double b, at::IntArrayRef orders) {
   at::Tensor D;
   {
     Below below;

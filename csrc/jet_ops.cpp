@@ -29,8 +29,8 @@ struct CpuExec {
 struct CpuKernels : Kernels<CpuExec> {
   static void act_derivatives(const DerivsArgs& p) {
     const cpu::KernelTable& kt = cpu::kernels();
-    cpu::DerivsJob job{static_cast<int>(p.act), p.a, p.b, p.max_k, p.n_orders, p.orders,
-                       p.z, p.out, p.numel};
+    cpu::DerivsJob job{
+        static_cast<int>(p.act), p.a, p.b, p.max_k, p.n_orders, p.orders, p.z, p.out, p.numel};
     auto fn = kt.derivs[p.dtype == at::kDouble ? 1 : 0];
     // chunks of whole SIMD vectors, so only the last chunk has a partial one
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {

@@ -39,7 +39,7 @@ inline Act parse_act(c10::string_view name) {
   for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
     known += std::string(i ? ", " : "") + kActNames[i];
   THD_CHECK_VALUE(false, "torchhessdiag: unknown activation '", std::string(name),
-                    "'; supported: ", known);
+                  "'; supported: ", known);
   return Act::Identity;
 }
 
@@ -47,32 +47,30 @@ inline void check_params(Act act, double a, double b) {
   (void)b;
   if (act == Act::Softplus)
     THD_CHECK_VALUE(a != 0.0, "torchhessdiag: softplus needs beta != 0 (got 0)");
-  if (act == Act::CELU)
-    THD_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
+  if (act == Act::CELU) THD_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
 }
 
 inline void check_input(const at::Tensor& t, const char* what, const char* op) {
   THD_CHECK_VALUE(t.defined(), "torchhessdiag.", op, ": ", what, " is undefined");
-  THD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                   "torchhessdiag.", op, ": ", what, " must be float32 or float64, got ",
-                   t.scalar_type(), "; cast it with .float() or .double()");
+  THD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "torchhessdiag.",
+                 op, ": ", what, " must be float32 or float64, got ", t.scalar_type(),
+                 "; cast it with .float() or .double()");
 }
 
-inline void check_like(const at::Tensor& t, const at::Tensor& z, const char* what,
-                       const char* op) {
+inline void check_like(const at::Tensor& t, const at::Tensor& z, const char* what, const char* op) {
   check_input(t, what, op);
-  THD_CHECK_VALUE(t.device() == z.device(), "torchhessdiag.", op, ": ", what, " is on ",
-                    t.device(), " but z is on ", z.device(), "; move both to one device");
+  THD_CHECK_VALUE(t.device() == z.device(), "torchhessdiag.", op, ": ", what, " is on ", t.device(),
+                  " but z is on ", z.device(), "; move both to one device");
   THD_CHECK_TYPE(t.scalar_type() == z.scalar_type(), "torchhessdiag.", op, ": ", what,
-                   " has dtype ", t.scalar_type(), " but z has ", z.scalar_type());
+                 " has dtype ", t.scalar_type(), " but z has ", z.scalar_type());
   THD_CHECK_VALUE(t.sizes() == z.sizes(), "torchhessdiag.", op, ": ", what, " has shape ",
-                    t.sizes(), " but z has shape ", z.sizes());
+                  t.sizes(), " but z has shape ", z.sizes());
 }
 
 inline void check_order(int64_t k, int64_t max_k, const char* op) {
   THD_CHECK_VALUE(k >= 0 && k <= max_k, "torchhessdiag.", op, ": derivative order ", k,
-                    " is outside the table (0..", max_k,
-                    "); higher orders go through torchhessdiag.activation_derivatives");
+                  " is outside the table (0..", max_k,
+                  "); higher orders go through torchhessdiag.activation_derivatives");
 }
 
 // ---- per-element bodies ----------------------------------------------------------------------
@@ -223,8 +221,14 @@ struct Kernels {
         using A = std::decay_t<decltype(tag)>;
         dispatch_order(p.max_k, [&](auto n) {
           constexpr int N = std::decay_t<decltype(n)>::value;
-          DerivsBody<A, N, T> body{static_cast<const T*>(p.z), static_cast<T*>(p.out), p.numel,
-                                   static_cast<T>(p.a), static_cast<T>(p.b), p.n_orders, {}, {}};
+          DerivsBody<A, N, T> body{static_cast<const T*>(p.z),
+                                   static_cast<T*>(p.out),
+                                   p.numel,
+                                   static_cast<T>(p.a),
+                                   static_cast<T>(p.b),
+                                   p.n_orders,
+                                   {},
+                                   {}};
           for (int j = 0; j < p.n_orders; ++j) {
             body.orders[j] = p.orders[j];
             body.slots[p.orders[j]] |= 1u << j;  // orders[j] <= max_k = N (checked by the op)
@@ -262,12 +266,12 @@ struct Kernels {
   static void mul_pair_backward(const MulPairBackwardArgs& p) {
     dispatch_float(p.dtype, [&](auto t) {
       using T = std::decay_t<decltype(t)>;
-      Exec::run(p.numel, MulPairBackwardBody<T>{
-                             static_cast<const T*>(p.g1), static_cast<const T*>(p.g2),
-                             static_cast<const T*>(p.w), static_cast<const T*>(p.g),
-                             static_cast<const T*>(p.d1), static_cast<const T*>(p.d2),
-                             static_cast<const T*>(p.d3), static_cast<T*>(p.ow),
-                             static_cast<T*>(p.og), static_cast<T*>(p.oz)});
+      Exec::run(p.numel,
+                MulPairBackwardBody<T>{static_cast<const T*>(p.g1), static_cast<const T*>(p.g2),
+                                       static_cast<const T*>(p.w), static_cast<const T*>(p.g),
+                                       static_cast<const T*>(p.d1), static_cast<const T*>(p.d2),
+                                       static_cast<const T*>(p.d3), static_cast<T*>(p.ow),
+                                       static_cast<T*>(p.og), static_cast<T*>(p.oz)});
     });
   }
 };
@@ -335,22 +339,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mul_pair_backward_impl(
   const index_t numel = w.numel();
   if (numel == 0) return {ow, og, oz};
   K::mul_pair_backward({w.scalar_type(), has1 ? g1.data_ptr() : nullptr,
-                        has2 ? g2.data_ptr() : nullptr, w.data_ptr(), g.data_ptr(),
-                        d1.data_ptr(), d2.data_ptr(), d3.data_ptr(), ow.data_ptr(),
-                        og.data_ptr(), oz.data_ptr(), numel});
+                        has2 ? g2.data_ptr() : nullptr, w.data_ptr(), g.data_ptr(), d1.data_ptr(),
+                        d2.data_ptr(), d3.data_ptr(), ow.data_ptr(), og.data_ptr(), oz.data_ptr(),
+                        numel});
   return {ow, og, oz};
 }
 
 template <class K>
-at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name, double a,
-                                double b, at::IntArrayRef orders) {
+at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name, double a, double b,
+                                at::IntArrayRef orders) {
   const char* op = "act_derivatives";
   check_input(z_, "z", op);
   const Act act = parse_act(act_name);
   check_params(act, a, b);
-  THD_CHECK_VALUE(orders.size() >= 1 && orders.size() <= kMaxOrdersPerCall, "torchhessdiag.",
-                    op, ": orders must list 1..", kMaxOrdersPerCall, " orders, got ",
-                    orders.size());
+  THD_CHECK_VALUE(orders.size() >= 1 && orders.size() <= kMaxOrdersPerCall, "torchhessdiag.", op,
+                  ": orders must list 1..", kMaxOrdersPerCall, " orders, got ", orders.size());
   int64_t max_k = 0;
   for (auto k : orders) {
     check_order(k, kMaxOrder, op);
@@ -363,8 +366,16 @@ at::Tensor act_derivatives_impl(const at::Tensor& z_, c10::string_view act_name,
   at::Tensor out = new_output(z, shape);
   const index_t numel = z.numel();
   if (numel == 0) return out;
-  DerivsArgs p{act, z.scalar_type(), z.data_ptr(), out.data_ptr(), numel, a, b,
-               static_cast<int>(max_k), static_cast<int>(orders.size()), {}};
+  DerivsArgs p{act,
+               z.scalar_type(),
+               z.data_ptr(),
+               out.data_ptr(),
+               numel,
+               a,
+               b,
+               static_cast<int>(max_k),
+               static_cast<int>(orders.size()),
+               {}};
   for (size_t j = 0; j < orders.size(); ++j) p.orders[j] = static_cast<int>(orders[j]);
   K::act_derivatives(p);
   return out;

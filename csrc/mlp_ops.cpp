@@ -25,8 +25,8 @@
 // build does not export them the GEMMs go through at::mm instead.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
@@ -59,8 +59,8 @@ void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A
 }
 
 template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i)
@@ -174,8 +174,8 @@ struct CpuMlp {
       const int64_t rows = P.rows[l], w = Ly.out;
       const bool keep = save && saved[l] != nullptr;
       T* Z = keep ? saved[l] + rows * n0 * w : s.other(in);
-      gemm_rm<T>(false, true, rows * n, w, in_w, in, in_w, static_cast<const T*>(Ly.W), in_w,
-                 T(0), Z, w);
+      gemm_rm<T>(false, true, rows * n, w, in_w, in, in_w, static_cast<const T*>(Ly.W), in_w, T(0),
+                 Z, w);
       if (Ly.act >= 0) {
         T* A = s.other(in, Z);
         cpu::MlpActJob j = job(l);
@@ -232,8 +232,8 @@ struct CpuMlp {
         break;
       }
       T* gA = s.other(gZ);
-      gemm_rm<T>(false, false, rows * n, win, w, gZ, w, static_cast<const T*>(Ly.W), win, T(0),
-                 gA, win);
+      gemm_rm<T>(false, false, rows * n, win, w, gZ, w, static_cast<const T*>(Ly.W), win, T(0), gA,
+                 win);
       const int pv = l - 1;
       const T* Aprev;
       T* gZp;
@@ -261,7 +261,8 @@ struct CpuMlp {
   }
 };
 
-// ---- the ops ----------------------------------------------------------------------------------------
+// ---- the ops
+// ----------------------------------------------------------------------------------------
 
 // The saved rows of a training step are the op's big allocations (N x rows x width per layer,
 // megabytes): on the CPU they come from the buffer pool (csrc/buffer_pool.h), which spares the
@@ -300,7 +301,8 @@ int64_t auto_chunk(const MlpPlan& P, int64_t limit) {
     }();
     c = std::max<int64_t>(8, kElems / std::max<int64_t>(1, per_point));
     const int64_t threads = at::get_num_threads();
-    if (threads > 1 && P.N * per_point >= kElems / 2) c = std::min(c, (P.N + threads - 1) / threads);
+    if (threads > 1 && P.N * per_point >= kElems / 2)
+      c = std::min(c, (P.N + threads - 1) / threads);
   } else {
     c = P.N;
   }
@@ -332,8 +334,8 @@ void forward_cpu(const MlpPlan& P, const at::Tensor& x, at::Tensor& out,
 
 template <typename T>
 void backward_cpu(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
-                  const std::vector<at::Tensor>& saved, at::Tensor& gx,
-                  std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb, at::Tensor& gC) {
+                  const std::vector<at::Tensor>& saved, at::Tensor& gx, std::vector<at::Tensor>& gW,
+                  std::vector<at::Tensor>& gb, at::Tensor& gC) {
   const cpu::KernelTable& kt = cpu::kernels();
   CpuMlp<T> prog{P, kt, std::is_same_v<T, double> ? 1 : 0};
   const int L = static_cast<int>(P.L.size());
@@ -382,7 +384,8 @@ void backward_cpu(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
   const T* total = accs[0].data();
   for (int l = 0; l < L; ++l) {
     std::memcpy(gW[l].data_ptr<T>(), total + offW[l], sizeof(T) * P.L[l].out * P.L[l].in);
-    if (P.L[l].b != nullptr) std::memcpy(gb[l].data_ptr<T>(), total + offb[l], sizeof(T) * P.L[l].out);
+    if (P.L[l].b != nullptr)
+      std::memcpy(gb[l].data_ptr<T>(), total + offb[l], sizeof(T) * P.L[l].out);
   }
   if (gC.numel()) std::memcpy(gC.data_ptr<T>(), total + offC, sizeof(T) * gC.numel());
 }
@@ -489,7 +492,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
   return {gx, gW, gb};
 }
 
-// ---- autograd (C++: no Python on the training path) ----------------------------------------------
+// ---- autograd (C++: no Python on the training path)
+// ----------------------------------------------
 //
 // The forward runs the op below autograd and saves its inputs and the saved rows; the backward is
 // mlp_jet_backward. When the backward itself is being recorded (create_graph=True), it calls
@@ -510,9 +514,8 @@ using JetBackwardSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vect
     at::IntArrayRef, bool, bool, int64_t, at::TensorList, bool);
 
 const c10::TypedOperatorHandle<JetSig>& jet_handle() {
-  static const auto h = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("torchhessdiag::mlp_jet", "")
-                            .typed<JetSig>();
+  static const auto h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torchhessdiag::mlp_jet", "").typed<JetSig>();
   return h;
 }
 
@@ -528,8 +531,7 @@ struct MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
                                at::TensorList bs, const c10::optional<at::Tensor>& V,
                                std::vector<int64_t> acts, std::vector<double> act_a,
                                std::vector<double> act_b, std::vector<int64_t> axes,
-                               std::vector<int64_t> sel, bool diag, bool grad_rows,
-                               int64_t chunk) {
+                               std::vector<int64_t> sel, bool diag, bool grad_rows, int64_t chunk) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto res = jet_handle().call(x, Ws, bs, acts, act_a, act_b, V, axes, sel, diag, grad_rows,
                                  chunk, /*save=*/true);
@@ -587,12 +589,12 @@ struct MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
     const bool need_gx = x.requires_grad();
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> g;
     if (at::GradMode::is_enabled()) {  // double backward: through the op's own autograd
-      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes,
-                                     sel, diag, grad_rows, chunk, saved, need_gx);
+      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes, sel,
+                                     diag, grad_rows, chunk, saved, need_gx);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
-      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes,
-                                     sel, diag, grad_rows, chunk, saved, need_gx);
+      g = jet_backward_handle().call(gout.contiguous(), x, Ws, bs, acts, act_a, act_b, V, axes, sel,
+                                     diag, grad_rows, chunk, saved, need_gx);
     }
     if (need_gx) result[0] = std::get<0>(g);
     for (int64_t l = 0; l < L; ++l) {
@@ -680,10 +682,10 @@ void cpu_constants(MlpPlan& P, const at::TensorList& Ws) {
 }  // namespace
 
 MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::TensorList& bs,
-                      at::IntArrayRef acts, at::ArrayRef<double> act_a,
-                      at::ArrayRef<double> act_b, const c10::optional<at::Tensor>& V_,
-                      at::IntArrayRef axes, at::IntArrayRef sel, bool diag, bool grad_rows,
-                      int64_t chunk, const char* op) {
+                      at::IntArrayRef acts, at::ArrayRef<double> act_a, at::ArrayRef<double> act_b,
+                      const c10::optional<at::Tensor>& V_, at::IntArrayRef axes,
+                      at::IntArrayRef sel, bool diag, bool grad_rows, int64_t chunk,
+                      const char* op) {
   THD_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                  ": x must be float32 or float64, got ", x.scalar_type());
   THD_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), op,
@@ -693,8 +695,8 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
   THD_CHECK_VALUE(static_cast<int64_t>(bs.size()) == L && static_cast<int64_t>(acts.size()) == L &&
                       static_cast<int64_t>(act_a.size()) == L &&
                       static_cast<int64_t>(act_b.size()) == L,
-                  op, ": weights, biases, acts, act_a and act_b must have one entry per layer (",
-                  L, " layers)");
+                  op, ": weights, biases, acts, act_a and act_b must have one entry per layer (", L,
+                  " layers)");
   MlpPlan P;
   P.dtype = x.scalar_type();
   P.device = x.device();
@@ -715,18 +717,17 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
     THD_CHECK_VALUE(W.dim() == 2 && W.is_contiguous() && W.size(1) == width, op, ": weight ", l,
                     " must be a contiguous (out, ", width, ") matrix, got shape ", W.sizes());
     MlpLayerSpec Ly{W.data_ptr(), nullptr, width, W.size(0), static_cast<int>(acts[l]),
-                    act_a[l], act_b[l]};
+                    act_a[l],     act_b[l]};
     const at::Tensor& b = bs[l];  // numel 0: the layer has no bias
     if (b.numel() > 0) {
       THD_CHECK_TYPE(b.scalar_type() == P.dtype && b.device() == x.device(), op, ": bias ", l,
                      " must have x's dtype and device");
-      THD_CHECK_VALUE(b.dim() == 1 && b.size(0) == W.size(0) && b.is_contiguous(), op,
-                      ": bias ", l, " must be a contiguous (", W.size(0),
-                      ",) vector (or empty: no bias)");
+      THD_CHECK_VALUE(b.dim() == 1 && b.size(0) == W.size(0) && b.is_contiguous(), op, ": bias ", l,
+                      " must be a contiguous (", W.size(0), ",) vector (or empty: no bias)");
       Ly.b = b.data_ptr();
     }
-    THD_CHECK_VALUE(acts[l] >= -1 && acts[l] < static_cast<int64_t>(Act::kCount), op,
-                    ": acts[", l, "] = ", acts[l], " is not an activation id (-1 or 0..",
+    THD_CHECK_VALUE(acts[l] >= -1 && acts[l] < static_cast<int64_t>(Act::kCount), op, ": acts[", l,
+                    "] = ", acts[l], " is not an activation id (-1 or 0..",
                     static_cast<int64_t>(Act::kCount) - 1, ")");
     if (acts[l] == static_cast<int64_t>(Act::Softplus))
       THD_CHECK_VALUE(act_a[l] != 0.0, op, ": softplus needs beta != 0");
@@ -739,7 +740,8 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
     P.L.push_back(Ly);
     width = W.size(0);
   }
-  THD_CHECK_VALUE(P.first_act >= 0, op, ": the network has no activation (its second derivatives are 0)");
+  THD_CHECK_VALUE(P.first_act >= 0, op,
+                  ": the network has no activation (its second derivatives are 0)");
   P.m = width;
   const bool has_V = V_.has_value() && V_->defined();
   if (has_V) {
@@ -759,8 +761,8 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
   THD_CHECK_VALUE(P.K >= 1, op, ": at least one direction (V or axes) is needed");
   std::vector<uint8_t> seen(P.K, 0);
   for (int64_t k : sel) {
-    THD_CHECK_VALUE(k >= 0 && k < P.K && !seen[k], op, ": sel must hold distinct direction indices in [0, ",
-                    P.K, "), got ", sel);
+    THD_CHECK_VALUE(k >= 0 && k < P.K && !seen[k], op,
+                    ": sel must hold distinct direction indices in [0, ", P.K, "), got ", sel);
     seen[k] = 1;
   }
   THD_CHECK_VALUE(!sel.empty(), op, ": sel is empty");
@@ -807,7 +809,8 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
     P.Cs.push_back(C);
   }
   at::Tensor idx = at::tensor(diag ? P.sel : std::vector<int64_t>(sel.begin(), sel.end()),
-                              at::TensorOptions().dtype(at::kLong)).to(x.device());
+                              at::TensorOptions().dtype(at::kLong))
+                       .to(x.device());
   P.Q = diag ? C.index_select(0, idx).square().contiguous()
              : C.index_select(0, idx).square().sum(0, true).contiguous();
   return P;

@@ -46,8 +46,8 @@ struct MlpLayerSpec {
   const void* W;  // (out, in), contiguous
   const void* b;  // (out) or nullptr
   int64_t in, out;
-  int act;        // Act id, or -1: no activation
-  double a, b2;   // the activation's parameters
+  int act;       // Act id, or -1: no activation
+  double a, b2;  // the activation's parameters
 };
 
 struct MlpPlan {
@@ -57,25 +57,24 @@ struct MlpPlan {
   bool diag, grad_rows;
   int first_act, last_act;
   std::vector<MlpLayerSpec> L;
-  std::vector<int64_t> rows;       // rows of z_l's jet
-  std::vector<int64_t> a_rows;     // rows of a_l's jet that the next layer (or the output) uses
+  std::vector<int64_t> rows;    // rows of z_l's jet
+  std::vector<int64_t> a_rows;  // rows of a_l's jet that the next layer (or the output) uses
   std::vector<int64_t> saved_numel;
   int64_t out_rows;
-  std::vector<uint8_t> in_sum;     // sum mode: K flags
-  std::vector<int64_t> sel;        // diag mode: S direction indices
+  std::vector<uint8_t> in_sum;  // sum mode: K flags
+  std::vector<int64_t> sel;     // diag mode: S direction indices
   // constant first-order rows: Cs[l] = (K, w_l) for l <= first_act (C_{l} = C_{l-1} W_l^T,
   // C_{-1} = V^T); Q = (S, w_first) the squared sums the first activation needs
   std::vector<at::Tensor> Cs;
-  at::Tensor VT, Q;                // VT = V^T (K, d) when directions were given as V
-  std::vector<int64_t> axes;       // otherwise the coordinate axes (K of them)
+  at::Tensor VT, Q;           // VT = V^T (K, d) when directions were given as V
+  std::vector<int64_t> axes;  // otherwise the coordinate axes (K of them)
   at::Tensor axes_t;
 };
 
 MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::TensorList& bs,
-                      at::IntArrayRef acts, at::ArrayRef<double> act_a,
-                      at::ArrayRef<double> act_b, const c10::optional<at::Tensor>& V,
-                      at::IntArrayRef axes, at::IntArrayRef sel, bool diag, bool grad_rows,
-                      int64_t chunk, const char* op);
+                      at::IntArrayRef acts, at::ArrayRef<double> act_a, at::ArrayRef<double> act_b,
+                      const c10::optional<at::Tensor>& V, at::IntArrayRef axes, at::IntArrayRef sel,
+                      bool diag, bool grad_rows, int64_t chunk, const char* op);
 
 // The CPU buffer pool (csrc/buffer_pool.h) that the fused op's saved rows and the activation ops'
 // outputs come from, for torchhessdiag.empty_cache() / backend_info().

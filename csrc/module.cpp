@@ -126,9 +126,7 @@ PyObject* activations(PyObject*, PyObject*) {
   return t;
 }
 
-PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(thd::cpu::kernels().name);
-}
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(thd::cpu::kernels().name); }
 
 // set_cpu_isa("scalar" | "avx2" | "avx512"): use at most that instruction set (the widest usable
 // one up to it); returns the name of the build now in use. For tests and benchmarks.
@@ -143,15 +141,19 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   } else if (std::strcmp(s, "avx512") == 0) {
     isa = thd::cpu::Isa::AVX512;
   } else {
-    PyErr_Format(PyExc_ValueError,
-                 "set_cpu_isa: expected 'scalar', 'avx2' or 'avx512', got '%s'", s);
+    PyErr_Format(PyExc_ValueError, "set_cpu_isa: expected 'scalar', 'avx2' or 'avx512', got '%s'",
+                 s);
     return nullptr;
   }
   return PyUnicode_FromString(thd::cpu::set_max_isa(isa).name);
 }
 
-PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::buffer_pool_clear()); }
-PyObject* cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(thd::buffer_pool_bytes()); }
+PyObject* empty_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(thd::buffer_pool_clear());
+}
+PyObject* cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(thd::buffer_pool_bytes());
+}
 
 PyMethodDef kMethods[] = {
     {"empty_cache", empty_cache, METH_NOARGS,
@@ -161,10 +163,13 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use at most this instruction set ('scalar', 'avx2', 'avx512') for the CPU kernels."},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "True if the CUDA kernels were compiled in."},
-    {"cuda_archs", cuda_archs, METH_NOARGS, "The -gencode targets of the CUDA kernels ('' if none)."},
-    {"cuda_probe_launch", cuda_probe_launch, METH_O, "(code, name, message) of an empty kernel launch on a device."},
+    {"cuda_archs", cuda_archs, METH_NOARGS,
+     "The -gencode targets of the CUDA kernels ('' if none)."},
+    {"cuda_probe_launch", cuda_probe_launch, METH_O,
+     "(code, name, message) of an empty kernel launch on a device."},
     {"cuda_probe_reset", cuda_probe_reset, METH_NOARGS, "Forget the per-device probe answers."},
-    {"cuda_probe_state", cuda_probe_state, METH_O, "0 not probed, 1 compiled kernels, 2 reference."},
+    {"cuda_probe_state", cuda_probe_state, METH_O,
+     "0 not probed, 1 compiled kernels, 2 reference."},
     {"max_order", max_order, METH_NOARGS, "Highest derivative order in the table."},
     {"activations", activations, METH_NOARGS, "Names of the activations in the table."},
     {"_reset_piecewise_linear_warnings", reset_pwl_warnings, METH_NOARGS,

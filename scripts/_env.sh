@@ -27,6 +27,7 @@ fi
 # the tools when their list is unchanged, the build when no input of it changed (a hash of
 # setup.py, csrc/ and the torch version). A changed input rebuilds incrementally (ninja, build/).
 RUFF_SPEC='ruff==0.17.6'  # the linter (pyproject.toml [tool.ruff]); pinned: new rules come with new versions
+CLANG_FORMAT_SPEC='clang-format==19.1.7'  # the C++/CUDA formatter (.clang-format); pinned likewise
 TOOLS='"setuptools>=64" wheel ninja pytest numpy mpmath matplotlib hypothesis '"$RUFF_SPEC"
 STAMP_DIR="$VENV/.torchhessdiag"
 mkdir -p "$STAMP_DIR"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ruff over the Python sources (rules: pyproject.toml [tool.ruff]). Takes seconds and needs neither
-# torch nor the build, so CI (.ci/run) runs it first. Uses the venv's ruff -- the version
+# ruff over the Python sources (rules: pyproject.toml [tool.ruff]) and clang-format over csrc/
+# (.clang-format), as checks. Takes seconds and needs neither torch nor the build, so CI (.ci/run)
+# runs it first. Uses the venv's ruff -- the version
 # scripts/_env.sh pins in RUFF_SPEC and installs with the build and test tools -- and installs that
 # version alone into the venv when it is not there yet (a fresh clone). Extra arguments go to ruff.
 #
@@ -22,3 +23,13 @@ if [ "$("$VENV/bin/ruff" --version 2>/dev/null)" != "ruff ${RUFF_SPEC#ruff==}" ]
 fi
 echo "== ruff check"
 "$VENV/bin/ruff" check "$@" .
+# csrc/: clang-format (.clang-format), the pinned version, as a check (no file is changed here;
+# `clang-format -i` on the files it names fixes them)
+CLANG_FORMAT_SPEC="$(sed -n "s/^CLANG_FORMAT_SPEC='\([^']*\)'.*/\1/p" scripts/_env.sh)"
+[ -n "$CLANG_FORMAT_SPEC" ] || { echo "lint.sh: no CLANG_FORMAT_SPEC in scripts/_env.sh" >&2; exit 1; }
+if ! "$VENV/bin/clang-format" --version 2>/dev/null | grep -q "version ${CLANG_FORMAT_SPEC#clang-format==}"; then
+  echo "== installing $CLANG_FORMAT_SPEC"
+  "$VENV/bin/python" -m pip install -q "$CLANG_FORMAT_SPEC"
+fi
+echo "== clang-format --dry-run --Werror (csrc/)"
+git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'csrc/*.inc' | xargs "$VENV/bin/clang-format" --dry-run --Werror

@@ -36,27 +36,27 @@ struct MlpActJob {
   int act;
   double a, b;
   int64_t n, w, S, K;
-  bool diag;                 // per-direction second-order rows
-  const uint8_t* in_sum;     // sum mode: K flags, direction k is in the sum
-  const int64_t* sel;        // diag mode: S direction indices
-  const void* bias;          // (w) added to row 0, or nullptr (row 0 already holds z)
+  bool diag;              // per-direction second-order rows
+  const uint8_t* in_sum;  // sum mode: K flags, direction k is in the sum
+  const int64_t* sel;     // diag mode: S direction indices
+  const void* bias;       // (w) added to row 0, or nullptr (row 0 already holds z)
   // forward: Z (rows in) -> A (rows out). const_J: the first-order rows are the constant C
   // (K, w) for every point and the second-order rows are zero (the first activation); then Z
   // holds row 0 only and Q (S, w) holds sum_k C_k^2 per second-order row.
   bool const_J;
   const void* C;
   const void* Q;
-  void* Z;                   // in: rows; row 0 gets z + bias written back when write_z
+  void* Z;  // in: rows; row 0 gets z + bias written back when write_z
   bool write_z;
-  void* A;                   // out (rows 0..a_rows-1), or nullptr
-  int64_t a_rows;            // 1 + S (no first-order rows needed after this layer) or 1 + S + K
+  void* A;         // out (rows 0..a_rows-1), or nullptr
+  int64_t a_rows;  // 1 + S (no first-order rows needed after this layer) or 1 + S + K
   // backward only
-  const void* gA;            // gradient of A's rows 0..g_rows-1 (rows beyond are zero)
+  const void* gA;  // gradient of A's rows 0..g_rows-1 (rows beyond are zero)
   int64_t g_rows;
-  void* gZ;                  // out: gradient of Z (row 0 only when const_J)
-  void* gC;                  // const_J: (K, w) accumulated += sum over the points of dL/dC
-  bool gC_per_point;         // instead: gC is (K, n, w), one term per point (the CUDA kernels,
-                             // where threads of different points would race on a sum)
+  void* gZ;           // out: gradient of Z (row 0 only when const_J)
+  void* gC;           // const_J: (K, w) accumulated += sum over the points of dL/dC
+  bool gC_per_point;  // instead: gC is (K, n, w), one term per point (the CUDA kernels,
+                      // where threads of different points would race on a sum)
 };
 
 // The drop-in activations' ops (issue 14), on [begin, end) of numel elements:

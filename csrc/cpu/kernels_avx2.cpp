@@ -26,7 +26,7 @@ const KernelTable* table_avx2() {
   if (!isa_avx2::sleef_linked()) return nullptr;
   static const KernelTable t =
       isa_avx2::make_table<isa_avx2::VecLanes<float>, isa_avx2::VecLanes<double>>(Isa::AVX2,
-                                                                                 "avx2");
+                                                                                  "avx2");
   return &t;
 #else
   return nullptr;

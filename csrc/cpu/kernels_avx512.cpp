@@ -26,9 +26,9 @@ const KernelTable* table_avx512() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")))
     return nullptr;
   if (!isa_avx512::sleef_linked()) return nullptr;
-  static const KernelTable t = isa_avx512::make_table<isa_avx512::VecLanes<float>,
-                                                      isa_avx512::VecLanes<double>>(
-      Isa::AVX512, "avx512");
+  static const KernelTable t =
+      isa_avx512::make_table<isa_avx512::VecLanes<float>, isa_avx512::VecLanes<double>>(Isa::AVX512,
+                                                                                        "avx512");
   return &t;
 #else
   return nullptr;

@@ -113,8 +113,8 @@ THD_HD void mlp_forward_elem(const cpu::MlpActJob& p, int64_t i, int64_t j, int 
   } else {
     for (int64_t r = 0; r < S; ++r) {
       const V Jd = X::ld(Z + (1 + S + p.sel[r]) * plane + o, cnt);
-      X::st(A + (1 + r) * plane + o,
-            d[1] * X::ld(Z + (1 + r) * plane + o, cnt) + d[2] * Jd * Jd, cnt);
+      X::st(A + (1 + r) * plane + o, d[1] * X::ld(Z + (1 + r) * plane + o, cnt) + d[2] * Jd * Jd,
+            cnt);
     }
     if (want_J)
       for (int64_t k = 0; k < K; ++k)
@@ -398,9 +398,10 @@ void add_dropin_kernels(cpu::KernelTable& t) {
   t.grad[1] = &grad_entry<LD>;
 }
 
-// ---- the collapsed second-order jet ops (cpu::Jet2Job) --------------------------------------------
-// Each point's value, K first-order rows and summed second-order row are read and written in one
-// pass; the sum over the directions is a register accumulator.
+// ---- the collapsed second-order jet ops (cpu::Jet2Job)
+// -------------------------------------------- Each point's value, K first-order rows and summed
+// second-order row are read and written in one pass; the sum over the directions is a register
+// accumulator.
 
 template <class L>
 struct Jet2Ptrs {

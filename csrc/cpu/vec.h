@@ -88,9 +88,18 @@ struct Vec {
   friend THD_HD Vec operator*(Vec a, Vec b) { return Vec(a.v * b.v); }
   friend THD_HD Vec operator/(Vec a, Vec b) { return Vec(a.v / b.v); }
   friend THD_HD Vec operator-(Vec a) { return Vec(-a.v); }
-  THD_HD Vec& operator+=(Vec b) { v += b.v; return *this; }
-  THD_HD Vec& operator-=(Vec b) { v -= b.v; return *this; }
-  THD_HD Vec& operator*=(Vec b) { v *= b.v; return *this; }
+  THD_HD Vec& operator+=(Vec b) {
+    v += b.v;
+    return *this;
+  }
+  THD_HD Vec& operator-=(Vec b) {
+    v -= b.v;
+    return *this;
+  }
+  THD_HD Vec& operator*=(Vec b) {
+    v *= b.v;
+    return *this;
+  }
   friend THD_HD Mask<T> operator<(Vec a, Vec b) { return {a.v < b.v}; }
   friend THD_HD Mask<T> operator<=(Vec a, Vec b) { return {a.v <= b.v}; }
   friend THD_HD Mask<T> operator>(Vec a, Vec b) { return {a.v > b.v}; }
@@ -131,8 +140,8 @@ THD_HD Vec<T> t_copysign(Vec<T> x, Vec<T> y) {
 #define THD_SLEEF_F(fn, u) Sleef_##fn##f8_##u##avx2
 #define THD_SLEEF_D(fn, u) Sleef_##fn##d4_##u##avx2
 #endif
-#define THD_SLEEF_BOTH(fn, u)                                                          \
-  THD_SLEEF_DECL(thd::THD_ISA_NS::VecTraits<float>::raw, THD_SLEEF_F(fn, u))           \
+#define THD_SLEEF_BOTH(fn, u)                                                \
+  THD_SLEEF_DECL(thd::THD_ISA_NS::VecTraits<float>::raw, THD_SLEEF_F(fn, u)) \
   THD_SLEEF_DECL(thd::THD_ISA_NS::VecTraits<double>::raw, THD_SLEEF_D(fn, u))
 THD_SLEEF_BOTH(exp, u10)
 THD_SLEEF_BOTH(expm1, u10)
@@ -144,8 +153,8 @@ THD_SLEEF_BOTH(cos, u10)
 namespace thd {
 inline namespace THD_ISA_NS {
 
-#define THD_VEC_MATH(name, fn, u)                                                         \
-  THD_HD Vec<float> name(Vec<float> x) { return Vec<float>(THD_SLEEF_F(fn, u)(x.v)); }    \
+#define THD_VEC_MATH(name, fn, u)                                                      \
+  THD_HD Vec<float> name(Vec<float> x) { return Vec<float>(THD_SLEEF_F(fn, u)(x.v)); } \
   THD_HD Vec<double> name(Vec<double> x) { return Vec<double>(THD_SLEEF_D(fn, u)(x.v)); }
 THD_VEC_MATH(t_exp, exp, u10)
 THD_VEC_MATH(t_expm1, expm1, u10)
@@ -173,7 +182,7 @@ THD_HD void exp_pair(Vec<T> a, Vec<T>& e, Vec<T>& em) {
   const auto ok = a <= big;  // false for NaN and beyond
   const V x = -t_sel(ok, a, big);
   const V magic = V(kDouble ? 6755399441055744.0 : 12582912.0);  // 1.5 * 2^52, 1.5 * 2^23
-  const V t = x * V(1.4426950408889634074) + magic;                // round(x / ln2) in its bits
+  const V t = x * V(1.4426950408889634074) + magic;              // round(x / ln2) in its bits
   const V kf = t - magic;
   const I k = (I)t.v - (I)magic.v;
   // Cody-Waite: ln2 = C1 + C2 with C1 short enough that kf * C1 is exact
@@ -216,8 +225,8 @@ THD_HD void exp_pair(Vec<T> a, Vec<T>& e, Vec<T>& em) {
 // Whether every SLEEF function the table uses was found in the loaded torch.
 inline bool sleef_linked() {
 #define THD_HAS(fn, u) (THD_SLEEF_F(fn, u) != nullptr && THD_SLEEF_D(fn, u) != nullptr)
-  return THD_HAS(exp, u10) && THD_HAS(expm1, u10) && THD_HAS(log1p, u10) &&
-         THD_HAS(erfc, u15) && THD_HAS(sin, u10) && THD_HAS(cos, u10);
+  return THD_HAS(exp, u10) && THD_HAS(expm1, u10) && THD_HAS(log1p, u10) && THD_HAS(erfc, u15) &&
+         THD_HAS(sin, u10) && THD_HAS(cos, u10);
 #undef THD_HAS
 }
 

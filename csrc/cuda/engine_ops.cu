@@ -30,9 +30,9 @@ int lanes_per_row(int64_t w) {
 
 template <typename T>
 __global__ void layer_rows_kernel(const T* J, T* Ja,  // may alias (in-place)
-                                  const T* __restrict__ s1,
-                                  const T* __restrict__ c, T* __restrict__ acc, int64_t N,
-                                  int64_t K, int64_t w, int64_t m, int G) {
+                                  const T* __restrict__ s1, const T* __restrict__ c,
+                                  T* __restrict__ acc, int64_t N, int64_t K, int64_t w, int64_t m,
+                                  int G) {
   const int lane = threadIdx.x % kWarp;
   const int sub = lane % G;  // lane within the row's group
   const int64_t rows_per_warp = kWarp / G;
@@ -78,8 +78,8 @@ template <typename T, int M>
 __global__ void layer_backward_kernel(const T* __restrict__ gJa, const T* __restrict__ gacc,
                                       const T* __restrict__ J, const T* __restrict__ s1,
                                       const T* __restrict__ c, T* __restrict__ dJ,
-                                      T* __restrict__ ds1, T* __restrict__ dc, int64_t N,
-                                      int64_t K, int64_t w, int64_t m) {
+                                      T* __restrict__ ds1, T* __restrict__ dc, int64_t N, int64_t K,
+                                      int64_t w, int64_t m) {
   const int64_t total = N * w;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -240,11 +240,11 @@ template <typename T, int M>
 void backward_launch(const LayerBackwardArgs& p) {
   const LayerDims& d = p.d;
   constexpr int threads = 256;
-  layer_backward_kernel<T, M><<<grid_for(d.N * d.w, threads), threads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(p.gJa), static_cast<const T*>(p.gacc), static_cast<const T*>(p.J),
-      static_cast<const T*>(p.s1), static_cast<const T*>(p.c), static_cast<T*>(p.dJ),
-      static_cast<T*>(p.ds1), static_cast<T*>(p.dc), d.N, d.K, d.w, d.m);
+  layer_backward_kernel<T, M>
+      <<<grid_for(d.N * d.w, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          static_cast<const T*>(p.gJa), static_cast<const T*>(p.gacc), static_cast<const T*>(p.J),
+          static_cast<const T*>(p.s1), static_cast<const T*>(p.c), static_cast<T*>(p.dJ),
+          static_cast<T*>(p.ds1), static_cast<T*>(p.dc), d.N, d.K, d.w, d.m);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -289,8 +289,8 @@ void taylor_cuda(const TaylorArgs& p) {
           static_cast<double*>(p.Y), d.N, d.K, d.w);
     else
       taylor_kernel<NO, float><<<blocks, threads, 0, stream>>>(
-          static_cast<const float*>(p.D), static_cast<const float*>(p.H),
-          static_cast<float*>(p.Y), d.N, d.K, d.w);
+          static_cast<const float*>(p.D), static_cast<const float*>(p.H), static_cast<float*>(p.Y),
+          d.N, d.K, d.w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -305,13 +305,13 @@ void taylor_backward_cuda(const TaylorBackwardArgs& p) {
     if (p.dtype == at::kDouble)
       taylor_backward_kernel<NO, double><<<blocks, threads, 0, stream>>>(
           static_cast<const double*>(p.gY), static_cast<const double*>(p.D),
-          static_cast<const double*>(p.H), static_cast<double*>(p.dD),
-          static_cast<double*>(p.dH), d.N, d.K, d.w);
+          static_cast<const double*>(p.H), static_cast<double*>(p.dD), static_cast<double*>(p.dH),
+          d.N, d.K, d.w);
     else
       taylor_backward_kernel<NO, float><<<blocks, threads, 0, stream>>>(
           static_cast<const float*>(p.gY), static_cast<const float*>(p.D),
-          static_cast<const float*>(p.H), static_cast<float*>(p.dD), static_cast<float*>(p.dH),
-          d.N, d.K, d.w);
+          static_cast<const float*>(p.H), static_cast<float*>(p.dD), static_cast<float*>(p.dH), d.N,
+          d.K, d.w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

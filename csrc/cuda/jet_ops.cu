@@ -12,8 +12,7 @@ namespace thd {
 template <class F>
 __global__ void elementwise_kernel(index_t n, F f) {
   const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride)
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     f(i);
 }
 

@@ -22,8 +22,8 @@ namespace {
 // pick a different cuBLAS than torch's). The GEMMs follow torch's TF32 setting for float32, like
 // torch.matmul (README: "CUDA").
 template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   const auto opt = at::TensorOptions()
                        .dtype(c10::CppTypeToScalarType<T>::value)
@@ -118,8 +118,8 @@ at::Tensor plane0(const at::Tensor& flat, int64_t N, int64_t w) {
 }
 
 template <typename T>
-void forward(const MlpPlan& P, const at::Tensor& x, at::Tensor& out,
-             std::vector<at::Tensor>& saved, bool save) {
+void forward(const MlpPlan& P, const at::Tensor& x, at::Tensor& out, std::vector<at::Tensor>& saved,
+             bool save) {
   const int L = static_cast<int>(P.L.size());
   const DeviceSel ds = device_sel(P);
   const int64_t N = P.N;
@@ -130,8 +130,8 @@ void forward(const MlpPlan& P, const at::Tensor& x, at::Tensor& out,
     const int64_t rows = P.rows[l], w = Ly.out;
     const bool keep = save && saved[l].numel() > 0;
     at::Tensor Z = keep ? saved[l] : at::empty({rows * N * w}, x.options());
-    gemm_rm<T>(false, true, rows * N, w, in_w, in.data_ptr<T>(), in_w,
-               static_cast<const T*>(Ly.W), in_w, T(0), Z.data_ptr<T>(), w);
+    gemm_rm<T>(false, true, rows * N, w, in_w, in.data_ptr<T>(), in_w, static_cast<const T*>(Ly.W),
+               in_w, T(0), Z.data_ptr<T>(), w);
     if (Ly.act >= 0) {
       at::Tensor A = at::empty({P.a_rows[l] * N * w}, x.options());
       cpu::MlpActJob j = base_job(P, ds, l);
@@ -190,8 +190,8 @@ void backward(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
       gemm_rm<T>(true, false, w, P.d, N, gZ.data_ptr<T>(), w, x.data_ptr<T>(), P.d, T(1),
                  gW[0].data_ptr<T>(), P.d);
       if (gx.numel())
-        gemm_rm<T>(false, false, N, P.d, w, gZ.data_ptr<T>(), w, static_cast<const T*>(Ly.W),
-                   P.d, T(0), gx.data_ptr<T>(), P.d);
+        gemm_rm<T>(false, false, N, P.d, w, gZ.data_ptr<T>(), w, static_cast<const T*>(Ly.W), P.d,
+                   T(0), gx.data_ptr<T>(), P.d);
       break;
     }
     at::Tensor gA = at::empty({rows * N * win}, opt);

@@ -28,7 +28,8 @@ ProbeResult cuda_probe_launch(int device) {
     e = cudaGetLastError();  // a missing image fails the launch itself: no synchronisation
   }
   if (prev >= 0) (void)cudaSetDevice(prev);
-  if (e != cudaSuccess) r = ProbeResult{static_cast<int>(e), cudaGetErrorName(e), cudaGetErrorString(e)};
+  if (e != cudaSuccess)
+    r = ProbeResult{static_cast<int>(e), cudaGetErrorName(e), cudaGetErrorString(e)};
   return r;
 }
 
