@@ -323,3 +323,23 @@ def test_builtin_names_cannot_be_registered():
     with pytest.raises(ValueError, match="is the name of an activation of the derivative table"):
         thd.register_activation("Tanh", torch.tanh, [lambda z: 1 - torch.tanh(z) ** 2])
     assert _registry.user("tanh") is None
+
+
+def test_docstrings_name_every_entry():
+    # prose that lists the activations is not generated; it must at least name every entry
+    recognised = " ".join(activations.spec_from_module.__doc__.split())
+    converts = " ".join(tnn.convert.__doc__.split())
+    for cls in _registry.module_class_names():
+        assert cls in recognised and cls in converts, cls
+    table = activations.__doc__
+    for name in _registry.TABLE_NAMES:
+        assert f"\n{name} " in table, name
+    for e in _registry.BUILTINS:
+        assert e.dropin is None or e.dropin in tnn.__all__
+
+
+def test_gelu_dropin_follows_the_select():
+    assert tnn.GELU().spec == make_spec("gelu") and tnn.GELU("tanh").spec == make_spec("gelu_tanh")
+    assert tnn.GELU("tanh").approximate == "tanh" and tnn.GELU().approximate == "none"
+    with pytest.raises(ValueError, match=r"^GELU: approximate must be 'none' or 'tanh', got 'x'$"):
+        tnn.GELU("x")

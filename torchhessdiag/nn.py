@@ -152,15 +152,20 @@ class GELU(_DropIn):
     def __init__(self, approximate: str = "none"):
         super().__init__(make_spec(self._name_for(approximate)))
 
-    @staticmethod
-    def _name_for(approximate: str) -> str:
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        return "gelu" if approximate == "none" else "gelu_tanh"
+    # approximate -> table entry: the registry's select of "gelu"
+    _SELECT = _registry.TABLE["gelu"].select
+
+    @classmethod
+    def _name_for(cls, approximate: str) -> str:
+        name = cls._SELECT.name_for(approximate)
+        if name is None:
+            allowed = " or ".join(repr(v) for v, _ in cls._SELECT.names)
+            raise ValueError(f"GELU: approximate must be {allowed}, got {approximate!r}")
+        return name
 
     @property
     def approximate(self) -> str:
-        return "tanh" if self._thd_spec.name == "gelu_tanh" else "none"
+        return next(v for v, n in self._SELECT.names if n == self._thd_spec.name)
 
     @approximate.setter
     def approximate(self, value: str) -> None:
