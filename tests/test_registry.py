@@ -23,6 +23,8 @@ from torchhessdiag._checks import _check_act
 from torchhessdiag._graph_program import Unsupported
 from torchhessdiag.activations import ActivationSpec, make_spec, spec_from_module, torch_function
 
+from _helpers import SPECS
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---- the pre-registry literals (a one-time check of the migration) -------------------------------
@@ -214,15 +216,7 @@ def test_torch_functions_as_before():
 
 def test_dropins_as_before():
     assert set(tnn._DROPIN_OF) == set(OLD_DROPIN_OF)
-    specs = [make_spec(n) for n in activations.NAMES] + [
-        make_spec("softplus", beta=2.5, threshold=9.0),
-        make_spec("sin", w=3.0),
-        make_spec("cos", w=0.5),
-        make_spec("elu", alpha=0.4),
-        make_spec("celu", alpha=1.5),
-        make_spec("leaky_relu", negative_slope=0.2),
-    ]
-    for spec in specs:
+    for spec in SPECS:  # every activation, with default and other parameters
         new, old = tnn._DROPIN_OF[spec.name](spec), OLD_DROPIN_OF[spec.name](spec)
         assert type(new) is type(old) and type(new).__name__ == _registry.TABLE[spec.name].dropin
         assert new.spec == old.spec == spec
