@@ -1,4 +1,7 @@
-"""The activation registry: names, parameters, and how torch.nn modules map onto the table.
+"""Activation specs: parsing names, modules and parameters into :class:`ActivationSpec`, and
+torch's own function of each. What an activation is (its parameters, the torch functions and
+torch.nn modules it stands for, ...) is written once in the registry, torchhessdiag/_registry.py;
+everything here derives from it.
 
 An activation is identified by an :class:`ActivationSpec` -- the table name (as in
 ``csrc/activations.h``) plus up to two float parameters ``a`` and ``b``:
