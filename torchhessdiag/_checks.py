@@ -1,7 +1,7 @@
 """Argument checks of the torchhessdiag ops, written once for the reference and the fake kernels,
 and ``check_float_tensor`` for the public functions.
 
-Import direction: bottom of the op layer (imports only torch and ``reference``); used by
+Import direction: bottom of the op layer (imports only torch, ``_registry`` and ``reference``); used by
 ``_reference_kernels``, ``_fake_kernels``, ``_op_autograd``, ``ops`` and the public entry points.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _registry
 from .reference import MAX_ORDER
 
 
@@ -34,12 +34,12 @@ def _check_like(t, z, what, op):
 
 
 def _check_act(act, a, op):
-    if act not in reference.TABLE:
-        raise ValueError(f"torchhessdiag: unknown activation '{act}'; supported: {', '.join(reference.TABLE)}")
-    if act == "softplus" and a == 0.0:
-        raise ValueError("torchhessdiag: softplus needs beta != 0 (got 0)")
-    if act == "celu" and a == 0.0:
-        raise ValueError("torchhessdiag: celu needs alpha != 0 (got 0)")
+    entry = _registry.TABLE.get(act)
+    if entry is None:
+        raise ValueError(f"torchhessdiag: unknown activation '{act}'; supported: {', '.join(_registry.TABLE_NAMES)}")
+    # the parameters the C++ check_params refuses (only a first parameter has a constraint today)
+    if entry.params and entry.params[0].nonzero and a == 0.0:
+        raise ValueError(f"torchhessdiag: {act} needs {entry.params[0].name} != 0 (got 0)")
 
 
 def _check_order(k, max_k, op):

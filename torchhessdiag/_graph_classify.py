@@ -4,6 +4,8 @@ functions (:func:`function_spec`), and :func:`classify_all`, which turns a trace
 :class:`~torchhessdiag._graph_program.Step` s or refuses it with
 :class:`~torchhessdiag._graph_program.Unsupported` naming the node.
 
+The activations' functions, methods and modules come from the registry (torchhessdiag/_registry.py).
+
 Sits above _graph_program and activations; _graph_trace and _graph_codegen use it.
 """
 
@@ -18,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import activations
+from . import _registry, activations
 from ._graph_program import Step, Unsupported
 from .activations import ActivationSpec, make_spec, spec_from_module
 
@@ -128,27 +130,11 @@ _METHOD_KINDS: Dict[str, str] = {
 #: attributes of an x-dependent tensor that are plain constants
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 
-# Table activations as functions: target -> (table name, names of the arguments after the input).
-# Their derivatives come from the table (_op_autograd._derivs); nothing here knows a formula.
-_ACT_FUNCTIONS: Dict[Any, Tuple[str, Tuple[str, ...]]] = {
-    torch.tanh: ("tanh", ()),
-    F.tanh: ("tanh", ()),
-    torch.sigmoid: ("sigmoid", ()),
-    F.sigmoid: ("sigmoid", ()),
-    torch.special.expit: ("sigmoid", ()),
-    F.silu: ("silu", ("inplace",)),
-    F.softplus: ("softplus", ("beta", "threshold")),
-    F.gelu: ("gelu", ("approximate",)),
-    torch.sin: ("sin", ()),
-    torch.cos: ("cos", ()),
-    torch.exp: ("exp", ()),
-    F.elu: ("elu", ("alpha", "inplace")),
-    F.celu: ("celu", ("alpha", "inplace")),
-    F.relu: ("relu", ("inplace",)),
-    torch.relu: ("relu", ()),
-    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
-}
-_ACT_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid", "sin": "sin", "cos": "cos", "exp": "exp", "relu": "relu"}
+# Table activations as functions: target -> (table name, names of the arguments after the input),
+# and as Tensor methods: name -> table name. Both derived from the registry (its ``functions`` and
+# ``methods``); their derivatives come from the table (_op_autograd._derivs).
+_ACT_FUNCTIONS: Dict[Any, Tuple[str, Tuple[str, ...]]] = _registry.FUNCTIONS
+_ACT_METHODS: Dict[str, str] = _registry.METHODS
 
 
 def function_spec(target: Any, args: tuple, kwargs: dict) -> Optional[ActivationSpec]:
@@ -188,12 +174,16 @@ def function_spec(target: Any, args: tuple, kwargs: dict) -> Optional[Activation
         if k not in names:
             raise Unsupported(f"{name} called with the unsupported argument {k}=")
         params[k] = v
-    params.pop("inplace", None)
-    if name == "gelu":
-        approx = params.pop("approximate", "none")
-        if approx not in ("none", "tanh"):
-            raise Unsupported(f"gelu with approximate={approx!r}")
-        name = "gelu_tanh" if approx == "tanh" else "gelu"
+    select = _registry.TABLE[name].select
+    if select is not None:  # F.gelu(x, approximate=...): the argument picks the table entry
+        value = params.pop(select.arg, select.default)
+        chosen = select.name_for(value)
+        if chosen is None:
+            raise Unsupported(f"{name} with {select.arg}={value!r}")
+        name = chosen
+    # arguments that are not parameters of the entry (inplace) are ignored
+    takes = _registry.TABLE[name].param_names
+    params = {k: v for k, v in params.items() if k in takes}
     for k, v in params.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise Unsupported(f"{name} with a non-constant argument {k}={v!r}")

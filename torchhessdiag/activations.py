@@ -1,4 +1,7 @@
-"""The activation registry: names, parameters, and how torch.nn modules map onto the table.
+"""Activation specs: parsing names, modules and parameters into :class:`ActivationSpec`, and
+torch's own function of each. What an activation is (its parameters, the torch functions and
+torch.nn modules it stands for, ...) is written once in the registry, torchhessdiag/_registry.py;
+everything here derives from it.
 
 An activation is identified by an :class:`ActivationSpec` -- the table name (as in
 ``csrc/activations.h``) plus up to two float parameters ``a`` and ``b``:
@@ -35,32 +38,22 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-# name -> (parameter names, defaults). The order of names is the order of the table's enum.
+from . import _registry
+
+# Everything below about what an activation is comes from torchhessdiag/_registry.py.
+
+#: name -> (parameter names, defaults), in the order of the table's enum (derived from the registry)
 _PARAMS: Dict[str, Tuple[Tuple[str, ...], Tuple[float, ...]]] = {
-    "identity": ((), ()),
-    "tanh": ((), ()),
-    "sigmoid": ((), ()),
-    "softplus": (("beta", "threshold"), (1.0, 20.0)),
-    "silu": ((), ()),
-    "gelu": ((), ()),
-    "gelu_tanh": ((), ()),
-    "sin": (("w",), (1.0,)),
-    "cos": (("w",), (1.0,)),
-    "exp": ((), ()),
-    "elu": (("alpha",), (1.0,)),
-    "celu": (("alpha",), (1.0,)),
-    "relu": ((), ()),
-    "leaky_relu": (("negative_slope",), (0.01,)),
+    e.name: (e.param_names, e.defaults) for e in _registry.BUILTINS
 }
 
-NAMES: Tuple[str, ...] = tuple(_PARAMS)
+NAMES: Tuple[str, ...] = _registry.TABLE_NAMES
 
 #: Activations whose derivatives of order >= 2 vanish identically (piecewise linear or linear).
-PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu"})
-LINEAR = frozenset({"identity"})
+PIECEWISE_LINEAR = _registry.PIECEWISE_LINEAR
+LINEAR = _registry.LINEAR
 
 
 @dataclass(frozen=True)
@@ -74,12 +67,13 @@ class ActivationSpec:
     @property
     def is_user(self) -> bool:
         """True for an activation registered with ``register_activation`` (not in the table)."""
-        return self.name not in _PARAMS
+        return self.name not in _registry.TABLE
 
     @property
     def params(self) -> Dict[str, float]:
-        if self.name in _PARAMS:
-            names, _ = _PARAMS[self.name]
+        entry = _registry.TABLE.get(self.name)
+        if entry is not None:
+            names = entry.param_names
         else:
             from .custom import entry_of
 
@@ -130,7 +124,8 @@ def make_spec(act, **params) -> ActivationSpec:
     if not isinstance(act, str):
         raise TypeError(f"act must be an activation name (str), got {type(act).__name__}")
     name = act.lower()
-    if name not in _PARAMS:
+    entry = _registry.TABLE.get(name)
+    if entry is None:
         user = custom.lookup(name)
         if user is not None:
             return user.spec(**params)
@@ -140,7 +135,7 @@ def make_spec(act, **params) -> ActivationSpec:
             + (f"; registered: {', '.join(registered)}" if registered else "")
             + " (add your own with torchhessdiag.register_activation)"
         )
-    names, defaults = _PARAMS[name]
+    names, defaults = entry.param_names, entry.defaults
     unknown = set(params) - set(names)
     if unknown:
         takes = ", ".join(names) if names else "no parameters"
@@ -149,10 +144,9 @@ def make_spec(act, **params) -> ActivationSpec:
     for n, v in zip(names, values):
         if not math.isfinite(v):
             raise ValueError(f"activation {name!r}: {n} must be finite, got {v}")
-    if name == "softplus" and values[0] == 0.0:
-        raise ValueError("softplus: beta must be non-zero")
-    if name == "celu" and values[0] == 0.0:
-        raise ValueError("celu: alpha must be non-zero")
+    for p, v in zip(entry.params, values):
+        if p.nonzero and v == 0.0:
+            raise ValueError(f"{name}: {p.name} must be non-zero")
     values += [0.0] * (2 - len(values))
     return ActivationSpec(name, values[0], values[1])
 
@@ -166,33 +160,13 @@ def torch_function(spec: ActivationSpec) -> Callable[[torch.Tensor], torch.Tenso
         e = entry_of(spec)
         fn, kw = e.fn, e.kwargs(spec)
         return (lambda z: fn(z, **kw)) if kw else fn
-    n, a, b = spec.name, spec.a, spec.b
-    table: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "identity": lambda z: z,
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "softplus": lambda z: F.softplus(z, beta=a, threshold=b),
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "sin": (lambda z: torch.sin(z)) if a == 1.0 else (lambda z: torch.sin(z * a)),
-        "cos": (lambda z: torch.cos(z)) if a == 1.0 else (lambda z: torch.cos(z * a)),
-        "exp": torch.exp,
-        "elu": lambda z: F.elu(z, alpha=a),
-        "celu": lambda z: F.celu(z, alpha=a),
-        "relu": F.relu,
-        "leaky_relu": lambda z: F.leaky_relu(z, negative_slope=a),
-    }
-    return table[n]
+    return _registry.TABLE[spec.name].torch_fn(spec.a, spec.b)
 
 
 # the parameterless torch.nn activations, resolved without make_spec (parsing a model is on the
 # path of every call)
 _FIXED: Dict[type, ActivationSpec] = {
-    nn.Tanh: ActivationSpec("tanh"),
-    nn.Sigmoid: ActivationSpec("sigmoid"),
-    nn.SiLU: ActivationSpec("silu"),
-    nn.ReLU: ActivationSpec("relu"),
+    t: ActivationSpec(name) for t, (name, attrs) in _registry.MODULES.items() if not attrs
 }
 
 
@@ -211,17 +185,13 @@ def spec_from_module(m: nn.Module) -> Optional[ActivationSpec]:
     spec = getattr(m, "_thd_spec", None)
     if isinstance(spec, ActivationSpec):
         return spec
-    if t is nn.Softplus:
-        return make_spec("softplus", beta=m.beta, threshold=m.threshold)
-    if t is nn.GELU:
-        return make_spec("gelu_tanh" if m.approximate == "tanh" else "gelu")
-    if t is nn.ELU:
-        return make_spec("elu", alpha=m.alpha)
-    if t is nn.CELU:
-        return make_spec("celu", alpha=m.alpha)
-    if t is nn.LeakyReLU:
-        return make_spec("leaky_relu", negative_slope=m.negative_slope)
-    return None
+    hit = _registry.MODULES.get(t)
+    if hit is None:
+        return None
+    name, attrs = hit
+    # a selector value the table lacks (nn.GELU(approximate=...)) keeps the entry itself, as before
+    chosen, _, params = _registry.resolve(name, {a: getattr(m, a) for a in attrs})
+    return make_spec(chosen if chosen is not None else name, **params)
 
 
 def user_spec_for_function(fn) -> Optional[ActivationSpec]:
@@ -243,6 +213,4 @@ def user_spec_for_function(fn) -> Optional[ActivationSpec]:
 def registered_functions() -> tuple:
     """The callables of all registered user activations (for torch.fx's ``autowrap_functions``);
     each maps to its spec through :func:`user_spec_for_function`."""
-    from .custom import _REGISTRY
-
-    return tuple(_REGISTRY.values())
+    return tuple(e.user for e in _registry.users())

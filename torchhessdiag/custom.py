@@ -40,8 +40,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _registry
 from ._checks import check_float_tensor
-from .activations import _PARAMS, NAMES, ActivationSpec
+from .activations import NAMES, ActivationSpec
 
 Tensor = torch.Tensor
 
@@ -57,8 +58,7 @@ __all__ = [
 #: at most this many parameters per activation (they live in ActivationSpec.a and .b)
 MAX_PARAMS = 2
 
-_lock = threading.Lock()
-_REGISTRY: Dict[str, "RegisteredActivation"] = {}  # key: name.lower()
+_lock = threading.Lock()  # guards the user entries of the registry (torchhessdiag/_registry.py)
 #: incremented by every register / replace / unregister (part of the trace cache's signature:
 #: torchhessdiag/graph.py)
 _GENERATION = 0
@@ -115,7 +115,8 @@ class RegisteredActivation:
     @property
     def registered(self) -> bool:
         """Whether this object is (still) the registry's entry for its name."""
-        return _REGISTRY.get(self.name.lower()) is self
+        e = _registry.user(self.name)
+        return e is not None and e.user is self
 
     def _live(self) -> "RegisteredActivation":
         if not self.registered:
@@ -199,12 +200,13 @@ def _param_value(act: str, name: str, v) -> float:
 
 def lookup(name: str) -> Optional[RegisteredActivation]:
     """The registered activation called ``name`` (case-insensitive), or None."""
-    return _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+    e = _registry.user(name) if isinstance(name, str) else None
+    return None if e is None else e.user
 
 
 def entry_of(spec: ActivationSpec) -> RegisteredActivation:
     """The registered activation of a user spec; ValueError if none is registered."""
-    e = _REGISTRY.get(spec.name.lower())
+    e = lookup(spec.name)
     if e is None:
         raise ValueError(
             f"activation {spec.name!r} is not registered in this process; call "
@@ -216,7 +218,7 @@ def entry_of(spec: ActivationSpec) -> RegisteredActivation:
 
 def registered_names() -> Tuple[str, ...]:
     """Names of the registered user activations, in registration order."""
-    return tuple(e.name for e in _REGISTRY.values())
+    return tuple(e.user.name for e in _registry.users())
 
 
 def get_activation(name: str) -> RegisteredActivation:
@@ -235,7 +237,7 @@ def unregister_activation(name: str) -> None:
         raise TypeError(f"unregister_activation: name must be a str, got {type(name).__name__}")
     global _GENERATION
     with _lock:
-        if _REGISTRY.pop(name.lower(), None) is None:
+        if _registry.remove_user(name) is None:
             raise ValueError(f"unregister_activation: no activation {name!r} is registered")
         _GENERATION += 1
 
@@ -296,7 +298,7 @@ def register_activation(
         raise TypeError(f"{where}: name must be a str, got {type(name).__name__}")
     if not name or name != name.strip() or any(c.isspace() for c in name):
         raise ValueError(f"{where}: name must be a non-empty string without whitespace, got {name!r}")
-    if name.lower() in _PARAMS:
+    if name.lower() in _registry.TABLE:
         raise ValueError(
             f"{where}: {name!r} is the name of an activation of the derivative table "
             f"({', '.join(NAMES)}); choose another name, e.g. 'my_{name.lower()}'"
@@ -338,7 +340,7 @@ def register_activation(
 
     candidate = RegisteredActivation(name, fn, derivatives, list(params), defaults)
     with _lock:
-        existing = _REGISTRY.get(name.lower())
+        existing = lookup(name)
     if existing is not None and not replace:
         raise ValueError(
             f"{where}: an activation {existing.name!r} is already registered; pass replace=True "
@@ -349,14 +351,15 @@ def register_activation(
         _check(candidate, candidate._default_kwargs(), check_points, rtol, atol, where=f"{where}({name!r}, check=True)")
     global _GENERATION
     with _lock:
-        existing = _REGISTRY.get(name.lower())
+        existing = lookup(name)
         _GENERATION += 1
         if existing is not None:
             if not replace:
                 raise ValueError(f"{where}: an activation {existing.name!r} is already registered")
             existing._set(name, fn, derivatives, list(params), defaults)
+            _registry.add_user(existing)  # the entry's parameters follow the new definition
             return existing
-        _REGISTRY[name.lower()] = candidate
+        _registry.add_user(candidate)
     return candidate
 
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _precision, fused, ops
-from .activations import NAMES, ActivationSpec, spec_from_module
+from . import _precision, _registry, fused, ops
+from .activations import ActivationSpec, spec_from_module
 
 Tensor = torch.Tensor
 _ops = torch.ops.torchhessdiag
@@ -58,9 +58,11 @@ class ActLayer:
 
 Layer = Union[LinearLayer, ActLayer]
 
+# the torch.nn activation classes come from the registry (torchhessdiag/_registry.py)
 _SUPPORTED = (
-    "nn.Linear (with or without bias), the activations torch.nn.Tanh, Sigmoid, Softplus, SiLU, "
-    "GELU, ELU, CELU, ReLU, LeakyReLU and every torchhessdiag.nn drop-in (including "
+    "nn.Linear (with or without bias), the activations torch.nn."
+    + ", ".join(_registry.module_class_names())
+    + " and every torchhessdiag.nn drop-in (including "
     "registered user activations, torchhessdiag.nn.UserActivation), nn.Identity, and "
     "nn.Dropout in eval mode, inside (nested) nn.Sequential"
 )
@@ -262,7 +264,7 @@ def fused_net(layers: List[Layer]) -> Optional[fused.Net]:
         spec = layer.spec
         if not Ws or acts[-1] >= 0 or spec.is_user:
             return None
-        acts[-1] = NAMES.index(spec.name)
+        acts[-1] = _registry.TABLE[spec.name].table_id
         aa[-1] = spec.a  # (floats already; no float() call: under torch.compile(dynamic=True)
         ab[-1] = spec.b  # that call would turn the constants into symbolic floats)
     if not any(a >= 0 for a in acts):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import custom, ops
+from . import _registry, custom, ops
 from .activations import ActivationSpec, make_spec, spec_from_module, torch_function
 
 _functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -152,15 +152,20 @@ class GELU(_DropIn):
     def __init__(self, approximate: str = "none"):
         super().__init__(make_spec(self._name_for(approximate)))
 
-    @staticmethod
-    def _name_for(approximate: str) -> str:
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        return "gelu" if approximate == "none" else "gelu_tanh"
+    # approximate -> table entry: the registry's select of "gelu"
+    _SELECT = _registry.TABLE["gelu"].select
+
+    @classmethod
+    def _name_for(cls, approximate: str) -> str:
+        name = cls._SELECT.name_for(approximate)
+        if name is None:
+            allowed = " or ".join(repr(v) for v, _ in cls._SELECT.names)
+            raise ValueError(f"GELU: approximate must be {allowed}, got {approximate!r}")
+        return name
 
     @property
     def approximate(self) -> str:
-        return "tanh" if self._thd_spec.name == "gelu_tanh" else "none"
+        return next(v for v, n in self._SELECT.names if n == self._thd_spec.name)
 
     @approximate.setter
     def approximate(self, value: str) -> None:
@@ -286,22 +291,22 @@ class UserActivation(_DropIn):
         return ", ".join([repr(s.name)] + [f"{k}={v!r}" for k, v in params.items()])
 
 
-_DROPIN_OF = {
-    "tanh": lambda s: Tanh(),
-    "sigmoid": lambda s: Sigmoid(),
-    "softplus": lambda s: Softplus(beta=s.a, threshold=s.b),
-    "silu": lambda s: SiLU(),
-    "gelu": lambda s: GELU("none"),
-    "gelu_tanh": lambda s: GELU("tanh"),
-    "sin": lambda s: Sine(s.a),
-    "cos": lambda s: Cosine(s.a),
-    "exp": lambda s: Exp(),
-    "elu": lambda s: ELU(alpha=s.a),
-    "celu": lambda s: CELU(alpha=s.a),
-    "relu": lambda s: ReLU(),
-    "leaky_relu": lambda s: LeakyReLU(negative_slope=s.a),
-    "identity": lambda s: Identity(),
-}
+def _dropin_maker(entry: _registry.Activation):
+    """spec -> a new drop-in of the registry entry's class: the spec's parameters as the keywords
+    the class's ``_ARGS`` name, plus the entry's fixed ``dropin_kwargs``."""
+    cls = globals()[entry.dropin]
+    fixed = dict(entry.dropin_kwargs)
+    args = tuple((attr, p) for attr, p in cls._ARGS if p is not None)
+
+    def make(s: ActivationSpec) -> _DropIn:
+        params = s.params
+        return cls(**{attr: params[p] for attr, p in args}, **fixed)
+
+    return make
+
+
+#: table name -> spec -> its drop-in (derived from the registry's ``dropin`` entries)
+_DROPIN_OF = {e.name: _dropin_maker(e) for e in _registry.BUILTINS if e.dropin is not None}
 
 
 def _dropin_for(m: nn.Module) -> Optional[nn.Module]:
