@@ -44,7 +44,7 @@ inline namespace THD_ISA_NS {
 // Python (torchhessdiag/ops.py).
 constexpr int kMaxOrder = 4;
 
-// Activation ids. The names below (kActNames) are the public spelling used by the op schemas.
+// Activation ids; kActInfo below holds their names (the public spelling) and flags.
 enum class Act : int {
   Identity = 0,
   Tanh,
@@ -63,11 +63,27 @@ enum class Act : int {
   kCount
 };
 
-constexpr const char* kActNames[] = {"identity", "tanh",      "sigmoid", "softplus",  "silu",
-                                     "gelu",     "gelu_tanh", "sin",     "cos",       "exp",
-                                     "elu",      "celu",      "relu",    "leaky_relu"};
-static_assert(sizeof(kActNames) / sizeof(kActNames[0]) == static_cast<int>(Act::kCount),
-              "one name per activation");
+// What the C++ needs to know about each activation besides its formulas, in enum order. The
+// Python registry (torchhessdiag/_registry.py) holds the same facts for Python;
+// tests/test_registry.py checks the two agree through torchhessdiag._C.activation_info().
+struct ActInfo {
+  const char* name;           // the public spelling used by the op schemas
+  bool linear;                // identity: every derivative of order >= 2 is 0
+  bool piecewise_linear;      // order >= 2 is 0 almost everywhere (a Dirac delta at 0): warned
+  const char* nonzero_param;  // the name of parameter a when a = 0 is refused, else nullptr
+};
+constexpr ActInfo kActInfo[] = {
+    {"identity", true, false, nullptr},   {"tanh", false, false, nullptr},
+    {"sigmoid", false, false, nullptr},   {"softplus", false, false, "beta"},
+    {"silu", false, false, nullptr},      {"gelu", false, false, nullptr},
+    {"gelu_tanh", false, false, nullptr}, {"sin", false, false, nullptr},
+    {"cos", false, false, nullptr},       {"exp", false, false, nullptr},
+    {"elu", false, false, nullptr},       {"celu", false, false, "alpha"},
+    {"relu", false, true, nullptr},       {"leaky_relu", false, true, nullptr}};
+static_assert(sizeof(kActInfo) / sizeof(kActInfo[0]) == static_cast<int>(Act::kCount),
+              "one entry per activation");
+constexpr const ActInfo& act_info(Act act) { return kActInfo[static_cast<int>(act)]; }
+constexpr const char* act_name(int i) { return kActInfo[i].name; }
 
 // ---- math wrappers: one spelling for host and device, float and double -----------------------
 THD_HD float t_exp(float x) { return ::expf(x); }

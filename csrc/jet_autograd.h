@@ -159,15 +159,14 @@ inline void reset_piecewise_linear_warnings() {
 }
 
 inline void warn_piecewise_linear(Act act) {
-  if (act != Act::ReLU && act != Act::LeakyReLU) return;
+  if (!act_info(act).piecewise_linear) return;
   if (pwl_warned()[static_cast<int>(act)].exchange(true)) return;
   // verbatim: the message as the Python backend words it, without torch's "Triggered internally
   // at <source path>" suffix
   ::c10::warn(::c10::Warning(
       ::c10::UserWarning(),
       ::c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-      std::string("torchhessdiag: second and higher derivatives of ") +
-          kActNames[static_cast<int>(act)] +
+      std::string("torchhessdiag: second and higher derivatives of ") + act_info(act).name +
           " are exactly 0 -- it is piecewise linear, and its true second derivative is a Dirac "
           "delta at 0 that no autograd can see. A network built only from such activations has "
           "a zero Hessian (and Laplacian) almost everywhere; use a smooth activation (Tanh, "
@@ -182,16 +181,14 @@ struct ActState {
   ActState(const at::Tensor& z, Act act_, double a_, double b_)
       : z_(z, /*is_output=*/false), act(act_), a(a_), b(b_) {}
 
-  const char* name() const { return kActNames[static_cast<int>(act)]; }
+  const char* name() const { return act_info(act).name; }
   // z, with its autograd history (checks that it was not modified in place since)
   at::Tensor z() const { return z_.unpack(); }
 
   // ReLU, LeakyReLU, Identity: every derivative of order >= 2 is identically 0. Those products
   // are zeros without a graph (as torch's own threshold_backward gives them): nothing to
   // evaluate, no node, and no work in any later backward.
-  bool zero_from_2() const {
-    return act == Act::ReLU || act == Act::LeakyReLU || act == Act::Identity;
-  }
+  bool zero_from_2() const { return act_info(act).piecewise_linear || act_info(act).linear; }
 
   // exp: every derivative is the forward's output y (ATen's exp(z), within an ulp of the
   // table's), so no table pass is needed at all. Kept without its autograd history (no

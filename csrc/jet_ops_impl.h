@@ -34,10 +34,10 @@ using index_t = int64_t;
 
 inline Act parse_act(c10::string_view name) {
   for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
-    if (name == kActNames[i]) return static_cast<Act>(i);
+    if (name == act_name(i)) return static_cast<Act>(i);
   std::string known;
   for (int i = 0; i < static_cast<int>(Act::kCount); ++i)
-    known += std::string(i ? ", " : "") + kActNames[i];
+    known += std::string(i ? ", " : "") + act_name(i);
   THD_CHECK_VALUE(false, "torchhessdiag: unknown activation '", std::string(name),
                   "'; supported: ", known);
   return Act::Identity;
@@ -45,9 +45,10 @@ inline Act parse_act(c10::string_view name) {
 
 inline void check_params(Act act, double a, double b) {
   (void)b;
-  if (act == Act::Softplus)
-    THD_CHECK_VALUE(a != 0.0, "torchhessdiag: softplus needs beta != 0 (got 0)");
-  if (act == Act::CELU) THD_CHECK_VALUE(a != 0.0, "torchhessdiag: celu needs alpha != 0 (got 0)");
+  const ActInfo& info = act_info(act);
+  if (info.nonzero_param != nullptr)
+    THD_CHECK_VALUE(a != 0.0, "torchhessdiag: ", info.name, " needs ", info.nonzero_param,
+                    " != 0 (got 0)");
 }
 
 inline void check_input(const at::Tensor& t, const char* what, const char* op) {

@@ -729,10 +729,12 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
     THD_CHECK_VALUE(acts[l] >= -1 && acts[l] < static_cast<int64_t>(Act::kCount), op, ": acts[", l,
                     "] = ", acts[l], " is not an activation id (-1 or 0..",
                     static_cast<int64_t>(Act::kCount) - 1, ")");
-    if (acts[l] == static_cast<int64_t>(Act::Softplus))
-      THD_CHECK_VALUE(act_a[l] != 0.0, op, ": softplus needs beta != 0");
-    if (acts[l] == static_cast<int64_t>(Act::CELU))
-      THD_CHECK_VALUE(act_a[l] != 0.0, op, ": celu needs alpha != 0");
+    if (acts[l] >= 0) {
+      const ActInfo& info = kActInfo[acts[l]];
+      if (info.nonzero_param != nullptr)
+        THD_CHECK_VALUE(act_a[l] != 0.0, op, ": ", info.name, " needs ", info.nonzero_param,
+                        " != 0");
+    }
     if (acts[l] >= 0) {
       if (P.first_act < 0) P.first_act = static_cast<int>(l);
       P.last_act = static_cast<int>(l);

@@ -116,12 +116,34 @@ PyObject* activations(PyObject*, PyObject*) {
   PyObject* t = PyTuple_New(n);
   if (!t) return nullptr;
   for (int i = 0; i < n; ++i) {
-    PyObject* s = PyUnicode_FromString(thd::kActNames[i]);
+    PyObject* s = PyUnicode_FromString(thd::act_name(i));
     if (!s) {
       Py_DECREF(t);
       return nullptr;
     }
     PyTuple_SET_ITEM(t, i, s);
+  }
+  return t;
+}
+
+// ((name, linear, piecewise_linear, nonzero_param or None), ...) in table order: the C++ facts
+// tests/test_registry.py compares with the Python registry.
+PyObject* activation_info(PyObject*, PyObject*) {
+  const int n = static_cast<int>(thd::Act::kCount);
+  PyObject* t = PyTuple_New(n);
+  if (!t) return nullptr;
+  for (int i = 0; i < n; ++i) {
+    const thd::ActInfo& a = thd::kActInfo[i];
+    PyObject* e = a.nonzero_param != nullptr
+                      ? Py_BuildValue("(sOOs)", a.name, a.linear ? Py_True : Py_False,
+                                      a.piecewise_linear ? Py_True : Py_False, a.nonzero_param)
+                      : Py_BuildValue("(sOOO)", a.name, a.linear ? Py_True : Py_False,
+                                      a.piecewise_linear ? Py_True : Py_False, Py_None);
+    if (!e) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, i, e);
   }
   return t;
 }
@@ -172,6 +194,8 @@ PyMethodDef kMethods[] = {
      "0 not probed, 1 compiled kernels, 2 reference."},
     {"max_order", max_order, METH_NOARGS, "Highest derivative order in the table."},
     {"activations", activations, METH_NOARGS, "Names of the activations in the table."},
+    {"activation_info", activation_info, METH_NOARGS,
+     "(name, linear, piecewise_linear, nonzero parameter or None) per activation of the table."},
     {"_reset_piecewise_linear_warnings", reset_pwl_warnings, METH_NOARGS,
      "Let the once-per-process piecewise-linear warning of the drop-ins fire again (tests)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -153,6 +153,22 @@ def test_table_ids_are_the_positions_in_the_compiled_table():
         assert compiled.index(e.name) == e.table_id
 
 
+def test_cpp_flags_mirror_the_entries():
+    """csrc/activations.h's kActInfo (what the C++ checks and the drop-ins' autograd read: the
+    linear / piecewise-linear flags, the parameter that must be non-zero) says what each entry
+    says."""
+    if not ops.COMPILED:
+        pytest.skip(f"compiled extension not loaded ({ops.LOAD_ERROR})")
+    want = tuple(
+        (e.name, e.linear, e.piecewise_linear,
+         next((p.name for p in e.params[:1] if p.nonzero), None))
+        for e in _registry.BUILTINS
+    )
+    assert tuple(ops._C.activation_info()) == want
+    # the C++ checks the first parameter only: a constraint on another would need C++ work
+    assert not any(p.nonzero for e in _registry.BUILTINS for p in e.params[1:])
+
+
 def test_reference_table_has_the_registry_names():
     assert tuple(reference.TABLE) == _registry.TABLE_NAMES
 

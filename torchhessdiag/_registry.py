@@ -4,8 +4,8 @@ An :class:`Activation` entry holds the name, the parameters (names, defaults, co
 own function for it, the torch functions / Tensor methods / torch.nn module classes it stands for
 (and the module attributes that hold its parameters), its drop-in class in ``torchhessdiag.nn``,
 whether it is (piecewise) linear, and its table id -- its position in the C++ table
-(``csrc/activations.h``: the ``Act`` enum and ``kActNames``, reported by
-``torchhessdiag._C.activations()``). The built-in entries are written once, in :data:`BUILTINS`,
+(``csrc/activations.h``: the ``Act`` enum and ``kActInfo``, reported by
+``torchhessdiag._C.activations()`` / ``activation_info()``). The built-in entries are written once, in :data:`BUILTINS`,
 in table order; user activations (``register_activation``, torchhessdiag/custom.py) are added
 with :func:`add_user` and removed with :func:`remove_user` -- their entries have no table id and
 carry the :class:`~torchhessdiag.custom.RegisteredActivation` as ``user``.
