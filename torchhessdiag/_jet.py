@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from ._graph_program import Unsupported
+from .reference import zprod as _mul  # noqa: F401 (the rules' None-aware product, one spelling)
 
 Tensor = torch.Tensor
 
@@ -93,26 +94,6 @@ def _wsum(t: Optional[Tensor], vdim: int, weights: Optional[Tensor]) -> Optional
         N, K = t.shape[0], t.shape[1]
         return torch.matmul(w, t.reshape(N, K, -1)).reshape((N,) + tuple(t.shape[2:]))
     return torch.matmul(w, t.reshape(t.shape[0], -1)).reshape(tuple(t.shape[1:]))
-
-
-def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
-    out = None
-    for t in terms:
-        if t is None:
-            continue
-        out = t if out is None else out + t
-    return out
-
-
-def _mul(*factors) -> Optional[Tensor]:
-    """The product of the factors (tensors or numbers), None (zero) if any is None."""
-    for f in factors:
-        if f is None:
-            return None
-    out = factors[0]
-    for f in factors[1:]:
-        out = out * f
-    return out
 
 
 def _fma(acc: Optional[Tensor], a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

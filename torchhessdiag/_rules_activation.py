@@ -11,8 +11,8 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from . import jet2, ops
-from ._jet import Context, Jet, _add, _fix, _fma, _mul, _wsum
+from . import jet2, ops, reference
+from ._jet import Context, Jet, _fix, _fma, _mul, _wsum
 from .activations import ActivationSpec
 from .ops import MAX_ORDER  # the table's last order (csrc/activations.h kMaxOrder)
 
@@ -91,19 +91,9 @@ def activation_jet(
         y1 = None if s1 is None else _mul(s1.unsqueeze(1), h1)
         sq = None if h1 is None else _wsum(h1 * h1, vdim, weights)
         return [y1, _fma(_mul(s2, sq), s1, s)]
-    d = [None if t is None else t.unsqueeze(1) for t in D] + [None] * (MAX_ORDER - n)
-    h = list(lower) + [None] * (MAX_ORDER - len(lower))
-    s1, s2, s3, s4 = d
-    h1, h2, h3, h4 = h
-    out: List[Optional[Tensor]] = [_mul(s1, h1)]
-    if n >= 2:
-        h1sq = _mul(h1, h1)
-        out.append(_add(_mul(s2, h1sq), _mul(s1, h2)))
-    if n >= 3:
-        out.append(_add(_mul(s3, h1sq, h1), _mul(3.0, s2, h1, h2), _mul(s1, h3)))
-    if n >= 4:
-        inner = _add(_mul(3.0, h2, h2), _mul(4.0, h1, h3))
-        out.append(_add(_mul(s4, h1sq, h1sq), _mul(6.0, s3, h1sq, h2), _mul(s2, inner), _mul(s1, h4)))
+    d = [None if t is None else t.unsqueeze(1) for t in D]
+    # (collapsed: h_n left out, so out[-1] lacks sigma' h_n; added below)
+    out = reference.faa_di_bruno(d, list(lower) + ([None] if collapsed else []))
     if collapsed:  # out[-1] lacks sigma' h_n (h_n was left out above): add sigma' s
         out[-1] = _fma(_wsum(out[-1], vdim, weights), D[0], H[-1])
     return out

@@ -12,7 +12,7 @@ tests/test_table.py compares the two on a dense grid in float32 and float64.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -257,27 +257,58 @@ def jet_layer_backward(gJa, gacc: Tensor, J: Tensor, s1: Tensor, c: Tensor):
 # ---- Faa di Bruno over a Taylor jet (csrc/taylor.h), in torch ops -----------------------------
 
 
+def zsum(*terms: Optional[Tensor]) -> Optional[Tensor]:
+    """The sum of the terms, left to right; None is an identically zero term (None if all are)."""
+    out = None
+    for t in terms:
+        if t is None:
+            continue
+        out = t if out is None else out + t
+    return out
+
+
+def zprod(*factors) -> Optional[Tensor]:
+    """The product of the factors (tensors or numbers), left to right; None (zero) if any is None."""
+    for f in factors:
+        if f is None:
+            return None
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
+    return out
+
+
+def faa_di_bruno(d: Sequence[Optional[Tensor]], h: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """[y1, ..., yn] of sigma(h), n = len(h) <= 4, from d = [sigma'(h0), ..., sigma^(n)(h0)] and
+    the jet's coefficients h = [h1, ..., hn] (broadcasting against each other; None: identically
+    zero, and so is a result made only of zero terms):
+
+        y1 = d1 h1
+        y2 = d2 h1^2 + d1 h2
+        y3 = d3 h1^3 + 3 d2 h1 h2 + d1 h3
+        y4 = d4 h1^4 + 6 d3 h1^2 h2 + d2 (3 h2^2 + 4 h1 h3) + d1 h4
+
+    The one Python spelling of Faa di Bruno's formula, in csrc/taylor.h's order of operations
+    (the C++ one): the reference kernel of taylor_act and the jets' activation rule use it."""
+    n = len(h)
+    d = list(d) + [None] * (4 - len(d))
+    h1, h2, h3, h4 = list(h) + [None] * (4 - n)
+    y = [zprod(d[0], h1)]
+    if n >= 2:
+        y.append(zsum(zprod(d[1], h1, h1), zprod(d[0], h2)))
+    if n >= 3:
+        y.append(zsum(zprod(d[2], h1, h1, h1), zprod(3.0, d[1], h1, h2), zprod(d[0], h3)))
+    if n >= 4:
+        y.append(zsum(zprod(d[3], h1, h1, h1, h1), zprod(6.0, d[2], h1, h1, h2),
+                      zprod(d[1], zsum(zprod(3.0, h2, h2), zprod(4.0, h1, h3))), zprod(d[0], h4)))
+    return y
+
+
 def taylor_act(D: Tensor, H: Tensor) -> Tensor:
     """Y (n, N, K, w): orders 1..n of sigma(h) from D = sigma^(1..n)(h0) (n, N, w) and the jet's
     derivative coefficients H = h1..hn (n, N, K, w); 1 <= n <= 4. Mirrors csrc/taylor.h."""
-    n = H.shape[0]
     d = [t.unsqueeze(1) for t in D.unbind(0)]  # each (N, 1, w): broadcast over the K directions
-    h = H.unbind(0)
-    h1 = h[0]
-    y = [d[0] * h1]
-    if n >= 2:
-        h2 = h[1]
-        y.append(d[1] * h1 * h1 + d[0] * h2)
-    if n >= 3:
-        h3 = h[2]
-        y.append(d[2] * h1 * h1 * h1 + 3.0 * d[1] * h1 * h2 + d[0] * h3)
-    if n >= 4:
-        h4 = h[3]
-        y.append(
-            d[3] * h1 * h1 * h1 * h1 + 6.0 * d[2] * h1 * h1 * h2
-            + d[1] * (3.0 * h2 * h2 + 4.0 * h1 * h3) + d[0] * h4
-        )
-    return torch.stack(y)
+    return torch.stack(faa_di_bruno(d, H.unbind(0)))
 
 
 def taylor_act_backward(gY: Tensor, D: Tensor, H: Tensor):
