@@ -1,5 +1,5 @@
-"""The activation rule: Faa di Bruno's formula (:func:`activation_jet`, the one place the
-combination is written in Python; the fused ``taylor_act`` op when every coefficient is per point)
+"""The activation rule: Faa di Bruno's formula (:func:`activation_jet`: ``reference.faa_di_bruno``,
+the one Python spelling of it, or the fused ``taylor_act`` op when every coefficient is per point)
 and the rule of a table activation (the one-pass ``jet2.act`` for the collapsed second order).
 
 Sits above _jet and the op layer (ops, jet2); taylor_nn's scalar functions use activation_jet too.
