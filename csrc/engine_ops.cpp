@@ -297,15 +297,8 @@ std::tuple<at::Tensor, at::Tensor> taylor_act_backward_op(const at::Tensor& gY_,
 }  // namespace
 }  // namespace thd
 
-TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
-  m.def("jet_layer(Tensor J, Tensor s1, Tensor c, bool need_ja) -> (Tensor, Tensor)");
-  m.def("jet_layer_(Tensor(a!) J, Tensor s1, Tensor c) -> Tensor");
-  m.def(
-      "jet_layer_backward(Tensor? gJa, Tensor gacc, Tensor J, Tensor s1, Tensor c)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def("taylor_act(Tensor D, Tensor H) -> Tensor");
-  m.def("taylor_act_backward(Tensor gY, Tensor D, Tensor H) -> (Tensor, Tensor)");
-}
+// Schemas: torchhessdiag/_schemas.py, the one definition (the package defines the ops from it
+// before this library is loaded; the kernels below attach to them).
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("jet_layer", &thd::jet_layer_op<thd::layer_rows_host>);

@@ -207,22 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_backward_cpu(
 
 }  // namespace thd
 
-// Schemas: torchhessdiag/_schemas.py holds the same strings (tests/test_backend.py).
-TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
-  m.def(
-      "jet2_mul(Tensor a0, Tensor a1, Tensor sa, Tensor b0, Tensor b1, Tensor sb, "
-      "Tensor? weights) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "jet2_mul_backward(Tensor? gv, Tensor? gy1, Tensor? gs, Tensor a0, Tensor a1, "
-      "Tensor sa, Tensor b0, Tensor b1, Tensor sb, Tensor? weights) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "jet2_act(Tensor h0, Tensor h1, Tensor s, str act, float a, float b, Tensor? weights) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "jet2_act_backward(Tensor? gy0, Tensor? gy1, Tensor? gsy, Tensor h0, Tensor h1, "
-      "Tensor s, str act, float a, float b, Tensor? weights) -> (Tensor, Tensor, Tensor)");
-}
+// Schemas: torchhessdiag/_schemas.py, the one definition (the package defines the ops from it
+// before this library is loaded; the kernels below attach to them).
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("jet2_mul", &thd::jet2_mul_cpu);

@@ -92,22 +92,10 @@ at::Tensor act_forward(const at::Tensor& z, c10::string_view act_name, double a,
 
 }  // namespace thd
 
-// The op schemas. torchhessdiag/_schemas.py holds the same strings for the pure-PyTorch
-// fallback (used only when this extension cannot be loaded); tests/test_backend.py checks they
-// agree.
-TORCH_LIBRARY(torchhessdiag, m) {
-  m.def("act_forward(Tensor z, str act, float a, float b) -> Tensor");
-  m.def("act_derivatives(Tensor z, str act, float a, float b, int[] orders) -> Tensor");
-  m.def("act_grad(Tensor g, Tensor z, str act, float a, float b, int k) -> Tensor");
-  m.def("mul_pair(Tensor w, Tensor g, Tensor d1, Tensor d2) -> (Tensor, Tensor)");
-  m.def(
-      "mul_pair_backward(Tensor? g1, Tensor? g2, Tensor w, Tensor g, Tensor d1, Tensor d2, "
-      "Tensor d3) -> (Tensor, Tensor, Tensor)");
-  // sigma^(n)(z) past the table (n > 4): exact nested autograd, implemented in Python
-  // (torchhessdiag/ops.py, CompositeImplicitAutograd); the C++ autograd below calls it
-  m.def("act_beyond_table(Tensor z, str act, float a, float b, int n) -> Tensor");
-}
-
+// Schemas: torchhessdiag/_schemas.py, the one definition (the package defines the ops from it
+// before this library is loaded; the kernels below attach to them).
+// act_beyond_table (sigma^(n) past the table) is implemented in Python (torchhessdiag/ops.py,
+// CompositeImplicitAutograd); the C++ autograd calls it.
 TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
   m.impl("act_forward", &thd::act_forward);
 }

@@ -824,16 +824,8 @@ int64_t buffer_pool_bytes() { return BufferPool::get().bytes(); }
 
 }  // namespace thd
 
-TORCH_LIBRARY_FRAGMENT(torchhessdiag, m) {
-  m.def(
-      "mlp_jet(Tensor x, Tensor[] weights, Tensor[] biases, int[] acts, float[] act_a, "
-      "float[] act_b, Tensor? V, int[] axes, int[] sel, bool diag, bool grad_rows, int chunk, "
-      "bool save) -> (Tensor, Tensor[])");
-  m.def(
-      "mlp_jet_backward(Tensor gout, Tensor x, Tensor[] weights, Tensor[] biases, int[] acts, "
-      "float[] act_a, float[] act_b, Tensor? V, int[] axes, int[] sel, bool diag, "
-      "bool grad_rows, int chunk, Tensor[] saved, bool need_gx) -> (Tensor, Tensor[], Tensor[])");
-}
+// Schemas: torchhessdiag/_schemas.py, the one definition (the package defines the ops from it
+// before this library is loaded; the kernels below attach to them).
 
 TORCH_LIBRARY_IMPL(torchhessdiag, CPU, m) {
   m.impl("mlp_jet", &thd::mlp_jet_op);

@@ -1,5 +1,5 @@
-"""Which implementation serves the torchhessdiag ops: loading the compiled extension, or defining
-the ops for the pure-PyTorch reference; the dispatch keys the reference kernels take; the warning
+"""Which implementation serves the torchhessdiag ops: defining them (from ``_schemas``, their one
+definition), loading the compiled extension's kernels for them, or the pure-PyTorch reference; the dispatch keys the reference kernels take; the warning
 for a device with no compiled kernel.
 
 Import direction: the bottom of the op layer (imports only torch and ``_schemas``); ``_checks``,
@@ -18,6 +18,12 @@ from ._schemas import SCHEMAS
 
 # ---- loading ---------------------------------------------------------------------------------
 
+# The ops, from their one definition (_schemas.py), before the extension is loaded: its kernels
+# (and its C++ autograd) attach to these schemas; without it the reference kernels do.
+_def_lib = torch.library.Library("torchhessdiag", "DEF")
+for _schema in SCHEMAS.values():
+    _def_lib.define(_schema)
+
 FORCED_REFERENCE = os.environ.get("TORCHHESSDIAG_BACKEND", "").strip().lower() == "reference"
 LOAD_ERROR: Optional[str] = None
 _C = None
@@ -33,9 +39,6 @@ COMPILED = _C is not None
 CUDA_KERNELS = bool(COMPILED and _C.cuda_compiled())
 
 if not COMPILED:
-    _def_lib = torch.library.Library("torchhessdiag", "DEF")
-    for _schema in SCHEMAS.values():
-        _def_lib.define(_schema)
     if not FORCED_REFERENCE:
         warnings.warn(
             "torchhessdiag: the compiled extension torchhessdiag._C could not be loaded "

@@ -1,10 +1,8 @@
-"""Schemas of the torchhessdiag ops.
+"""Schemas of the torchhessdiag ops: their one definition.
 
-They are defined in C++ (csrc/jet_ops.cpp, csrc/engine_ops.cpp, csrc/mlp_ops.cpp and
-csrc/jet2_ops.cpp, ``TORCH_LIBRARY``). This copy is used only when the compiled extension cannot
-be loaded, so that the same ops -- with the same autograd formulas and
-fake kernels -- exist on top of the pure-PyTorch reference kernels. tests/test_backend.py checks
-that the two spellings agree.
+``_backend`` defines the ops from these strings before it loads the compiled extension, whose
+kernels (CPU, CUDA, and the C++ autograd) register for them by name (csrc/*.cpp hold no schema);
+without the extension the pure-PyTorch reference kernels serve the same ops.
 """
 
 SCHEMAS = {
