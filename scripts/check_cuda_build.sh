@@ -38,7 +38,7 @@ STAGE="$ROOT/.build-cuda"
 rm -rf "$STAGE"
 mkdir -p "$STAGE/src"
 # Build from a copy so the CPU build in the checkout (another torch) is left alone.
-cp -r setup.py pyproject.toml README.md csrc torchhessdiag tests examples scripts "$STAGE/src/"
+cp -r setup.py pyproject.toml README.md docs csrc torchhessdiag tests examples scripts "$STAGE/src/"
 find "$STAGE/src" -name "*.so" -delete
 echo "== compiling the CUDA kernels (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>}, MAX_JOBS=$MAX_JOBS)"
 t0=$(date +%s)

@@ -519,8 +519,8 @@ def check_activation(act, points=None, *, rtol: float = DEFAULT_RTOL, atol: floa
         ``{order: max |given - autograd|}`` over the points.
 
     Raises:
-        ValueError naming the order, the worst point, the given and the autograd value, and the
-        mismatch, for the first order that fails.
+        ValueError: naming the order, the worst point, the given and the autograd value, and the
+            mismatch, for the first order that fails.
     """
     if isinstance(act, RegisteredActivation):
         e = act._live()
