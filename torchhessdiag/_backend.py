@@ -1,6 +1,6 @@
 """Which implementation serves the torchhessdiag ops: defining them (from ``_schemas``, their one
-definition), loading the compiled extension's kernels for them, or the pure-PyTorch reference; the dispatch keys the reference kernels take; the warning
-for a device with no compiled kernel.
+definition), loading the compiled extension's kernels for them, or the pure-PyTorch reference;
+the dispatch keys the reference kernels take; the warning for a device with no compiled kernel.
 
 Import direction: the bottom of the op layer (imports only torch and ``_schemas``); ``_checks``,
 ``_reference_kernels``, ``_fake_kernels``, ``_op_autograd`` and ``ops`` build on it.
