@@ -25,7 +25,7 @@ error, loss curve).
     python examples/plate.py --quick        # under a minute on a 2-core CPU
     python examples/plate.py                # full run
 
-Relative L2 errors reached: see the README section "Beyond the Laplacian".
+Relative L2 errors reached: see docs/operators.md ("Beyond the Laplacian").
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ same model and batch; writes a PNG (u and u_θ along a line through the cube, th
     python examples/poisson_highdim.py                     # full run
     python examples/poisson_highdim.py --dim 10000 --samples 64
 
-Errors reached: see the README section "Beyond the Laplacian".
+Errors reached: see docs/operators.md ("Beyond the Laplacian").
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ every case that applies to it, and each row expects either
   same expressions, ~1e-16; see tests/test_properties.py), or, for NaN/Inf rows, the same
   non-finite positions as torch.func and the same finite values.
 
-The dtype policy tested here (README "Input types"): float32 and float64 are computed as they
+The dtype policy tested here (docs/input-policy.md): float32 and float64 are computed as they
 are; float16/bfloat16 are refused (TypeError naming x and suggesting .float(): second
 derivatives in half precision keep almost no digits, and computing in float32 behind the
 caller's back would hand back a dtype the caller did not ask for); int/bool/complex are refused.

@@ -1,4 +1,4 @@
-"""torch.compile: what compiles, with or without graph breaks, to the same numbers (README "torch.compile").
+"""torch.compile: what compiles, with or without graph breaks, to the same numbers (docs/compile.md).
 
 * every mlp_* function compiles with ``fullgraph=True`` (a graph break anywhere would raise), and
   the library's ops are in the captured graph -- they have fake kernels (_fake_kernels.py), including the
@@ -250,7 +250,7 @@ def test_general_functions_fullgraph_with_a_cached_program(device, backend, monk
     model, _ = build_residual(3, 8, 1, [ACT_BY_LABEL["tanh"], ACT_BY_LABEL["silu"]], product=True, device=device)
     mlp = _model(device)
     x = _x(device)
-    calls = [  # (model, function, the path it takes: README "Any model, any order")
+    calls = [  # (model, function, the path it takes: docs/any-model.md)
         (model, lambda x: thd.laplacian(model, x, return_info=True), "jet"),
         (mlp, lambda x: thd.hessian_diag(mlp, x, return_info=True), "engine"),
         (model, lambda x: thd.axis_derivatives(model, x, order=3, return_info=True), "jet"),

@@ -343,7 +343,7 @@ def _register_autograd_checks_extra_grads() -> bool:
 @pytest.mark.skipif(
     not thd.ops.COMPILED and _register_autograd_checks_extra_grads(),
     reason="torch's register_autograd wrapper races on a shared graph in this torch version "
-    "(README 'Threads, determinism and several processes'); the compiled drop-ins' autograd is "
+    "(docs/threads-ddp.md); the compiled drop-ins' autograd is "
     "C++ (csrc/jet_autograd.h) and does not go through it",
 )
 def test_dropins_threads_share_one_graph():

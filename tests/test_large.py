@@ -1,6 +1,6 @@
 """Large inputs: ``chunk_size`` (same results, bounded memory) and kernels past 2^31 elements.
 
-What holds for ``chunk_size=c`` (README "Large inputs"):
+What holds for ``chunk_size=c`` (docs/input-policy.md, "Large inputs"):
 
 * every block handed to the engine has at most c points, on the no-grad path (reused row buffers
   sized for min(N, c) points) and on the graph path (the blocks' results concatenated);

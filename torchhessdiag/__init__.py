@@ -1,7 +1,7 @@
 """torchhessdiag: exact Hessian diagonals, Laplacians and higher input derivatives of neural
 networks, with fused C++/CUDA kernels.
 
-What is here (README.md has the whole tour):
+What is here (README.md and the pages of docs/ have the whole tour):
 
 * ``mlp_laplacian``, ``mlp_hessian_diag``, ``mlp_derivatives`` and the other ``mlp_*`` functions
   -- the engine for ``nn.Sequential`` MLPs (one fused op for the whole network at small d, the

@@ -112,8 +112,8 @@ def mlp_derivatives(
             spatial dims of (t, x, y, z). The gradient always has all d components.
         chunk_size: at most this many points are processed at a time (default: automatic chunks
             without a graph, one block with one). Results equal the unchunked ones up to the
-            rounding of the GEMMs, which may depend on the number of rows (a few ulp; README
-            "Large inputs"). Without a graph the row buffers then hold at most ``chunk_size``
+            rounding of the GEMMs, which may depend on the number of rows (a few ulp;
+            docs/input-policy.md, "Large inputs"). Without a graph the row buffers then hold at most ``chunk_size``
             points; with a graph the blocks are concatenated and the saved graph grows with N.
 
     Returns:

@@ -87,7 +87,7 @@ def refuse_ddp(model: nn.Module, where: str) -> None:
                 "its local gradients. Compute the residual inside a module's forward (e.g. "
                 "forward(x) returns torchhessdiag.mlp_laplacian(self.net, x) + f(x)), wrap that "
                 "module in DistributedDataParallel(..., find_unused_parameters=True) and call it "
-                "(README: 'Threads, determinism and several processes')."
+                "(docs/threads-ddp.md: 'Threads, determinism and several processes')."
             )
 
 

@@ -22,7 +22,7 @@ the git commit), PNG plots (time and memory vs d per method, log scale). See
 :mod:`torchhessdiag.bench.runner` for the steps of a block and
 :mod:`torchhessdiag.bench.measure` for how time and memory are measured.
 
-Presets: ``--quick`` (about a minute on a 2-core CPU), ``--preset cpu`` (the README's CPU
+Presets: ``--quick`` (about a minute on a 2-core CPU), ``--preset cpu`` (docs/benchmarks.md's CPU
 setting), ``--preset taylor`` (the Taylor-mode paper's setting: d=50, tanh
 50-768-768-512-512-1, float64), ``--preset gpu`` (the full GPU grid, N up to 65536, d up to 1000
 for the Laplacian; resumable in pieces with ``--out DIR --resume --max-minutes 8``), ``--preset

@@ -37,7 +37,7 @@ PINN_GROUPS = {
     "infer64": [dict(_INFER, dtype=_F64)],
     "overhead": [dict(_OVERHEAD, dtype=_F32 + _F64)],
     # the settings of issue 13's own table (what users reported) and d = 5: 5 min measured, the record
-    # to read first (README "Benchmarks"); every point is also in the full grid except d=1, N=1024
+    # to read first (docs/benchmarks.md); every point is also in the full grid except d=1, N=1024
     "core": [dict(d=[2], archs=[(32, 3)], n=[512], modes=["train"], dtype=_F32),
              dict(d=[3], archs=[(64, 4)], n=[4096], modes=["train"], dtype=_F32 + _F64),
              dict(d=[2], archs=[(128, 4)], n=[8192], modes=["train"], dtype=_F32),

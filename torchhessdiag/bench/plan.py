@@ -3,7 +3,7 @@
 per-method factor, plus a per-call overhead, through the runner's steps and budgets (probe, warm-up, timed samples
 batched to --min-sample-ms, the method budget, the memory call, the float64 check, compiles).
 
-The factors are the README's CPU record (tanh, 4x256, N=4096, 2 threads of an AMD EPYC: thd ~1.3x
+The factors are the CPU record of docs/benchmarks.md (tanh, 4x256, N=4096, 2 threads of an AMD EPYC: thd ~1.3x
 its floor, nested autograd ~2.6x, torch.func 7-10x, ...); the rate 150 GFLOP/s float32 and
 75 float64 is that record's GEMM floor (16 GFLOP in 104 ms). Small blocks are dominated by the
 overheads and the compiles, which are guesses from short runs on the same machine. Take the
