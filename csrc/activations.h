@@ -1,8 +1,8 @@
 // torchhessdiag derivative table: the single source of truth for every activation's value and
 // derivatives of order 0..4.
 //
-// Used, unchanged, by the CPU kernels (csrc/jet_ops.cpp), the CUDA kernels
-// (csrc/cuda/jet_ops.cu) and mirrored 1:1 -- same names, same branches, same algebra -- by the
+// Used, unchanged, by the CPU kernels (csrc/act_ops.cpp), the CUDA kernels
+// (csrc/cuda/act_ops.cu) and mirrored 1:1 -- same names, same branches, same algebra -- by the
 // pure-PyTorch reference in torchhessdiag/reference.py, which the tests hold against this table.
 //
 // Every formula is written in a numerically stable form: it only ever exponentiates a

@@ -1,4 +1,4 @@
-// Gate: how every CUDA op is registered (csrc/jet_ops.cpp, csrc/engine_ops.cpp), so that a GPU
+// Gate: how every CUDA op is registered (csrc/act_ops.cpp, csrc/engine_ops.cpp), so that a GPU
 // this build has no kernel image for runs the reference instead; see csrc/cuda_probe.h.
 //
 // Gate<Fn, Name, UseReference>::call has Fn's signature. It finds the device of the first tensor

@@ -159,43 +159,33 @@ void layer_backward_typed(const LayerBackwardArgs& p) {
 }
 
 void layer_rows_host(const LayerRowsArgs& p) {
-  if (p.dtype == at::kDouble)
-    layer_rows_typed<double>(p);
-  else
-    layer_rows_typed<float>(p);
+  dispatch_float(p.dtype, [&](auto t) { layer_rows_typed<decltype(t)>(p); });
 }
 
 void layer_backward_host(const LayerBackwardArgs& p) {
-  if (p.dtype == at::kDouble)
-    layer_backward_typed<double>(p);
-  else
-    layer_backward_typed<float>(p);
+  dispatch_float(p.dtype, [&](auto t) { layer_backward_typed<decltype(t)>(p); });
 }
 
 void taylor_host(const TaylorArgs& p) {
   dispatch_taylor_order(static_cast<int>(p.d.n), [&](auto no) {
     constexpr int NO = decltype(no)::value;
-    if (p.dtype == at::kDouble)
-      taylor_cpu<NO, double>(static_cast<const double*>(p.D), static_cast<const double*>(p.H),
-                             static_cast<double*>(p.Y), p.d);
-    else
-      taylor_cpu<NO, float>(static_cast<const float*>(p.D), static_cast<const float*>(p.H),
-                            static_cast<float*>(p.Y), p.d);
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      taylor_cpu<NO, T>(static_cast<const T*>(p.D), static_cast<const T*>(p.H),
+                        static_cast<T*>(p.Y), p.d);
+    });
   });
 }
 
 void taylor_backward_host(const TaylorBackwardArgs& p) {
   dispatch_taylor_order(static_cast<int>(p.d.n), [&](auto no) {
     constexpr int NO = decltype(no)::value;
-    if (p.dtype == at::kDouble)
-      taylor_backward_cpu<NO, double>(static_cast<const double*>(p.gY),
-                                      static_cast<const double*>(p.D),
-                                      static_cast<const double*>(p.H), static_cast<double*>(p.dD),
-                                      static_cast<double*>(p.dH), p.d);
-    else
-      taylor_backward_cpu<NO, float>(static_cast<const float*>(p.gY),
-                                     static_cast<const float*>(p.D), static_cast<const float*>(p.H),
-                                     static_cast<float*>(p.dD), static_cast<float*>(p.dH), p.d);
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      taylor_backward_cpu<NO, T>(static_cast<const T*>(p.gY), static_cast<const T*>(p.D),
+                                 static_cast<const T*>(p.H), static_cast<T*>(p.dD),
+                                 static_cast<T*>(p.dH), p.d);
+    });
   });
 }
 

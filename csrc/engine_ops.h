@@ -1,7 +1,7 @@
 // The per-layer op of the second-order engine (torchhessdiag/engine.py), shared by the CPU and the
 // CUDA implementations: argument checks, and the compute-half interface. The ops themselves
 // (checks, allocation) live in csrc/engine_ops.cpp for both devices; csrc/cuda/engine_ops.cu
-// only launches kernels on checked raw pointers (see the note at the top of jet_ops_impl.h).
+// only launches kernels on checked raw pointers (see the note at the top of act_ops_impl.h).
 //
 //   jet_layer(J, s1, c, need_ja) -> (Ja, acc)
 //     J   (N, K, w)  first-order rows J_l v_k at the pre-activation z_l of one layer
@@ -27,6 +27,7 @@
 #include <tuple>
 #include <utility>
 
+#include "dispatch.h"
 #include "messages.h"
 
 namespace thd {

@@ -9,7 +9,7 @@
 #include <array>
 
 #include "cpu/kernels.h"
-#include "jet_ops_impl.h"
+#include "act_ops_impl.h"
 
 namespace thd {
 namespace {
@@ -82,8 +82,6 @@ void run(const Fn& fn, const cpu::Jet2Job& job) {
   at::parallel_for(0, job.n, grain(s), [&](int64_t p0, int64_t p1) { fn(job, p0, p1); });
 }
 
-int dt(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? 1 : 0; }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_mul_cpu(
@@ -111,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_mul_cpu(
                    {},
                    {}};
   for (int i = 0; i < 6; ++i) job.in[i] = in[i].data_ptr();
-  run(cpu::kernels().jet2_mul[dt(v)], job);
+  run(cpu::kernels().jet2_mul[dtype_slot(v.scalar_type())], job);
   return {v, y1, sy};
 }
 
@@ -142,7 +140,7 @@ jet2_mul_backward_cpu(const c10::optional<at::Tensor>& gv, const c10::optional<a
       job.gin[i] = gin[i].data_ptr();
     }
     for (int i = 0; i < 3; ++i) job.gout[i] = g[i].defined() ? g[i].data_ptr() : nullptr;
-    run(cpu::kernels().jet2_mul_backward[dt(in[0])], job);
+    run(cpu::kernels().jet2_mul_backward[dtype_slot(in[0].scalar_type())], job);
   }
   return {gin[0], gin[1], gin[2], gin[3], gin[4], gin[5]};
 }
@@ -169,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_cpu(
                    {y0.data_ptr(), y1.data_ptr(), sy.data_ptr()},
                    {},
                    {}};
-  run(cpu::kernels().jet2_act[dt(y0)], job);
+  run(cpu::kernels().jet2_act[dtype_slot(y0.scalar_type())], job);
   return {y0, y1, sy};
 }
 
@@ -201,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet2_act_backward_cpu(
                    {},
                    {gh0.data_ptr(), gh1.data_ptr(), gs.data_ptr()}};
   for (int i = 0; i < 3; ++i) job.gout[i] = g[i].defined() ? g[i].data_ptr() : nullptr;
-  run(cpu::kernels().jet2_act_backward[dt(gh0)], job);
+  run(cpu::kernels().jet2_act_backward[dtype_slot(gh0.scalar_type())], job);
   return {gh0, gh1, gs};
 }
 

@@ -421,10 +421,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_jet_op(
 #ifdef THD_WITH_CUDA
     mlp_forward_cuda(P, x, out, saved, save);
 #endif
-  } else if (P.dtype == at::kDouble) {
-    forward_cpu<double>(P, x, out, saved, save);
   } else {
-    forward_cpu<float>(P, x, out, saved, save);
+    dispatch_float(P.dtype, [&](auto t) { forward_cpu<decltype(t)>(P, x, out, saved, save); });
   }
   return {out, saved};
 }
@@ -478,10 +476,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_jet
 #ifdef THD_WITH_CUDA
       mlp_backward_cuda(P, gout, x, saved, gx, gW, gb, gC);
 #endif
-    } else if (P.dtype == at::kDouble) {
-      backward_cpu<double>(P, gout, x, saved, gx, gW, gb, gC);
     } else {
-      backward_cpu<float>(P, gout, x, saved, gx, gW, gb, gC);
+      dispatch_float(P.dtype,
+                     [&](auto t) { backward_cpu<decltype(t)>(P, gout, x, saved, gx, gW, gb, gC); });
     }
   } else {  // no points: zero gradients
     for (auto& t : gW) t.zero_();
@@ -792,10 +789,7 @@ MlpPlan make_mlp_plan(const at::Tensor& x, const at::TensorList& Ws, const at::T
   // W_0 must not turn the other directions' rows into NaN through 0 * inf).
   if (has_V) P.VT = V_->t().contiguous();
   if (x.is_cpu()) {
-    if (P.dtype == at::kDouble)
-      cpu_constants<double>(P, Ws);
-    else
-      cpu_constants<float>(P, Ws);
+    dispatch_float(P.dtype, [&](auto t) { cpu_constants<decltype(t)>(P, Ws); });
     return P;
   }
   at::Tensor C;

@@ -40,6 +40,8 @@
 
 #include <vector>
 
+#include "dispatch.h"
+
 namespace thd {
 
 struct MlpLayerSpec {

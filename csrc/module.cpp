@@ -50,7 +50,7 @@ bool cuda_use_reference(int device) {
 }  // namespace thd
 
 namespace thd {
-void reset_piecewise_linear_warnings();  // csrc/jet_ops.cpp
+void reset_piecewise_linear_warnings();  // csrc/act_ops.cpp
 }
 
 namespace {

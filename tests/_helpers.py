@@ -260,12 +260,12 @@ def mp_derivatives_many(spec: ActivationSpec, zs: Sequence[float], n: int) -> to
 # ---- shapes that make every loop of the CUDA kernels iterate (issue 17) ------------------------
 #
 # Every launch in csrc/cuda/*.cu caps its grid at 32 blocks per SM (grid_for in engine_ops.cu,
-# CudaExec::run in jet_ops.cu) and walks the rest with a grid-stride loop; the layer kernel's
+# CudaExec::run in act_ops.cu) and walks the rest with a grid-stride loop; the layer kernel's
 # lanes stride over the width j. These widths run the lane loop with one lane per row (w = 1, 32
 # rows per warp), with a partial warp (31), with a second lane pass (33) and with several (100).
 
 WIDE_WIDTHS = (1, 31, 33, 100)
-GRID_BLOCKS_PER_SM = 32  # csrc/cuda/engine_ops.cu grid_for, csrc/cuda/jet_ops.cu CudaExec::run
+GRID_BLOCKS_PER_SM = 32  # csrc/cuda/engine_ops.cu grid_for, csrc/cuda/act_ops.cu CudaExec::run
 THREADS_PER_BLOCK = 256  # elementwise, taylor and backward kernels
 WARPS_PER_BLOCK = 8  # the layer forward kernel (kWarpsPerBlock)
 

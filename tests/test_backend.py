@@ -3,7 +3,7 @@
 * ``backend_info()`` reports the documented keys, and the compiled extension IS loaded unless
   ``TORCHHESSDIAG_BACKEND=reference`` asks for the reference -- this is the test that makes CI
   fail when the extension did not build or does not load.
-* The C++ op schemas (csrc/jet_ops.cpp) agree with the Python copy (torchhessdiag/_schemas.py)
+* The C++ op schemas (csrc/act_ops.cpp) agree with the Python copy (torchhessdiag/_schemas.py)
   used when the extension is missing, and ``_C`` describes the same table as the Python side.
 * A subprocess with ``TORCHHESSDIAG_BACKEND=reference`` gets the same numbers as this process
   (compiled kernels) to 1e-13 -- derivative table and nested autograd through drop-ins -- and
@@ -175,7 +175,7 @@ COMPUTE = textwrap.dedent(
     """
 )
 
-# Argument validation that the compiled kernels perform (csrc/jet_ops_impl.h). The reference
+# Argument validation that the compiled kernels perform (csrc/act_ops_impl.h). The reference
 # backend serves the same ops and must refuse the same calls with the same exception types.
 VALIDATION = textwrap.dedent(
     """

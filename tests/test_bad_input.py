@@ -3,7 +3,7 @@ correct result.
 
 Covers the functional API (``torchhessdiag.activation`` / ``activation_derivatives``), the drop-in
 modules, and direct calls of the ops (``torch.ops.torchhessdiag.*``), whose argument checks live
-in csrc/jet_ops_impl.h (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError).
+in csrc/act_ops_impl.h (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError).
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def _register_autograd_checks_extra_grads() -> bool:
     not thd.ops.COMPILED and _register_autograd_checks_extra_grads(),
     reason="torch's register_autograd wrapper races on a shared graph in this torch version "
     "(docs/threads-ddp.md); the compiled drop-ins' autograd is "
-    "C++ (csrc/jet_autograd.h) and does not go through it",
+    "C++ (csrc/act_autograd.h) and does not go through it",
 )
 def test_dropins_threads_share_one_graph():
     """Several threads differentiate one graph at once (torch allows concurrent backward on a

@@ -1,4 +1,4 @@
-"""The C++ autograd of the activation ops (csrc/jet_autograd.h), as the drop-ins use it.
+"""The C++ autograd of the activation ops (csrc/act_autograd.h), as the drop-ins use it.
 
 * Exactness: four nested torch.autograd.grad calls through each drop-in module, at points out to
   |z| = 600, against mpmath (the stable tails), float64; a PINN training step through a

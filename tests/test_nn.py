@@ -473,7 +473,7 @@ def fresh_pwl_warning(monkeypatch):
     """The piecewise-linear warning is emitted once per process per activation: reset it."""
     monkeypatch.setattr(_op_autograd, "_warned_pwl", set())  # the reference backend's (Python) autograd
     if ops.COMPILED:
-        ops._C._reset_piecewise_linear_warnings()  # the compiled one's (csrc/jet_autograd.h)
+        ops._C._reset_piecewise_linear_warnings()  # the compiled one's (csrc/act_autograd.h)
 
 
 def test_relu_network_second_derivative_zero_and_warns(device, fresh_pwl_warning):

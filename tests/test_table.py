@@ -493,7 +493,7 @@ def test_kink_at_zero_follows_torch(spec, device, impl, dtype):
 # ---- widths and sizes that make every CUDA loop iterate (issue 17) ----------------------------
 #
 # The table ops (act_derivatives, act_grad, mul_pair, mul_pair_backward) run one grid-stride
-# kernel over the elements (csrc/cuda/jet_ops.cu, 32 blocks of 256 threads per SM). On (N, w)
+# kernel over the elements (csrc/cuda/act_ops.cu, 32 blocks of 256 threads per SM). On (N, w)
 # inputs with w in {1, 31, 33, 100} and, on CUDA, more elements than one pass of that grid (on
 # the CPU several parallel grains of 2048), at random points in [-4, 4] (well conditioned; no
 # neighbour is close to another, so a misplaced element is an O(1) error):

@@ -13,7 +13,7 @@ from . import _registry
 from .reference import MAX_ORDER
 
 
-# The same argument checks as the C++ ops (csrc/jet_ops_impl.h, csrc/engine_ops.h), with the same
+# The same argument checks as the C++ ops (csrc/act_ops_impl.h, csrc/engine_ops.h), with the same
 # exception types, so the reference backend refuses exactly what the compiled one refuses.
 def _check_float(t, what, op):
     if t.dtype not in (torch.float32, torch.float64):

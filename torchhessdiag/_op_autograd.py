@@ -331,7 +331,7 @@ def _ta_backward(ctx, gY):
 
 def _beyond_table_op(z, act, a, b, n):
     """sigma^(n)(z) by the exact composite path (any n >= 0; the table where it reaches). The C++
-    autograd of the activation ops (csrc/jet_autograd.h) calls it past the table. Registered as
+    autograd of the activation ops (csrc/act_autograd.h) calls it past the table. Registered as
     CompositeImplicitAutograd: its autograd is that of the torch ops it runs."""
     _check_float(z, "z", "act_beyond_table")
     _check_act(act, a, "act_beyond_table")
@@ -351,7 +351,7 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd("torchhessdiag::jet_layer", _jl_backward, setup_context=_jl_setup)
 if not COMPILED:
-    # compiled: the autograd of these three is C++, at the Autograd key (csrc/jet_autograd.h), with
+    # compiled: the autograd of these three is C++, at the Autograd key (csrc/act_autograd.h), with
     # the same formulas and the same derivative caching; this Python version serves the
     # reference backend
     torch.library.register_autograd("torchhessdiag::act_forward", _fwd_backward, setup_context=_fwd_setup)

@@ -446,7 +446,7 @@ class _UserDeriv(torch.autograd.Function):
     """sigma^(k)(z) of a user activation; its derivative is sigma^(k+1)(z), again a _UserDeriv, so
     differentiation to any order uses the given callables (and autograd of the last beyond them).
 
-    Like the table ops (their autograd: csrc/jet_autograd.h, _op_autograd.py), a node computes sigma^(k+1) once and reuses it when nested
+    Like the table ops (their autograd: csrc/act_autograd.h, _op_autograd.py), a node computes sigma^(k+1) once and reuses it when nested
     autograd comes back through it (once per input dimension): with a graph when one is being
     recorded, without otherwise."""
 

@@ -1,6 +1,6 @@
 """Python face of the torchhessdiag ops: the functional API, and the one import that sets the ops up.
 
-The ops (schemas in csrc/jet_ops.cpp and csrc/engine_ops.cpp)::
+The ops (schemas in csrc/act_ops.cpp and csrc/engine_ops.cpp)::
 
     act_forward(z, act, a, b)                 sigma(z)                       (ATen's own kernel)
     act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders, one table pass
@@ -21,7 +21,7 @@ pair (w sigma^(k), w g sigma^(k+1)) (``mul_pair``), whose backward is ``mul_pair
 Nested-autograd loops revisit every node once per input dimension: the derivatives of one
 activation are evaluated once (sigma', sigma'', sigma''' in one table pass) and every later visit
 is pure arithmetic on them. With the compiled extension this autograd is C++
-(csrc/jet_autograd.h: no Python per backward node); the Python version (_op_autograd.py) serves the
+(csrc/act_autograd.h: no Python per backward node); the Python version (_op_autograd.py) serves the
 reference backend, with the same formulas and per-node caching. Orders beyond the table (> 4) come from an
 exact composite path (``_beyond_table``, as the op ``act_beyond_table`` for the C++ side).
 

@@ -5,7 +5,7 @@
 // extension: plain structs of sizes and raw pointers, and a table of function pointers. It
 // includes no torch header, so the SIMD translation units share no inline code with the others.
 // Every kernel works on a range of elements or on one chunk of points; threading is the caller's
-// (at::parallel_for in csrc/jet_ops.cpp and csrc/mlp_ops.cpp).
+// (at::parallel_for in csrc/act_ops.cpp and csrc/mlp_ops.cpp).
 #pragma once
 
 #include <cstdint>

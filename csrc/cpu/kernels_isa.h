@@ -287,7 +287,7 @@ cpu::KernelTable make_table(cpu::Isa isa, const char* name) {
 }
 
 // ---- the drop-in activations' ops (issue 14): act_grad, mul_pair, mul_pair_backward ------------
-// One table evaluation per element, the products in the same pass (csrc/jet_ops_impl.h has the
+// One table evaluation per element, the products in the same pass (csrc/act_ops_impl.h has the
 // scalar bodies the CUDA kernels run; these are the same arithmetic on lanes).
 
 template <class L, class Act, int N>

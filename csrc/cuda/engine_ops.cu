@@ -263,17 +263,11 @@ void backward_typed(const LayerBackwardArgs& p) {
 
 // dtype checked by the op half (float32 or float64); no error path here
 void layer_rows_cuda(const LayerRowsArgs& p) {
-  if (p.dtype == at::kDouble)
-    rows_typed<double>(p);
-  else
-    rows_typed<float>(p);
+  dispatch_float(p.dtype, [&](auto t) { rows_typed<decltype(t)>(p); });
 }
 
 void layer_backward_cuda(const LayerBackwardArgs& p) {
-  if (p.dtype == at::kDouble)
-    backward_typed<double>(p);
-  else
-    backward_typed<float>(p);
+  dispatch_float(p.dtype, [&](auto t) { backward_typed<decltype(t)>(p); });
 }
 
 void taylor_cuda(const TaylorArgs& p) {
@@ -283,14 +277,12 @@ void taylor_cuda(const TaylorArgs& p) {
   dispatch_taylor_order(static_cast<int>(d.n), [&](auto no) {
     constexpr int NO = decltype(no)::value;
     auto stream = at::cuda::getCurrentCUDAStream();
-    if (p.dtype == at::kDouble)
-      taylor_kernel<NO, double><<<blocks, threads, 0, stream>>>(
-          static_cast<const double*>(p.D), static_cast<const double*>(p.H),
-          static_cast<double*>(p.Y), d.N, d.K, d.w);
-    else
-      taylor_kernel<NO, float><<<blocks, threads, 0, stream>>>(
-          static_cast<const float*>(p.D), static_cast<const float*>(p.H), static_cast<float*>(p.Y),
-          d.N, d.K, d.w);
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      taylor_kernel<NO, T><<<blocks, threads, 0, stream>>>(static_cast<const T*>(p.D),
+                                                           static_cast<const T*>(p.H),
+                                                           static_cast<T*>(p.Y), d.N, d.K, d.w);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -302,16 +294,12 @@ void taylor_backward_cuda(const TaylorBackwardArgs& p) {
   dispatch_taylor_order(static_cast<int>(d.n), [&](auto no) {
     constexpr int NO = decltype(no)::value;
     auto stream = at::cuda::getCurrentCUDAStream();
-    if (p.dtype == at::kDouble)
-      taylor_backward_kernel<NO, double><<<blocks, threads, 0, stream>>>(
-          static_cast<const double*>(p.gY), static_cast<const double*>(p.D),
-          static_cast<const double*>(p.H), static_cast<double*>(p.dD), static_cast<double*>(p.dH),
-          d.N, d.K, d.w);
-    else
-      taylor_backward_kernel<NO, float><<<blocks, threads, 0, stream>>>(
-          static_cast<const float*>(p.gY), static_cast<const float*>(p.D),
-          static_cast<const float*>(p.H), static_cast<float*>(p.dD), static_cast<float*>(p.dH), d.N,
-          d.K, d.w);
+    dispatch_float(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      taylor_backward_kernel<NO, T><<<blocks, threads, 0, stream>>>(
+          static_cast<const T*>(p.gY), static_cast<const T*>(p.D), static_cast<const T*>(p.H),
+          static_cast<T*>(p.dD), static_cast<T*>(p.dH), d.N, d.K, d.w);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

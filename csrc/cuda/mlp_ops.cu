@@ -226,19 +226,14 @@ void backward(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
 
 void mlp_forward_cuda(const MlpPlan& P, const at::Tensor& x, at::Tensor& out,
                       std::vector<at::Tensor>& saved, bool save) {
-  if (P.dtype == at::kDouble)
-    forward<double>(P, x, out, saved, save);
-  else
-    forward<float>(P, x, out, saved, save);
+  dispatch_float(P.dtype, [&](auto t) { forward<decltype(t)>(P, x, out, saved, save); });
 }
 
 void mlp_backward_cuda(const MlpPlan& P, const at::Tensor& gout, const at::Tensor& x,
                        const std::vector<at::Tensor>& saved, at::Tensor& gx,
                        std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb, at::Tensor& gC) {
-  if (P.dtype == at::kDouble)
-    backward<double>(P, gout, x, saved, gx, gW, gb, gC);
-  else
-    backward<float>(P, gout, x, saved, gx, gW, gb, gC);
+  dispatch_float(P.dtype,
+                 [&](auto t) { backward<decltype(t)>(P, gout, x, saved, gx, gW, gb, gC); });
 }
 
 }  // namespace thd

@@ -1,11 +1,11 @@
-// The compute half of the activation ops on CUDA (see ../jet_ops_impl.h): the shared per-element
+// The compute half of the activation ops on CUDA (see ../act_ops_impl.h): the shared per-element
 // bodies run by a grid-stride kernel on the current stream. Same derivative table as the CPU
-// (csrc/activations.h). Argument checks and allocation happen in csrc/jet_ops.cpp, compiled by
+// (csrc/activations.h). Argument checks and allocation happen in csrc/act_ops.cpp, compiled by
 // the host compiler; nothing here builds an error message.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "../jet_ops_impl.h"
+#include "../act_ops_impl.h"
 
 namespace thd {
 

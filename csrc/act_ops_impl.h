@@ -2,8 +2,8 @@
 //
 // * Kernels<Exec>: the compute half -- dtype/activation/order dispatch and the per-element bodies
 //   (every body evaluates the derivative table in csrc/activations.h), run by an executor:
-//   `Exec::run(n, f)` calls f(i) for i in [0, n). csrc/jet_ops.cpp instantiates it with a
-//   parallel CPU loop (Kernels<CpuExec>), csrc/cuda/jet_ops.cu with a grid-stride CUDA kernel
+//   `Exec::run(n, f)` calls f(i) for i in [0, n). csrc/act_ops.cpp instantiates it with a
+//   parallel CPU loop (Kernels<CpuExec>), csrc/cuda/act_ops.cu with a grid-stride CUDA kernel
 //   (CudaKernels). It takes raw pointers of already-checked tensors and never builds an error
 //   message.
 // * *_impl<Kernels>: the op half -- argument checks with messages, device guard, contiguity,
@@ -25,6 +25,7 @@
 
 #include "activations.h"
 #include "buffer_pool.h"
+#include "dispatch.h"
 #include "messages.h"
 
 namespace thd {
@@ -171,16 +172,6 @@ struct MulPairBackwardBody {
 
 // ---- the compute half ------------------------------------------------------------------------
 
-// Calls f(T{}) with T = double or float. Callers have checked the dtype (float32 or float64);
-// no error path here, see the note at the top.
-template <typename F>
-inline void dispatch_float(at::ScalarType st, F&& f) {
-  if (st == at::kDouble)
-    f(double{});
-  else
-    f(float{});
-}
-
 struct DerivsArgs {
   Act act;
   at::ScalarType dtype;
@@ -277,7 +268,7 @@ struct Kernels {
   }
 };
 
-// The CUDA compute half, defined in csrc/cuda/jet_ops.cu as Kernels<CudaExec>.
+// The CUDA compute half, defined in csrc/cuda/act_ops.cu as Kernels<CudaExec>.
 struct CudaKernels {
   static void act_derivatives(const DerivsArgs& p);
   static void act_grad(const GradArgs& p);

@@ -2,7 +2,7 @@
 // dispatch key: no Python runs per backward node. This is what makes the torchhessdiag.nn
 // drop-ins cheap inside nested torch.autograd.grad loops (issue 14).
 //
-// Included once, by csrc/jet_ops.cpp (which defines the ops).
+// Included once, by csrc/act_ops.cpp (which defines the ops).
 //
 // The graph of one activation y = sigma(z):
 //
@@ -55,7 +55,7 @@
 #include <tuple>
 #include <vector>
 
-#include "jet_ops_impl.h"
+#include "act_ops_impl.h"
 
 namespace thd {
 namespace ag {

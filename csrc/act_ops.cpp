@@ -1,12 +1,12 @@
 // Op schemas (namespace torchhessdiag), the value op, the CPU kernels of the activation ops, and
-// the op half (argument checks, allocation) of their CUDA implementation (see jet_ops_impl.h).
+// the op half (argument checks, allocation) of their CUDA implementation (see act_ops_impl.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
 #include "cuda_gate.h"
-#include "jet_autograd.h"
-#include "jet_ops_impl.h"
+#include "act_autograd.h"
+#include "act_ops_impl.h"
 
 namespace thd {
 
@@ -31,7 +31,7 @@ struct CpuKernels : Kernels<CpuExec> {
     const cpu::KernelTable& kt = cpu::kernels();
     cpu::DerivsJob job{
         static_cast<int>(p.act), p.a, p.b, p.max_k, p.n_orders, p.orders, p.z, p.out, p.numel};
-    auto fn = kt.derivs[p.dtype == at::kDouble ? 1 : 0];
+    auto fn = kt.derivs[dtype_slot(p.dtype)];
     // chunks of whole SIMD vectors, so only the last chunk has a partial one
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
@@ -40,7 +40,7 @@ struct CpuKernels : Kernels<CpuExec> {
 
   static void act_grad(const GradArgs& p) {
     cpu::GradJob job{static_cast<int>(p.act), p.a, p.b, p.k, p.g, p.z, p.out, p.numel};
-    auto fn = cpu::kernels().grad[p.dtype == at::kDouble ? 1 : 0];
+    auto fn = cpu::kernels().grad[dtype_slot(p.dtype)];
     at::parallel_for(0, (p.numel + 63) / 64, 64, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
@@ -48,7 +48,7 @@ struct CpuKernels : Kernels<CpuExec> {
 
   static void mul_pair(const MulPairArgs& p) {
     cpu::MulPairJob job{p.w, p.g, p.d1, p.d2, p.o1, p.o2};
-    auto fn = cpu::kernels().mul_pair[p.dtype == at::kDouble ? 1 : 0];
+    auto fn = cpu::kernels().mul_pair[dtype_slot(p.dtype)];
     at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
@@ -56,7 +56,7 @@ struct CpuKernels : Kernels<CpuExec> {
 
   static void mul_pair_backward(const MulPairBackwardArgs& p) {
     cpu::MulPairBackwardJob job{p.g1, p.g2, p.w, p.g, p.d1, p.d2, p.d3, p.ow, p.og, p.oz};
-    auto fn = cpu::kernels().mul_pair_backward[p.dtype == at::kDouble ? 1 : 0];
+    auto fn = cpu::kernels().mul_pair_backward[dtype_slot(p.dtype)];
     at::parallel_for(0, (p.numel + 63) / 64, 256, [&](int64_t b, int64_t e) {
       fn(job, b * 64, std::min<int64_t>(e * 64, p.numel));
     });
@@ -100,7 +100,7 @@ TORCH_LIBRARY_IMPL(torchhessdiag, CompositeExplicitAutograd, m) {
   m.impl("act_forward", &thd::act_forward);
 }
 
-// The autograd of the activation ops, in C++ (csrc/jet_autograd.h): no Python per backward node.
+// The autograd of the activation ops, in C++ (csrc/act_autograd.h): no Python per backward node.
 TORCH_LIBRARY_IMPL(torchhessdiag, Autograd, m) {
   m.impl("act_forward", &thd::ag::act_forward_autograd);
   m.impl("act_grad", &thd::ag::act_grad_autograd);
@@ -142,7 +142,7 @@ TORCH_LIBRARY_IMPL(torchhessdiag_gatetest, CPU, m) {
 
 #ifdef THD_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchhessdiag, CUDA, m) {
-  using K = thd::CudaKernels;  // compute half in csrc/cuda/jet_ops.cu
+  using K = thd::CudaKernels;  // compute half in csrc/cuda/act_ops.cu
   using thd::CudaGate;
   m.impl("act_derivatives",
          &CudaGate<&thd::act_derivatives_impl<K>, thd::kRefActDerivatives>::call);
