@@ -345,11 +345,6 @@ def test_simd_mlp_jet_matches_scalar(isa_restore, act, dtype):
 # ---- the op's contract ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    not ops.COMPILED, strict=True,
-    reason="known reference-backend bug: the reference mlp_jet_backward kernel differentiates reference_jet "
-    "with autograd, which records nothing when the op is called below the Autograd key (opcheck's "
-    "registered-autograd path); the engine never calls mlp_jet without a compiled kernel")
 def test_opcheck():
     net = Net(3, [5, 4, 2], [T, S, None], seed=13)
     x = _x(6, 3).requires_grad_()

@@ -22,6 +22,7 @@ it and the K+2-row reverse sweep per call.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -279,10 +280,25 @@ def _ref_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_ro
     return out.contiguous(), saved
 
 
+@contextlib.contextmanager
+def _record_autograd():
+    """Let autograd record again inside a kernel. A kernel runs below the Autograd key when it is
+    reached through an autograd formula (torch.library.register_autograd redispatches with the
+    autograd keys excluded), where ops on tensors that require grad record nothing; the reference
+    backward differentiates reference_jet on its own detached leaves, so it lifts that exclusion
+    for its local graph."""
+    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+            torch._C.DispatchKey.AutogradNestedTensor)
+    with contextlib.ExitStack() as stack:
+        for k in keys:
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(k, False))
+        yield
+
+
 def _ref_jet_backward(gout, x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, saved,
                       need_gx):
     _backend._warn_reference(x.device)
-    with torch.enable_grad():
+    with torch.enable_grad(), _record_autograd():
         xs = x.detach().requires_grad_(need_gx)
         Ws = [W.detach().requires_grad_(True) for W in weights]
         bs = [b.detach().requires_grad_(True) if b.numel() else b for b in biases]
