@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import torchhessdiag as thd
-from torchhessdiag import engine
+from torchhessdiag import engine, ops
 
 from _random_models import ACT_BY_LABEL, build_mlp, func_hessian, rel_err
 
@@ -192,6 +192,8 @@ def test_no_grad_peak_memory_bounded_by_chunk_size(device, reverse_path, monkeyp
     assert p_big <= q_big / 8
 
 
+@pytest.mark.skipif(not ops.COMPILED, reason="the per-thread scratch of the compiled fused op (csrc/mlp_ops.cpp); "
+                    "the reference backend has no fused kernel and takes the reverse sweep")
 def test_fused_no_grad_memory_flat_in_n(device):
     """The fused op without a graph allocates its outputs only: the rows live in per-thread
     scratch of at most 5 x 2^16 elements per thread (csrc/mlp_ops.cpp), whatever N is. Rows here:

@@ -51,7 +51,9 @@ def _ref_grad(g, z, act, a, b, k):
 def _ref_jet_layer(J, s1, c, need_ja):
     _check_layer(J, s1, c, "jet_layer")
     _warn_reference(J.device)
-    return reference.jet_layer(J, s1, c, need_ja)
+    # contiguous, as the compiled kernels (and the fake kernel) give them: einsum's acc is not
+    Ja, acc = reference.jet_layer(J, s1, c, need_ja)
+    return Ja.contiguous(), acc.contiguous()
 
 
 def _ref_jet_layer_(J, s1, c):
@@ -59,13 +61,13 @@ def _ref_jet_layer_(J, s1, c):
     _warn_reference(J.device)
     Ja, acc = reference.jet_layer(J, s1, c, True)
     J.copy_(Ja)
-    return acc
+    return acc.contiguous()
 
 
 def _ref_jet_layer_backward(gJa, gacc, J, s1, c):
     _check_layer_backward(gJa, gacc, J, s1, c)
     _warn_reference(J.device)
-    return reference.jet_layer_backward(gJa, gacc, J, s1, c)
+    return tuple(t.contiguous() for t in reference.jet_layer_backward(gJa, gacc, J, s1, c))
 
 
 def _ref_taylor_act(D, H):

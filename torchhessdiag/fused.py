@@ -22,12 +22,13 @@ it and the K+2-row reverse sweep per call.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _backend, reference
+from . import _backend, _registry, reference
 from .activations import NAMES
 
 Tensor = torch.Tensor
@@ -205,20 +206,99 @@ def _fake_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_r
 # Reference kernels, for devices without a compiled one (and the whole op when the extension is
 # not loaded): the same rows from reference_jet; the saved tensors are placeholders of the right
 # size (the backward of a reference call recomputes the jet and differentiates it).
+def _check_args(x, weights, biases, acts, act_a, act_b, V, axes, sel, op="torchhessdiag.mlp_jet"):
+    """The argument checks of the compiled op (csrc/mlp_ops.cpp, make_mlp_plan), with the same
+    exception types and messages, so the reference kernel refuses what the compiled one refuses."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64, got {x.dtype}; cast it with .float() or .double()")
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"{op}: x must be a contiguous (N, d) tensor, got shape {list(x.shape)}; call .contiguous()")
+    L = len(weights)
+    if L < 1:
+        raise ValueError(f"{op}: the network needs at least one layer")
+    if not len(biases) == len(acts) == len(act_a) == len(act_b) == L:
+        raise ValueError(f"{op}: weights, biases, acts, act_a and act_b must have one entry per layer ({L} layers)")
+    width = x.shape[1]
+    for l, (W, b, act, a) in enumerate(zip(weights, biases, acts, act_a)):
+        if W.dtype != x.dtype or W.device != x.device:
+            raise TypeError(f"{op}: weight {l} must have x's dtype and device ({x.dtype}, {x.device}), got "
+                            f"{W.dtype}, {W.device}")
+        if W.dim() != 2 or not W.is_contiguous() or W.shape[1] != width:
+            raise ValueError(f"{op}: weight {l} must be a contiguous (out, {width}) matrix, got shape {list(W.shape)}")
+        if b is not None and b.numel() > 0:
+            if b.dtype != x.dtype or b.device != x.device:
+                raise TypeError(f"{op}: bias {l} must have x's dtype and device")
+            if b.dim() != 1 or b.shape[0] != W.shape[0] or not b.is_contiguous():
+                raise ValueError(f"{op}: bias {l} must be a contiguous ({W.shape[0]},) vector (or empty: no bias)")
+        if not -1 <= act < len(NAMES):
+            raise ValueError(f"{op}: acts[{l}] = {act} is not an activation id (-1 or 0..{len(NAMES) - 1})")
+        if act >= 0:
+            params = _registry.TABLE[NAMES[act]].params
+            if params and params[0].nonzero and a == 0.0:
+                raise ValueError(f"{op}: {NAMES[act]} needs {params[0].name} != 0")
+        width = W.shape[0]
+    if all(a < 0 for a in acts):
+        raise ValueError(f"{op}: the network has no activation (its second derivatives are 0)")
+    d = x.shape[1]
+    if V is not None:
+        if V.dtype != x.dtype or V.device != x.device:
+            raise TypeError(f"{op}: V must have x's dtype and device")
+        if V.dim() != 2 or V.shape[0] != d:
+            raise ValueError(f"{op}: V must be (d, K) with d = {d}, got shape {list(V.shape)}")
+        if len(axes):
+            raise ValueError(f"{op}: give either V or axes, not both")
+        K = V.shape[1]
+    else:
+        if any(not 0 <= a < d for a in axes):
+            raise ValueError(f"{op}: axes must lie in [0, {d}), got {list(axes)}")
+        K = len(axes)
+    if K < 1:
+        raise ValueError(f"{op}: at least one direction (V or axes) is needed")
+    if any(not 0 <= k < K for k in sel) or len(set(sel)) != len(sel):
+        raise ValueError(f"{op}: sel must hold distinct direction indices in [0, {K}), got {list(sel)}")
+    if not len(sel):
+        raise ValueError(f"{op}: sel is empty")
+
+
 def _ref_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, save):
+    if chunk < 0:
+        raise ValueError(f"torchhessdiag.mlp_jet: chunk must be >= 0 (0: automatic), got {chunk}")
+    _check_args(x, weights, biases, acts, act_a, act_b, V, axes, sel)
     _backend._warn_reference(x.device)
     S = len(sel) if diag else 1
+    N = x.shape[0]
+    # the chunk the compiled op reports: the user's limit caps it (points are independent, so the
+    # reference computes chunk by chunk the same rows as in one block)
+    used = max(1, min(chunk if chunk > 0 else N, max(N, 1)))
     with torch.no_grad():
-        out = reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
+        parts = [reference_jet(x[i : i + used], weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)
+                 for i in range(0, N, used)] or [
+            reference_jet(x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows)]
+        out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
     saved = [t.zero_() for t in _saved_like(x, weights, acts, S, _n_dirs(V, axes), grad_rows, save)]
-    saved[-1].fill_(max(1, x.shape[0]))
+    saved[-1].fill_(used)
     return out.contiguous(), saved
+
+
+@contextlib.contextmanager
+def _record_autograd():
+    """Let autograd record again inside a kernel. A kernel runs below the Autograd key when it is
+    reached through an autograd formula (torch.library.register_autograd redispatches with the
+    autograd keys excluded), where ops on tensors that require grad record nothing; the reference
+    backward differentiates reference_jet on its own detached leaves, so it lifts that exclusion
+    for its local graph."""
+    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+            torch._C.DispatchKey.AutogradNestedTensor)
+    with contextlib.ExitStack() as stack:
+        for k in keys:
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(k, False))
+        yield
 
 
 def _ref_jet_backward(gout, x, weights, biases, acts, act_a, act_b, V, axes, sel, diag, grad_rows, chunk, saved,
                       need_gx):
     _backend._warn_reference(x.device)
-    with torch.enable_grad():
+    with torch.enable_grad(), _record_autograd():
         xs = x.detach().requires_grad_(need_gx)
         Ws = [W.detach().requires_grad_(True) for W in weights]
         bs = [b.detach().requires_grad_(True) if b.numel() else b for b in biases]
