@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from . import jet2, ops, reference
-from ._jet import Context, Jet, _fix, _fma, _mul, _wsum
+from ._jet import Context, Jet, _fix, _fma, _wsum
 from .activations import ActivationSpec
 from .ops import MAX_ORDER  # the table's last order (csrc/activations.h kMaxOrder)
 
@@ -86,11 +86,7 @@ def activation_jet(
             Y[-1] = _fma(_wsum(Y[-1], vdim, weights), D[0], H[-1])
         return Y
     if collapsed and n == 2:
-        h1, s = H
-        s1, s2 = D[0], D[1]
-        y1 = None if s1 is None else _mul(s1.unsqueeze(1), h1)
-        sq = None if h1 is None else _wsum(h1 * h1, vdim, weights)
-        return [y1, _fma(_mul(s2, sq), s1, s)]
+        return list(jet2.act_combine(D[0], D[1], H[0], H[1], weights))
     d = [None if t is None else t.unsqueeze(1) for t in D]
     # (collapsed: h_n left out, so out[-1] lacks sigma' h_n; added below)
     out = reference.faa_di_bruno(d, list(lower) + ([None] if collapsed else []))
@@ -104,10 +100,10 @@ def _rule_activation(ctx: Context, p: dict, x, *args, **kwargs) -> Any:
     spec: ActivationSpec = p["spec"]
     if not isinstance(x, Jet):
         return ops.activation(x, spec) if isinstance(x, Tensor) else x
-    if getattr(spec, "linear", False):
+    if spec.linear:
         return x
     n = ctx.order
-    pwl = bool(getattr(spec, "piecewise_linear", False))
+    pwl = spec.piecewise_linear
     if pwl:
         ctx.piecewise_linear_seen = True
     if ctx.collapsed and n == 2:  # one pass (jet2.py), where it applies

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import jet2
 from ._graph_program import ShapeError, Unsupported
-from ._jet import Context, Jet, _AxisInput, _broadcast, _fix, _fma, _map, _mul, _point, _wsum
+from ._jet import Context, Jet, _AxisInput, _broadcast, _fix, _fma, _map, _point, _wsum
 
 Tensor = torch.Tensor
 
@@ -206,12 +206,9 @@ def _product(ctx: Context, a: Jet, b: Jet) -> Jet:
         fused = jet2.mul(a0, a1, sa, b0, b1, sb, ctx.weights)  # one pass, where it applies
         if fused is not None:
             return Jet(fused[0], [fused[1], fused[2]])
-    value = a0 * b0
-    if ctx.collapsed and n == 2:
-        y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
-        cross = _mul(a1, b1)
-        s = _fma(_fma(None if cross is None else 2.0 * _wsum(cross, vdim, ctx.weights), a0, sb), b0, sa)
+        value, y1, s = jet2.mul_formulas(a0, a1, sa, b0, b1, sb, ctx.weights)
         return Jet(value, [_fix(ctx, y1, 1, vdim), _fix(ctx, s, 2, vdim)])
+    value = a0 * b0
     A = [a0.unsqueeze(1)] + list(a.coefs)
     B = [b0.unsqueeze(1)] + list(b.coefs)
     coefs = []

@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops
+from ._jet import _fma, _mul, _wsum
 from .activations import ActivationSpec
 
 Tensor = torch.Tensor
@@ -56,20 +57,19 @@ def _kshape(w: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return w.to(dtype=like.dtype, device=like.device).reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-def _wsum(t: Tensor, w: Optional[Tensor]) -> Tensor:
-    """sum_k w_k t[:, k] of (N, K, *S) rows."""
-    return t.sum(1) if w is None else (t * _kshape(w, t)).sum(1)
-
-
 def _z(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
 def mul_formulas(a0, a1, sa, b0, b1, sb, weights):
-    v = a0 * b0
-    y1 = a0.unsqueeze(1) * b1 + a1 * b0.unsqueeze(1)
-    s = a0 * sb + b0 * sa + 2.0 * _wsum(a1 * b1, weights)
-    return v, y1, s
+    """(y0, y1, sy) of a b in torch ops: the one spelling of the rule outside the C++ kernels.
+    Any coefficient may be None (identically zero) or shared (K, *S); the traced rules
+    (_rules_algebra._product) use it where the op declines."""
+    vdim = a0.dim()
+    y1 = _fma(_mul(a0.unsqueeze(1), b1), a1, b0.unsqueeze(1))
+    cross = _mul(a1, b1)
+    two_cross = None if cross is None else 2.0 * _wsum(cross, vdim, weights)
+    return a0 * b0, y1, _fma(_fma(two_cross, a0, sb), b0, sa)
 
 
 def mul_backward_formulas(gv, gy1, gs, a0, a1, sa, b0, b1, sb, weights):
@@ -84,15 +84,25 @@ def mul_backward_formulas(gv, gy1, gs, a0, a1, sa, b0, b1, sb, weights):
     return ga0, ga1, gs * b0, gb0, gb1, gs * a0
 
 
+def act_combine(d1, d2, h1, s, weights):
+    """(y1, sy) of sigma(h) from d1 = sigma'(h0), d2 = sigma''(h0) in torch ops: the one spelling
+    of the rule outside the C++ kernels. d1, d2, h1, s may be None (identically zero), h1 shared
+    (K, *S); the traced rules (_rules_activation.activation_jet) use it where the op declines."""
+    vdim = next(t for t in (d1, d2) if t is not None).dim()
+    y1 = None if d1 is None else _mul(d1.unsqueeze(1), h1)
+    sq = None if h1 is None else _wsum(h1 * h1, vdim, weights)
+    return y1, _fma(_mul(d2, sq), d1, s)
+
+
 def act_formulas(h0, h1, s, act, a, b, weights):
     d0, d1, d2 = _ops.act_derivatives(h0, act, a, b, [0, 1, 2]).unbind(0)
-    return d0, d1.unsqueeze(1) * h1, d2 * _wsum(h1 * h1, weights) + d1 * s
+    return (d0, *act_combine(d1, d2, h1, s, weights))
 
 
 def act_backward_formulas(gy0, gy1, gsy, h0, h1, s, act, a, b, weights):
     gy0, gy1, gsy = _z(gy0, h0), _z(gy1, h1), _z(gsy, h0)
     d1, d2, d3 = _ops.act_derivatives(h0, act, a, b, [1, 2, 3]).unbind(0)
-    q = _wsum(h1 * h1, weights)
+    q = _wsum(h1 * h1, h0.dim(), weights)
     gh0 = gy0 * d1 + d2 * (gy1 * h1).sum(1) + gsy * (d3 * q + d2 * s)
     t = 2.0 * (gsy * d2).unsqueeze(1)
     if weights is not None:
@@ -180,7 +190,7 @@ def mul(a0, a1, sa, b0, b1, sb, weights) -> Optional[Tuple[Tensor, Tensor, Tenso
 
 def act(h0, h1, s, spec: ActivationSpec, weights) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     """(y0, y1, sy) of sigma(h) for a table activation, or None (use the torch formulas)."""
-    if spec.is_user or getattr(spec, "piecewise_linear", False) or getattr(spec, "linear", False):
+    if spec.is_user or spec.piecewise_linear or spec.linear:
         return None
     if not (_usable(weights, h0, h1, s) and _point_jet(h0, h1, s)):
         return None
