@@ -24,9 +24,11 @@ namespace thd {
 
 class BufferPool {
  public:
+  // Never destroyed: at process exit no storage is released from a static destructor (after
+  // torch's own teardown, in whatever order the libraries unload); the OS takes the memory back.
   static BufferPool& get() {
-    static BufferPool p;
-    return p;
+    static BufferPool* p = new BufferPool();
+    return *p;
   }
 
   // An uninitialised contiguous tensor of this shape (CPU; opt must be a CPU float type).
