@@ -167,6 +167,7 @@ def _extensions():
     sources = [
         os.path.join("csrc", "act_ops.cpp"),
         os.path.join("csrc", "engine_ops.cpp"),
+        os.path.join("csrc", "taylor_ops.cpp"),
         os.path.join("csrc", "mlp_ops.cpp"),
         os.path.join("csrc", "jet2_ops.cpp"),
         os.path.join("csrc", "module.cpp"),
@@ -191,7 +192,7 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         compiled = _compiled_archs_macro()
         print(f"torchhessdiag: CUDA architectures {archs} ({why}): {compiled.replace('__', ' ')}")
-        sources += [os.path.join("csrc", "cuda", n) for n in ("act_ops.cu", "engine_ops.cu", "mlp_ops.cu", "probe.cu")]
+        sources += [os.path.join("csrc", "cuda", n) for n in ("act_ops.cu", "engine_ops.cu", "taylor_ops.cu", "mlp_ops.cu", "probe.cu")]
         extra_inc = []
         for inc in _pip_cuda_include_dirs():
             extra_inc += ["-isystem", inc]

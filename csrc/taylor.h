@@ -1,5 +1,5 @@
 // Faa di Bruno's formula for an elementwise function of a Taylor jet, orders 1..4: the per-element
-// arithmetic of the taylor_act op (csrc/engine_ops.cpp, csrc/cuda/engine_ops.cu), shared by the
+// arithmetic of the taylor_act op (csrc/taylor_ops.cpp, csrc/cuda/taylor_ops.cu), shared by the
 // CPU and the CUDA kernels and mirrored line by line by reference.taylor_act (tests hold them
 // together).
 //

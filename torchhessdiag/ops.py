@@ -1,6 +1,6 @@
 """Python face of the torchhessdiag ops: the functional API, and the one import that sets the ops up.
 
-The ops (schemas in csrc/act_ops.cpp and csrc/engine_ops.cpp)::
+The ops (schemas: _schemas.py; kernels: csrc/act_ops.cpp, engine_ops.cpp, taylor_ops.cpp)::
 
     act_forward(z, act, a, b)                 sigma(z)                       (ATen's own kernel)
     act_derivatives(z, act, a, b, orders)     stack of sigma^(k)(z), k in orders, one table pass
@@ -11,7 +11,7 @@ The ops (schemas in csrc/act_ops.cpp and csrc/engine_ops.cpp)::
     jet_layer(J, s1, c, need_ja)              the engine's per-layer kernel (engine_ops.h)
     jet_layer_(J, s1, c)                      the same, in place
     jet_layer_backward(gJa, gacc, J, s1, c)   its fused backward
-    taylor_act(D, H)                          Faa di Bruno over a Taylor jet, orders 1..4
+    taylor_act(D, H)                          Faa di Bruno over a Taylor jet, orders 1..4 (taylor_ops.h)
                                               (csrc/taylor.h; D = sigma^(1..n)(h0) from the table)
     taylor_act_backward(gY, D, H)             its fused backward
 

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "../act_ops_impl.h"
+#include "launch.cuh"
 
 namespace thd {
 
@@ -21,11 +22,8 @@ struct CudaExec {
   static void run(index_t n, const F& f) {
     if (n <= 0) return;
     constexpr int kThreads = 256;
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const index_t want = (n + kThreads - 1) / kThreads;
-    const index_t cap = static_cast<index_t>(sms) * 32;  // enough blocks to fill the GPU
-    const unsigned blocks = static_cast<unsigned>(want < cap ? want : cap);
-    elementwise_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(n, f);
+    elementwise_kernel<<<grid_for(n, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(n,
+                                                                                                 f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
