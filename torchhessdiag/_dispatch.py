@@ -10,7 +10,7 @@ Import direction: above ``_path_common``, ``_nested_autograd``, the engine and t
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,9 @@ from ._path_common import (
     _constant_of,
     _diagnose_shapes,
     _log_slow_path,
+    _Outcome,
     _prepare,
+    _run_paths,
     _slow_path_reason,
     _stacklevel,
     _try_jets,
@@ -34,9 +36,6 @@ from .api import _dims_list, _dims_matrix
 
 Tensor = torch.Tensor
 
-#: what a path returns: (result, PathInfo) when it ran (result None on a dry run), or the reason it
-#: declined ("": it does not apply, nothing to report)
-_Outcome = Union[Tuple[Any, PathInfo], str]
 
 
 class _Call(NamedTuple):
@@ -91,16 +90,7 @@ def _compute(
         weights = weights.to(dtype=x2.dtype, device=x2.device)
     call = _Call(f, x, x2, unbatched, dims, axes, what, order, where, dry, allow_zeros, weights, use_engine)
 
-    reasons: List[str] = []
-    for path in _FAST_PATHS:
-        got = path(call)
-        if not isinstance(got, str):
-            result, info = got
-            break
-        if got:
-            reasons.append(got)
-    else:
-        result, info = _autograd_path(call, _slow_path_reason(mode, where, reasons))
+    result, info = _run_paths(_FAST_PATHS, call, lambda reasons: _autograd_path(call, _slow_path_reason(mode, where, reasons)))
     if path_note:
         info = info._replace(reason=f"{info.reason}; {path_note}")
     return (result, info) if (return_info or dry) else result
@@ -153,8 +143,8 @@ def _forward_path(c: _Call) -> _Outcome:
 def _jet_path(c: _Call) -> _Outcome:
     """Taylor jets along the axes over the traced graph, orders up to taylor.MAX_ORDER."""
     # the TF32 policy (torchhessdiag/_precision.py) for this path and the autograd one after it;
-    # stacklevel 5: user -> public function -> _compute -> here -> warn_if_tf32
-    _precision.warn_if_tf32(c.x2, stacklevel=5)
+    # stacklevel 6: user -> public function -> _compute -> _run_paths -> here -> warn_if_tf32
+    _precision.warn_if_tf32(c.x2, stacklevel=6)
     if c.order > taylor.MAX_ORDER:
         return f"order {c.order} is above the jets' {taylor.MAX_ORDER}"
     reasons: List[str] = []

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -45,6 +45,25 @@ class PathInfo(NamedTuple):
     path: str
     reason: str
     method: str = ""
+
+
+#: what a path returns: (result, PathInfo) when it ran (result None on a dry run), or the reason it
+#: declined ("": it does not apply, nothing to report)
+_Outcome = Union[Tuple[Any, PathInfo], str]
+
+
+def _run_paths(paths: Sequence[Callable[[Any], _Outcome]], call, slow: Callable[[List[str]], Tuple[Any, PathInfo]]):
+    """The dispatch of general.py and operators.py: the first path of ``paths`` that takes
+    ``call`` gives (result, PathInfo); when all decline, ``slow(reasons)`` (the exact fallback, or
+    its refusal), with the reasons the paths gave."""
+    reasons: List[str] = []
+    for path in paths:
+        got = path(call)
+        if not isinstance(got, str):
+            return got
+        if got:
+            reasons.append(got)
+    return slow(reasons)
 
 
 def set_fallback(mode: str) -> str:

@@ -71,7 +71,7 @@ holds the public functions.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -86,7 +86,9 @@ from ._path_common import (
     _dims,
     _done,
     _log_slow_path,
+    _Outcome,
     _prepare,
+    _run_paths,
     _slow_path_reason,
     _stacklevel,
     _try_jets,
@@ -113,7 +115,48 @@ __all__ = ["biharmonic", "partials", "operator", "divergence", "polarization", "
 MAX_ORDER = taylor.MAX_ORDER
 
 
-# ---- shared dispatch -----------------------------------------------------------------------------
+# ---- the dispatch: a table of paths, as in _dispatch.py ---------------------------------------
+
+
+class _PlanCall(NamedTuple):
+    """One checked call of a plan, as every path reads it."""
+
+    f: Any
+    x_shape: Tuple[int, ...]  # as given
+    x2: Tensor  # (N, d)
+    unbatched: bool
+    plan: _Plan
+    kind: str  # "partials" (-> f(x).shape + (P,)) or "operator" (-> f(x).shape)
+    where: str
+    explicit: bool  # fallback="autograd" was passed (allows orders above the jets')
+    dry: bool  # explain: say which path, compute nothing
+    allow_zeros: bool
+
+    @property
+    def N(self) -> int:
+        return self.x2.shape[0]
+
+    def shaped(self, out: Tensor) -> Tensor:
+        return out.squeeze(0) if self.unbatched else out
+
+
+def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zeros: bool, dry: bool = False):
+    """Compute a plan (:class:`_Plan`) on the first path of ``_PLAN_PATHS`` that takes it, else
+    on the exact fallback. ``plan_fn(d)`` returns (plan, kind) with kind "partials" (-> f(x).shape
+    + (P,)) or "operator" (-> f(x).shape)."""
+    mode, x2, unbatched = _prepare(f, x, where, fallback, allow_zeros)
+    plan, kind = plan_fn(x2.shape[1])
+    _check_module(f, x2, where)
+    explicit = fallback == "autograd"
+    if plan.order:
+        # stacklevel 4: user -> public function -> _run_plan -> warn_if_tf32
+        _precision.warn_if_tf32(x2, stacklevel=4)
+    call = _PlanCall(f, tuple(x.shape), x2, unbatched, plan, kind, where, explicit, dry, allow_zeros)
+    slow_mode = "autograd" if explicit else mode
+    result, info = _run_paths(
+        _PLAN_PATHS, call, lambda reasons: _plan_autograd_path(call, _slow_path_allowed(slow_mode, where, reasons, f))
+    )
+    return _done(result, info, return_info, dry)
 
 
 def _slow_path_allowed(mode: str, where: str, reasons: List[str], f) -> str:
@@ -122,71 +165,73 @@ def _slow_path_allowed(mode: str, where: str, reasons: List[str], f) -> str:
     return reason
 
 
-def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zeros: bool, dry: bool = False):
-    """Compute a plan (:class:`_Plan`) on the jets or the exact fallback. ``plan_fn(d)`` returns
-    (plan, kind) with kind "partials" (-> f(x).shape + (P,)) or "operator" (-> f(x).shape)."""
-    mode, x2, unbatched = _prepare(f, x, where, fallback, allow_zeros)
-    N, d = x2.shape
-    plan, kind = plan_fn(d)
-    _check_module(f, x2, where)
-    reasons: List[str] = []
-    n = plan.order
-    if n == 0:  # the value only
-        info = PathInfo("forward", "order 0: f(x) only")
-        if dry:
-            return _done(None, info, return_info, dry)
-        value = _check_output(f(x2), N, where)
-        out = _assemble(plan, value, [], kind)
-        return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
-    _precision.warn_if_tf32(x2, stacklevel=4)
-    explicit = fallback == "autograd"
+def _plan_forward_path(c: _PlanCall) -> _Outcome:
+    """Order 0: the value only."""
+    if c.plan.order != 0:
+        return ""
+    info = PathInfo("forward", "order 0: f(x) only")
+    if c.dry:
+        return None, info
+    value = _check_output(c.f(c.x2), c.N, c.where)
+    return c.shaped(_assemble(c.plan, value, [], c.kind)), info
+
+
+def _plan_jet_path(c: _PlanCall) -> _Outcome:
+    """Taylor jets along the plan's directions over the traced graph (polarization), the top order
+    collapsed where one combination of it is needed; orders up to MAX_ORDER."""
+    plan, n = c.plan, c.plan.order
     if n > MAX_ORDER:
-        if not explicit:
+        if not c.explicit:
             raise ValueError(
-                f"{where}: total order {n} is above the {MAX_ORDER} the Taylor jets carry; pass fallback='autograd' to "
+                f"{c.where}: total order {n} is above the {MAX_ORDER} the Taylor jets carry; pass fallback='autograd' to "
                 "compute it exactly by nested autograd (one backward per output component and derivative, slow)"
             )
-        reasons.append(f"order {n} is above the jets' {MAX_ORDER}")
-    else:
-        V = plan.V(x2)
-        collapsed = plan.collapse_out is not None
-        Wtop = plan.W(n, x2) if collapsed else None
-        weights = Wtop[plan.collapse_out] if collapsed else None
-        got = _try_jets(f, x2, V, n, collapsed, weights, where, x.shape, reasons)
-        if got is not None:
-            out_jet, ctx, program = got
-            rows = 1 + (n - 1) * plan.K + 1 if collapsed else 1 + n * plan.K
-            info = PathInfo(
-                "jet",
-                f"traced graph of supported pieces ({len(program.activations)} activation nodes): Taylor jets of order {n} "
-                f"along {plan.K} directions (polarization), {rows} rows per point"
-                + (", top order collapsed" if collapsed else ""),
-            )
-            if dry:
-                return _done(None, info, return_info, dry)
-            value = _check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, N, where)
-            coefs = out_jet.coefs if isinstance(out_jet, taylor.Jet) else [None] * n
-            if n >= 2 and ctx.piecewise_linear_seen and all(c is None for c in coefs[1:]):
-                _warn_piecewise_linear(_stacklevel() + 1)
-            out = _assemble(plan, value, coefs, kind)
-            return _done(out.squeeze(0) if unbatched else out, info, return_info, dry)
-    reason = _slow_path_allowed("autograd" if explicit else mode, where, reasons, f)
+        return f"order {n} is above the jets' {MAX_ORDER}"
+    V = plan.V(c.x2)
+    collapsed = plan.collapse_out is not None
+    Wtop = plan.W(n, c.x2) if collapsed else None
+    weights = Wtop[plan.collapse_out] if collapsed else None
+    reasons: List[str] = []
+    got = _try_jets(c.f, c.x2, V, n, collapsed, weights, c.where, c.x_shape, reasons)
+    if got is None:
+        return reasons[0]
+    out_jet, ctx, program = got
+    rows = 1 + (n - 1) * plan.K + 1 if collapsed else 1 + n * plan.K
+    info = PathInfo(
+        "jet",
+        f"traced graph of supported pieces ({len(program.activations)} activation nodes): Taylor jets of order {n} "
+        f"along {plan.K} directions (polarization), {rows} rows per point" + (", top order collapsed" if collapsed else ""),
+    )
+    if c.dry:
+        return None, info
+    value = _check_output(out_jet.value if isinstance(out_jet, taylor.Jet) else out_jet, c.N, c.where)
+    coefs = out_jet.coefs if isinstance(out_jet, taylor.Jet) else [None] * n
+    if n >= 2 and ctx.piecewise_linear_seen and all(co is None for co in coefs[1:]):
+        _warn_piecewise_linear(_stacklevel() + 1)
+    return c.shaped(_assemble(plan, value, coefs, c.kind)), info
+
+
+_PLAN_PATHS = (_plan_forward_path, _plan_jet_path)
+
+
+def _plan_autograd_path(c: _PlanCall, reason: str) -> Tuple[Any, PathInfo]:
+    """Nested autograd per multi-index (``reason``: why no fast path applied), under the exact
+    stand-ins of fallback_ops.py; no polarization: the partials are differentiated directly."""
     info = PathInfo("autograd", reason, "nested torch.autograd.grad per multi-index (torch.func nested jvp where it cannot)")
-    if dry:
-        return _done(None, info, return_info, dry)
+    if c.dry:
+        return None, info
+    plan = c.plan
     seqs = sorted({_seq(t.alpha) for t in plan.terms if sum(t.alpha)})
-    index = {s: i for i, s in enumerate(seqs)}
     with fallback_ops.ExactDerivatives():
         try:
-            y = f(x2)
+            y = c.f(c.x2)
         except RuntimeError as e:
-            _diagnose_shapes(f, x2, where, e)
+            _diagnose_shapes(c.f, c.x2, c.where, e)
             raise
-        value = _check_output(y, N, where)
-        derivs, method = _nested_partials(f, x2, seqs, allow_zeros, where)
-    derivs = [_constant_of(t, value) for t in derivs]
-    out = _combine_direct(plan, value, {s: derivs[i] for s, i in index.items()}, kind)
-    return _done(out.squeeze(0) if unbatched else out, PathInfo("autograd", reason, method), return_info, dry)
+        value = _check_output(y, c.N, c.where)
+        derivs, method = _nested_partials(c.f, c.x2, seqs, c.allow_zeros, c.where)
+    by_seq = {s: _constant_of(t, value) for s, t in zip(seqs, derivs)}
+    return c.shaped(_combine_direct(plan, value, by_seq, c.kind)), PathInfo("autograd", reason, method)
 
 
 def _assemble(plan: _Plan, value: Tensor, coefs: List[Optional[Tensor]], kind: str) -> Tensor:
