@@ -14,9 +14,8 @@ import torch
 
 import torchhessdiag as thd
 
-from . import measure as M
-from . import report as R
-from .methods import METHODS, build, build_base, make_input, model_as, Context
+from . import measure as M, report as R
+from .methods import METHODS, Context, build, build_base, make_input, model_as
 from .runner import block_key, run_block
 
 # ---- the PINN presets (issue 13) -------------------------------------------------------------------

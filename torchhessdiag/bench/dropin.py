@@ -60,12 +60,11 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -74,9 +73,9 @@ import torchhessdiag as thd
 
 from . import measure as M
 
-# the report's names, re-exported as before the split
-from .dropin_report import COMPOSITE, HOW, METHODS, block_line, blocks_markdown, load_records, summary_markdown, write_report
-from .runner import avail_bytes, over_budget, probe
+# the report (dropin_report.py): what a run writes and reads back
+from .dropin_report import METHODS, block_line, load_records, summary_markdown, write_report
+from .runner import over_budget, probe
 
 Tensor = torch.Tensor
 
@@ -363,7 +362,7 @@ def run_block(b: dict, a, progress=None) -> dict:
     for k in list(runnable):
         note(f"probe {k}")
         try:
-            pr = probe(lambda xx, k=k: make_call(models[k], xx, b["mode"]), x, device, True, a.budget)
+            pr = probe(lambda xx, m=models[k]: make_call(m, xx, b["mode"]), x, device, True, a.budget)
         except Exception as e:  # noqa: BLE001
             rec["skipped" if "out of memory" in str(e).lower() else "failed"][k] = "probe: " + _err_text(e)
             runnable.remove(k)

@@ -377,7 +377,7 @@ class ForwardLaplacian:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Dict[str, Tensor]:
-        lins, N, K = self.linears, self.N, self.K
+        lins, N = self.linears, self.N
         lap = self.second == "lap"
         if x.shape[0] != N:
             raise ValueError(f"ForwardLaplacian was made for N={N} points, got {x.shape[0]}")

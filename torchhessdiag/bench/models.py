@@ -429,7 +429,8 @@ def summary_markdown(records: List[dict]) -> str:
             other = _med(r, k)
             if other is None:
                 why = r["skipped"].get(k) or r["failed"].get(k)
-                cells.append("n/a" if why is None else "FAILED" if k in r["failed"] else "cannot run" if why.startswith("cannot run") else "skipped")
+                failed = k in r["failed"]
+                cells.append("n/a" if why is None else "FAILED" if failed else "cannot run" if why.startswith("cannot run") else "skipped")
             else:
                 cells.append(_ratio(other, thd_t))
         rows.append(cells)

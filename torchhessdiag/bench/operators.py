@@ -213,7 +213,8 @@ def run_biharmonic_block(spec: dict, keys: List[str], a) -> dict:
 
     device, dtype, mode = torch.device(spec["device"]), M.parse_dtype(spec["dtype"]), spec["mode"]
     base = build_mlp(spec["d"], spec["width"], spec["depth"], a.seed, spec["act"])
-    rec = {"part": "biharmonic", "key": bih_key(spec), "setting": spec, "skipped": {}, "failed": {}, "check": {}, "check32": {}, "times": {}}
+    rec = {"part": "biharmonic", "key": bih_key(spec), "setting": spec, "skipped": {}, "failed": {}}
+    rec.update(check={}, check32={}, times={})
     m64 = copy.deepcopy(base).to(device=device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(a.seed + 7)
     xc = torch.rand(a.check_n, spec["d"], generator=gen, dtype=torch.float64).to(device)
@@ -285,8 +286,9 @@ def bih_key(spec: dict) -> str:
 
 def run_sampled_block(spec: dict, a) -> dict:
     """One d: forward, exact (if d <= --exact-max-d) and sampled for each S: time and peak memory."""
-    from . import measure as M
     import torchhessdiag as thd
+
+    from . import measure as M
 
     device, dtype = torch.device(spec["device"]), M.parse_dtype(spec["dtype"])
     d, N = spec["d"], spec["N"]
@@ -459,8 +461,9 @@ def grid(a) -> List[dict]:
 
 def main(argv=None) -> int:
     """Run the grid; exit status 0 ok, 1 a check failed."""
-    from . import measure as M
     import torchhessdiag as thd
+
+    from . import measure as M
 
     a = parse_args(argv)
     if a.threads:

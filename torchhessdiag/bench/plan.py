@@ -13,7 +13,7 @@ result as +-50 %, on an idle machine; a loaded one is slower.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import List
 
 from . import measure as M
 from .methods import METHODS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from . import measure as M
 from .methods import METHODS, THD_OF_TASK, primary_task, serves

@@ -35,9 +35,23 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import measure as M
-from .methods import (METHODS, Context, MethodUnavailable, build, build_base, flat_grads,
-                      floor_fn, func_hessian, make_input, method_model, model_as, nested_all,
-                      quantities, rel_err, value_and_grad)
+from .methods import (
+    METHODS,
+    Context,
+    MethodUnavailable,
+    build,
+    build_base,
+    flat_grads,
+    floor_fn,
+    func_hessian,
+    make_input,
+    method_model,
+    model_as,
+    nested_all,
+    quantities,
+    rel_err,
+    value_and_grad,
+)
 
 TOL64 = 1e-10
 S_ROWS = 32  # points of the full-size float64 spot check
