@@ -21,7 +21,7 @@ import torchhessdiag as thd
 from torchhessdiag import fallback_ops, general
 
 from _general_helpers import assert_close, oracle
-from test_models_jets import MHANet, _build, ln_e
+from _twin_models import MHANet, _build, ln_e
 
 DT = torch.float64
 TOL = 1e-10
