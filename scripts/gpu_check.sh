@@ -54,12 +54,12 @@ fi
 # variants; in test_table only the tests that launch the table kernels on many points (its other
 # tests spend their time in mpmath on the CPU).
 declare -A PIECE_FILES=(
-  [layer]="tests/test_engine_ops.py tests/test_layer_op.py"
-  [taylor]="tests/test_taylor_op.py"
-  [table]="tests/test_table.py"
-  [engine]="tests/test_engine.py tests/test_mlp_engine.py"
-  [jets]="tests/test_general_jets.py"
-  [fused]="tests/test_fused.py"
+  [layer]="tests/ops/test_layer_ops.py"
+  [taylor]="tests/ops/test_taylor_op.py"
+  [table]="tests/ops/test_table.py"
+  [engine]="tests/engine/test_engine.py"
+  [jets]="tests/general/test_jets.py"
+  [fused]="tests/engine/test_fused.py"
 )
 declare -A PIECE_K=(
   [layer]="cuda" [taylor]="cuda" [engine]="cuda" [jets]="cuda" [fused]="cuda"

@@ -1,4 +1,4 @@
-"""Shared helpers of tests/test_table.py and tests/test_autograd.py.
+"""Shared helpers of tests/ops/test_table.py and tests/ops/test_ops_autograd.py.
 
 * ``devices()``: the devices every test is parametrised over (cpu, plus cuda when available).
 * ``nested_autograd(f, x, n)``: derivatives 0..n of an elementwise ``f`` by repeated
@@ -237,7 +237,7 @@ def _mp_gelu_derivatives(z0: float, n: int) -> List[float]:
     numerical differentiation needs): by Leibniz, gelu^(n) = z Phi^(n) + n Phi^(n-1), and by
     Rodrigues' formula Phi^(k) = phi^(k-1) = (-1)^(k-1) He_(k-1)(z) phi(z), with the
     probabilists' Hermite polynomial He_m(z) = 2^(-m/2) H_m(z / sqrt 2) (mpmath.hermite is H).
-    No cancellation that 50 digits cannot absorb. tests/test_table.py checks this closed form
+    No cancellation that 50 digits cannot absorb. tests/ops/test_table.py checks this closed form
     against mpmath.diffs at moderate points."""
     with mpmath.workdps(50):
         mp = mpmath.mp

@@ -32,11 +32,12 @@ def test_dry_run_plan(tmp_path):
     plan = out.stdout
     assert "racecheck" not in plan, "no kernel uses shared memory: synccheck instead"
     for tool in ("memcheck", "initcheck", "synccheck"):
-        for piece, files in (("layer", "tests/test_engine_ops.py"), ("taylor", "tests/test_taylor_op.py"),
-                             ("table", "tests/test_table.py"), ("engine", "tests/test_engine.py"),
-                             ("jets", "tests/test_general_jets.py")):
+        for piece, files in (("layer", "tests/ops/test_layer_ops.py"), ("taylor", "tests/ops/test_taylor_op.py"),
+                             ("table", "tests/ops/test_table.py"), ("engine", "tests/engine/test_engine.py"),
+                             ("jets", "tests/general/test_jets.py")):
             line = next(ln for ln in plan.splitlines() if f"] {tool}_{piece} (" in ln)
             assert f"compute-sanitizer --tool {tool}" in line and files in line and "-k" in line
+            assert os.path.isfile(os.path.join(ROOT, files)), f"{files}: gone (tests moved?)"
     for step in ("info", "build", "test_cuda", "test_rest", "bench_gpu", "bench_taylor"):
         assert re.search(rf"\] {step} \(up to \d+s\)", plan), step
     assert "--preset taylor --device cuda" in plan and "--resume" in plan

@@ -705,7 +705,7 @@ def test_sampled_laplacian_at_large_d_takes_the_jets():
 
 
 def _twin_models():
-    from test_models_jets import HandAttention, NormNet, SDPANet, SoftmaxNet, _build
+    from _twin_models import HandAttention, NormNet, SDPANet, SoftmaxNet, _build
 
     return [
         ("norm", _build(NormNet, 0), 3, None),

@@ -1,5 +1,5 @@
 """Which GPU architectures setup.py compiles the CUDA kernels for (pure logic, no torch import:
-setup.py loads this file by path before torchhessdiag can be imported; tests/test_cuda_probe.py
+setup.py loads this file by path before torchhessdiag can be imported; tests/backend/test_cuda_probe.py
 tests it).
 
 * ``TORCH_CUDA_ARCH_LIST`` set: exactly that.

@@ -14,7 +14,7 @@ Everything else derives from here: parsing (``activations.make_spec``, ``spec_fr
 ``torch_function``), the op argument checks (``_checks._check_act``), the tracer's tables
 (``_graph_classify``), ``nn.convert``'s drop-ins, the engine's supported-list text and the
 messages that list the supported activations. The derivative formulas are not here: they are
-the C++ header and its mirror ``reference.TABLE`` (keyed by these names; tests/test_registry.py
+the C++ header and its mirror ``reference.TABLE`` (keyed by these names; tests/activations/test_registry.py
 holds the three together).
 
 Import direction: the bottom of the package (imports torch only).

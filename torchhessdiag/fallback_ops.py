@@ -3,7 +3,7 @@ take), used while the autograd fallback differentiates ``f``.
 
 The autograd fallback (torchhessdiag/general.py) is as exact as torch's derivative rules of the
 ops f uses. Some of those rules are wrong or missing at higher orders (torch 2.13, CPU, float64,
-against the same function written with elementary ops; see tests/test_models_fallback.py):
+against the same function written with elementary ops; see tests/general/test_fallback.py):
 
 * ``F.layer_norm``: nested reverse mode is wrong from the 3rd derivative on (10-100 %), nested
   forward mode from the 2nd (pytorch/pytorch#196700, umbrella #198017);

@@ -27,7 +27,7 @@ apply -- then the rules (_rules_algebra, _rules_activation) use the torch formul
 Autograd: the backward ops give the gradients in one pass; a backward that is itself recorded
 (``create_graph=True``, a derivative of the training gradient) runs the same formulas in torch
 ops instead, so every order stays differentiable. The torch formulas here are also the reference
-kernels (the pure-PyTorch backend, CUDA tensors) and what tests/test_jet2.py checks the C++
+kernels (the pure-PyTorch backend, CUDA tensors) and what tests/ops/test_jet2.py checks the C++
 kernels against.
 """
 

@@ -3,11 +3,11 @@
 Same building blocks, same names, same branches, same algebra as the C++ header, written with
 torch ops so that it runs on any device and is itself differentiable. It is
 
-* the oracle the tests hold the compiled kernels against (tests/test_table.py), and
+* the oracle the tests hold the compiled kernels against (tests/ops/test_table.py), and
 * the kernel of the torchhessdiag ops wherever no compiled kernel exists (torchhessdiag/_reference_kernels.py).
 
 Keep it in step with the header: a change to one formula is a change to both, and
-tests/test_table.py compares the two on a dense grid in float32 and float64.
+tests/ops/test_table.py compares the two on a dense grid in float32 and float64.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ Activations under test (none is in the derivative table):
   if anything used autograd of fn instead of the given derivatives, it would get no gradient.
 
 Tolerances (float64): |ours - reference| <= 1e-10 * max|reference| per quantity (as in
-tests/test_engine.py). Both sides evaluate the same mathematical expression -- the same
+tests/engine/test_engine.py). Both sides evaluate the same mathematical expression -- the same
 derivative polynomials, the same weights -- in different orders of float64 operations; the
 differences seen are <= 1e-15 relative. A wrong derivative, a missed layer or a swapped order is an
 O(1) relative error. float32: |ours - torch.func float32| <= 50 eps32 * scale, the bound of
-tests/test_engine.py (same reasoning: both sides are float32 evaluations of the same sums).
+tests/engine/test_engine.py (same reasoning: both sides are float32 evaluations of the same sums).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def test_engine_parameter_gradients_match_nested_autograd():
 
 def test_engine_float32(device):
     """float32 engine vs torch.func in float32 on the same float32 model: within 50 eps32 * scale
-    (tests/test_engine.py's bound), scale from the float64 Hessian of the same weights."""
+    (tests/engine/test_engine.py's bound), scale from the float64 Hessian of the same weights."""
     model32, plain32 = _mlp(3, [8, 6], 2, ["t_gauss", "t_logcosh"], seed=11, dtype=torch.float32)
     model32, plain32 = model32.to(device), plain32.to(device)
     x32 = torch.randn(5, 3, generator=torch.Generator().manual_seed(11)).to(device)

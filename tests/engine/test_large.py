@@ -14,6 +14,10 @@ What holds for ``chunk_size=c`` (docs/input-policy.md, "Large inputs"):
 * memory: without a graph the peak no longer grows with N (measured below with the profiler's
   memory events); with a graph the saved graph grows with N whatever c is -- the recipe for
   bounded training memory is one backward per chunk (gradient accumulation), tested here too.
+
+And the no-grad engine path's own chunks (was tests/test_engine_chunks.py): chunks of points with
+reused row buffers and the in-place layer kernel give the same numbers as the differentiable
+one-block path and as torch.func.
 """
 
 from __future__ import annotations
@@ -276,3 +280,53 @@ def test_jet_layer_inplace_beyond_int32_indexing(device):
         assert torch.allclose(a, want_acc[i : i + step, None].expand_as(a), rtol=1e-5, atol=0), i
         assert torch.equal(J[i : i + step], s1[i : i + step, None, :].expand(-1, K, -1)), i
     del J
+
+
+# ---- the no-grad path's chunks of points (was tests/test_engine_chunks.py) -----------------------
+# float64, 1e-12 relative to the largest entry: the paths evaluate the same expressions (the
+# summation order of a GEMM may differ between row counts); observed differences ~1e-16.
+
+
+def _chunk_model(device):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 12), nn.SiLU(), nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 2)
+    ).double().to(device)
+
+
+def _chunk_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk_points", [1, 3, 7, 1000])
+def test_chunked_no_grad_matches_graph_path_and_torch_func(device, monkeypatch, chunk_points):
+    model = _chunk_model(device)
+    x = torch.randn(23, 5, dtype=torch.float64, device=device)
+    H = torch.func.vmap(torch.func.hessian(model))(x).diagonal(dim1=-2, dim2=-1)  # (N, m, d)
+    graph = thd.mlp_derivatives(model, x, second="diag")  # parameters require grad: graph path
+    assert graph.second.requires_grad
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", chunk_points * 5 * 16)
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS_GPU", chunk_points * 5 * 16)
+    with torch.no_grad():
+        hd = thd.mlp_hessian_diag(model, x)
+        lap = thd.mlp_laplacian(model, x)
+        lap_xy = thd.mlp_laplacian(model, x, dims=[1, 3])
+        out = thd.mlp_derivatives(model, x, second="diag")
+    assert not hd.requires_grad
+    assert _chunk_rel(hd, H) <= 1e-12
+    assert _chunk_rel(lap, H.sum(-1)) <= 1e-12
+    assert _chunk_rel(lap_xy, H[..., [1, 3]].sum(-1)) <= 1e-12
+    assert _chunk_rel(out.second, graph.second.detach()) <= 1e-12
+    assert _chunk_rel(out.value, model(x).detach()) <= 1e-12
+    assert _chunk_rel(out.gradient, graph.gradient.detach()) <= 1e-12
+
+
+def test_no_grad_path_used_when_nothing_requires_grad(device, reverse_path, monkeypatch):
+    """Parameters frozen and x without grad: no graph is built, even in grad mode."""
+    model = _chunk_model(device).requires_grad_(False)
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    calls = []
+    real = engine._Workspace
+    monkeypatch.setattr(engine, "_Workspace", lambda *a: calls.append(1) or real(*a))
+    lap = thd.mlp_laplacian(model, x)
+    assert calls and not lap.requires_grad

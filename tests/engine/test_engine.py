@@ -4,6 +4,9 @@ widths below and above d, d in {1, 2, 3, 17, 64}, m in {1, 3}, with and without 
 structural variants of nn.Sequential the parser accepts (nesting, Identity, Dropout in eval mode,
 an activation on the input, Linear after Linear, a final activation, reused module instances).
 
+The last section is tests/test_mlp_engine.py's sweep (merged here): every activation against
+each of six configurations, with its own structures, dims and float32 checks.
+
 Reference: ``torch.func.vmap(torch.func.hessian(model))(x)`` -> (N, m, d, d), and
 ``vmap(jacrev(model))`` for the gradient. Models holding torchhessdiag.nn drop-ins are their own
 reference: under torch.func a drop-in runs torch's own function. One exception: torch's CELU
@@ -563,3 +566,127 @@ def test_float32_close_to_torch_func_float32(device, name):
         # and both are float32 approximations of the exact (float64) numbers of these weights
         err64 = (der.second.detach().double() - hd64).abs().max().item()
         assert err64 <= bound * scale_hd, f"[{path}] float32 vs exact: {err64:.3e}"
+
+
+# ---- a compact sweep: activation x configuration, structures, dims (was tests/test_mlp_engine.py) ---
+
+REL = 1e-10
+
+
+def _rel(a, b):
+    scale = b.abs().max().clamp_min(1e-300)
+    return ((a - b).abs().max() / scale).item()
+
+
+def _ref(model, x):
+    """(value, gradient, Hessian) per point by torch.func: (N, m), (N, m, d), (N, m, d, d)."""
+    val = model(x)
+    jac = torch.func.vmap(torch.func.jacrev(model))(x)
+    hess = torch.func.vmap(torch.func.hessian(model))(x)
+    return val, jac, hess
+
+MLP_ACTIVATIONS = [
+    nn.Tanh(),
+    nn.Sigmoid(),
+    nn.Softplus(),
+    nn.Softplus(beta=2.0, threshold=5.0),
+    nn.SiLU(),
+    nn.GELU(),
+    nn.GELU(approximate="tanh"),
+    nn.ELU(alpha=0.7),
+    # torch's CELU backward rounds 1/alpha to float32 (derivatives.yaml), which makes torch.func
+    # itself wrong by ~1e-8 in float64 for alpha = 0.7; alpha = 0.5 has an exact reciprocal
+    nn.CELU(alpha=0.5),
+    thd.nn.Sine(2.0),
+    thd.nn.Cosine(),
+    thd.nn.Tanh(),
+]
+
+# (depth, d, width, m, bias): widths below and above d, d in {1, 2, 3, 17, 64}, m in {1, 3}
+MLP_CONFIGS = [
+    (1, 1, 4, 1, True),
+    (2, 2, 8, 3, True),
+    (3, 3, 16, 1, False),
+    (4, 17, 8, 1, True),  # d > width: the Laplacian's QR compression
+    (6, 3, 6, 3, True),
+    (2, 64, 16, 1, True),
+]
+
+
+def _check_all(model, x):
+    val, jac, hess = _ref(model, x)
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    assert _rel(thd.mlp_hessian_diag(model, x), diag) <= REL
+    assert _rel(thd.mlp_laplacian(model, x), diag.sum(-1)) <= REL
+    out = thd.mlp_derivatives(model, x, second="diag")
+    assert _rel(out.value, val) <= REL
+    assert _rel(out.gradient, jac) <= REL
+    assert _rel(out.second, diag) <= REL
+    lap = thd.mlp_derivatives(model, x, second="laplacian").second
+    assert _rel(lap, diag.sum(-1)) <= REL
+    with torch.no_grad():  # the chunked in-place path
+        assert _rel(thd.mlp_hessian_diag(model, x), diag) <= REL
+        assert _rel(thd.mlp_laplacian(model, x), diag.sum(-1)) <= REL
+
+
+@pytest.mark.parametrize("act", MLP_ACTIVATIONS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("cfg", MLP_CONFIGS, ids=lambda c: "depth{}-d{}-w{}-m{}-bias{}".format(*c))
+def test_matches_torch_func(device, act, cfg):
+    depth, d, w, m, bias = cfg
+    model = _mlp([act] * depth, d, w, m, bias).to(device)
+    x = torch.randn(4, d, dtype=torch.float64, device=device)
+    _check_all(model, x)
+
+
+def test_mixed_activations_identity_dropout_nesting(device):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(3, 8),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Sequential(nn.Linear(8, 8, bias=False), nn.Identity(), nn.SiLU()),
+        nn.Linear(8, 6),
+        nn.Linear(6, 8),  # two linears in a row
+        nn.GELU(),
+        nn.Linear(8, 2),
+        nn.Softplus(),  # ends with an activation
+    ).double().to(device).eval()
+    _check_all(model, torch.randn(5, 3, dtype=torch.float64, device=device))
+
+
+def test_activation_first_and_reused_instance(device):
+    """An activation straight on x, and one nn.Tanh instance used twice (a reused instance was
+    once silently dropped by named_children())."""
+    torch.manual_seed(2)
+    t = nn.Tanh()
+    model = nn.Sequential(nn.Tanh(), nn.Linear(3, 7), t, nn.Linear(7, 7), t, nn.Linear(7, 1)).double().to(device)
+    _check_all(model, torch.randn(4, 3, dtype=torch.float64, device=device))
+
+
+def test_dims_and_unbatched(device):
+    model = _mlp([nn.Tanh(), nn.SiLU()], 4, 9, 2, seed=3).to(device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    diag = _ref(model, x)[2].diagonal(dim1=-2, dim2=-1)
+    assert _rel(thd.mlp_laplacian(model, x, dims=[1, 2, 3]), diag[..., 1:].sum(-1)) <= REL
+    assert _rel(thd.mlp_laplacian(model, x, dims=[-1, 0]), diag[..., [3, 0]].sum(-1)) <= REL
+    assert _rel(thd.mlp_hessian_diag(model, x, dims=[2, 0]), diag[..., [2, 0]]) <= REL
+    assert thd.mlp_hessian_diag(model, x, dims=[2, 0]).shape == (5, 2, 2)
+    lap1 = thd.mlp_laplacian(model, x[1])
+    assert lap1.shape == (2,) and _rel(lap1, diag[1].sum(-1)) <= REL
+    hd1 = thd.mlp_hessian_diag(model, x[1])
+    assert hd1.shape == (2, 4) and _rel(hd1, diag[1]) <= REL
+    out1 = thd.mlp_derivatives(model, x[1])
+    assert out1.value.shape == (2,) and out1.gradient.shape == (2, 4) and out1.second.shape == (2,)
+
+
+def test_float32_within_10x_torch_float32_error(device):
+    """float32: compared with torch.func in float32 and both with float64; the engine's error must
+    be of the size of torch's own float32 error (bound: 10x torch's error + 1e-5 of the scale)."""
+    model64 = _mlp([nn.Tanh()] * 3, 5, 32, 1, seed=4).to(device)
+    x64 = torch.randn(16, 5, dtype=torch.float64, device=device)
+    exact = _ref(model64, x64)[2].diagonal(dim1=-2, dim2=-1)
+    model32 = model64.float()
+    x32 = x64.float()
+    torch_err = (_ref(model32, x32)[2].diagonal(dim1=-2, dim2=-1).double() - exact).abs().max()
+    ours_err = (thd.mlp_hessian_diag(model32, x32).double() - exact).abs().max()
+    assert ours_err <= 10 * torch_err + 1e-5 * exact.abs().max()

@@ -1,12 +1,14 @@
-"""The public second-order functions beyond the plain values (tests/test_engine.py has those):
-training gradients (w.r.t. every parameter, and w.r.t. x), the weighted Laplacian tr(A H), mixed
-partials, the Hutchinson estimator, linear and piecewise-linear networks, errors, empty batches.
+"""The public second-order functions beyond the plain values (tests/engine/test_engine.py has
+those): training gradients (w.r.t. every parameter, and w.r.t. x), the weighted Laplacian tr(A H),
+mixed partials, the Hutchinson estimator; with the matching tests of tests/test_mlp_engine.py
+(last section). Linear and piecewise-linear networks, errors and empty batches:
+tests/engine/test_engine_zeros_and_errors.py.
 
 References: nested torch.autograd (one grad with create_graph=True per output, then one grad per
 input dimension, create_graph=True) for training gradients; torch.func.vmap(torch.func.hessian)
 for Hessians and for gradients w.r.t. x. All float64.
 
-Tolerance: 1e-10 relative to the largest |entry| of the reference, as in tests/test_engine.py:
+Tolerance: 1e-10 relative to the largest |entry| of the reference, as in tests/engine/test_engine.py:
 both sides are float64 evaluations of the same sums in different orders (differences seen are
 ~1e-14 relative for the parameter gradients, which pass through one more level of products);
 any wrong term is O(1) relative. Where the reference is itself a sum with cancellation (tr(A H)),
@@ -16,7 +18,6 @@ the scale is the sum of the magnitudes of its terms, einsum(|A|, |H|), the natur
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -509,333 +510,143 @@ def test_hutchinson_errors(device):
             thd.mlp_laplacian_hutchinson(model, x, distribution=bad)
 
 
-# ---- the public functions, uniformly ---------------------------------------------------------
+# ---- training, weighted Laplacian, mixed partials, Hutchinson: a second set (was tests/test_mlp_engine.py) ---
+
+def _rel(a, b):
+    scale = b.abs().max().clamp_min(1e-300)
+    return ((a - b).abs().max() / scale).item()
 
 
-def _gen(x):
-    return torch.Generator(device=getattr(x, "device", "cpu")).manual_seed(0)
+def _ref(model, x):
+    """(value, gradient, Hessian) per point by torch.func: (N, m), (N, m, d), (N, m, d, d)."""
+    val = model(x)
+    jac = torch.func.vmap(torch.func.jacrev(model))(x)
+    hess = torch.func.vmap(torch.func.hessian(model))(x)
+    return val, jac, hess
+
+def _nested_laplacian(model, x):
+    x = x.clone().requires_grad_()
+    u = model(x)
+    cols = []
+    for i in range(u.shape[1]):
+        (g,) = torch.autograd.grad(u[:, i].sum(), x, create_graph=True)
+        lap = sum(torch.autograd.grad(g[:, k].sum(), x, create_graph=True)[0][:, k] for k in range(x.shape[1]))
+        cols.append(lap)
+    return torch.stack(cols, 1)
 
 
-def _factor(x):
-    """A (d, 2) factor matching x's feature count (3 where x has none: the x checks come first)."""
-    d = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() >= 1 else 3
-    return torch.ones(d, 2, dtype=torch.float64, device=getattr(x, "device", "cpu"))
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.SiLU(), nn.GELU(), nn.Softplus()], ids=repr)
+@pytest.mark.parametrize("d,w,m", [(3, 8, 1), (17, 8, 2)], ids=["d<w", "d>w-compressed"])
+def test_laplacian_loss_gradients_match_nested_autograd(device, act, d, w, m):
+    model = _mlp([act] * 2, d, w, m, seed=5).to(device)
+    x = torch.randn(6, d, dtype=torch.float64, device=device)
+    params = list(model.parameters())
+
+    def grads(lap):
+        loss = ((lap - 1.0) ** 2).mean()
+        # the output bias does not change a Laplacian: its gradient is unused
+        return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+    for ours, ref in zip(grads(thd.mlp_laplacian(model, x)), grads(_nested_laplacian(model, x))):
+        assert _rel(ours, ref) <= REL or ref.abs().max() == 0 and ours.abs().max() == 0
 
 
-# name -> (call(model, x), output shape for x (N, d) with m outputs)
-FUNCS = {
-    "mlp_laplacian": (lambda mdl, x: thd.mlp_laplacian(mdl, x), lambda N, m, d: (N, m)),
-    "mlp_hessian_diag": (lambda mdl, x: thd.mlp_hessian_diag(mdl, x), lambda N, m, d: (N, m, d)),
-    "mlp_derivatives(diag)": (lambda mdl, x: thd.mlp_derivatives(mdl, x, second="diag").second, lambda N, m, d: (N, m, d)),
-    "mlp_derivatives(laplacian)": (lambda mdl, x: thd.mlp_derivatives(mdl, x).second, lambda N, m, d: (N, m)),
-    "mlp_weighted_laplacian": (
-        lambda mdl, x: thd.mlp_weighted_laplacian(mdl, x, factor=_factor(x)),
-        lambda N, m, d: (N, m),
-    ),
-    "mlp_mixed_partials": (lambda mdl, x: thd.mlp_mixed_partials(mdl, x, [(0, 1), (2, 2), (1, 0)]), lambda N, m, d: (N, m, 3)),
-    "mlp_laplacian_hutchinson": (
-        lambda mdl, x: thd.mlp_laplacian_hutchinson(mdl, x, num_samples=3, generator=_gen(x)),
-        lambda N, m, d: (N, m),
-    ),
-}
+def test_hessian_diag_training_and_x_gradient(device):
+    model = _mlp([nn.Tanh(), nn.GELU()], 3, 8, 1, seed=6).to(device)
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    params = list(model.parameters())
+    xa = x.clone().requires_grad_()
+    hd = thd.mlp_hessian_diag(model, xa)
+    loss = (hd**2).sum()
+    g_ours = torch.autograd.grad(loss, params + [xa], allow_unused=True, materialize_grads=True)
+    xb = x.clone().requires_grad_()
+    ref = torch.func.vmap(torch.func.hessian(model))(xb).diagonal(dim1=-2, dim2=-1)
+    g_ref = torch.autograd.grad((ref**2).sum(), params + [xb], allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_ours, g_ref):
+        assert _rel(a, b) <= REL or b.abs().max() == 0 and a.abs().max() == 0
 
 
-# ---- linear and piecewise-linear networks ----------------------------------------------------
+def test_weighted_laplacian(device):
+    model = _mlp([nn.Tanh(), nn.SiLU()], 4, 8, 2, seed=7).to(device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    H = _ref(model, x)[2]
+    torch.manual_seed(8)
+    L = torch.randn(4, 2, dtype=torch.float64, device=device)  # rank-2 PSD A = L L^T
+    A = L @ L.t()
+    expect = torch.einsum("ij,nmij->nm", A, H)
+    assert _rel(thd.mlp_weighted_laplacian(model, x, factor=L), expect) <= REL
+    assert _rel(thd.mlp_weighted_laplacian(model, x, A=A), expect) <= 1e-9  # eigh of a PSD A
+    spd = A + torch.eye(4, dtype=torch.float64, device=device)
+    assert _rel(thd.mlp_weighted_laplacian(model, x, A=spd), torch.einsum("ij,nmij->nm", spd, H)) <= 1e-9
+    with pytest.raises(ValueError, match="symmetric"):
+        thd.mlp_weighted_laplacian(model, x, A=A + torch.triu(torch.ones_like(A), 1))
+    with pytest.raises(ValueError, match="semi-definite"):
+        thd.mlp_weighted_laplacian(model, x, A=-spd)
+    with pytest.raises(ValueError, match="exactly one"):
+        thd.mlp_weighted_laplacian(model, x)
+    with pytest.raises(ValueError, match="exactly one"):
+        thd.mlp_weighted_laplacian(model, x, A=A, factor=L)
 
 
-LINEAR_MODELS = {
-    "Linear-Linear": lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
-    "with nn.Identity / thd.nn.Identity": lambda: nn.Sequential(
-        nn.Linear(3, 4), nn.Identity(), thd.nn.Identity(), nn.Linear(4, 2, bias=False), nn.Dropout(0.2)
-    ).eval(),
-    "bare nn.Linear": lambda: nn.Linear(3, 2),
-}
+def test_mixed_partials_match_torch_func_hessian(device):
+    model = _mlp([nn.Tanh(), nn.Softplus()], 4, 8, 2, seed=9).to(device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    H = _ref(model, x)[2]
+    pairs = [(0, 1), (1, 0), (2, 2), (-1, 0), (3, 2)]
+    got = thd.mlp_mixed_partials(model, x, pairs)
+    assert got.shape == (5, 2, len(pairs))
+    for p, (i, j) in enumerate(pairs):
+        assert _rel(got[..., p], H[..., i, j]) <= REL
 
 
-@pytest.mark.parametrize("model_name", list(LINEAR_MODELS))
-@pytest.mark.parametrize("fn", list(FUNCS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_linear_network_gives_zeros(device, model_name, fn, dtype):
-    torch.manual_seed(0)
-    model = LINEAR_MODELS[model_name]().to(device=device, dtype=dtype)
-    x = _x(4, 3, device, dtype=dtype)
-    call, shape = FUNCS[fn]
-    for grad_mode in (True, False):
-        with torch.set_grad_enabled(grad_mode):
-            out = call(model, x)
-            out1 = call(model, x[0])
-        assert out is not None and out1 is not None
-        assert out.shape == shape(4, 2, 3), (fn, tuple(out.shape))
-        assert out1.shape == shape(4, 2, 3)[1:]
-        assert out.dtype == dtype and out.device == x.device
-        assert torch.equal(out, torch.zeros_like(out))
-        assert torch.equal(out1, torch.zeros_like(out1))
-
-
-def test_linear_network_value_and_gradient(device):
-    model = LINEAR_MODELS["with nn.Identity / thd.nn.Identity"]().double().to(device)
-    x = _x(4, 3, device)
-    out = thd.mlp_derivatives(model, x, second="diag")
-    W = model[3].weight @ model[0].weight
-    assert_rel(out.value, model(x).detach(), what="value")
-    assert_rel(out.gradient, W.detach().expand(4, 2, 3), what="gradient")
-
-
-def test_linear_network_laplacian_loss_is_differentiable(device):
-    """mlp_laplacian is documented as differentiable w.r.t. the parameters in grad mode, and the
-    README's training pattern is ``loss = ((lap + 1) ** 2).mean(); loss.backward()``. For a
-    purely linear model the Laplacian is 0 and its gradient w.r.t. every parameter is 0 -- the
-    same answer the ReLU model below gives -- so the call must not break the training step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double().to(device)
-    x = _x(5, 3, device)
-    lap = thd.mlp_laplacian(model, x)
-    loss = ((lap + 1.0) ** 2).mean()
-    # the piecewise-linear model's zeros do carry a graph:
-    relu = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double().to(device)
-    with pytest.warns(UserWarning, match="piecewise linear"):
-        assert thd.mlp_laplacian(relu, x).requires_grad
-    assert lap.requires_grad, "zero Laplacian of a linear model is detached from the parameters"
-    grads = _param_grads(loss, list(model.parameters()))
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_linear_network_results_are_differentiable(device, fn):
-    """In grad mode every function's zeros for a linear model are connected to whatever
-    requires grad (parameters, x), with zero derivatives: a loss on them backpropagates."""
-    call, shape = FUNCS[fn]
-    torch.manual_seed(0)
-    model = LINEAR_MODELS["with nn.Identity / thd.nn.Identity"]().double().to(device)
-    x = _x(4, 3, device).requires_grad_(True)
-    out = call(model, x)
-    assert out.requires_grad
-    loss = (out**2 + out).sum()
-    grads = torch.autograd.grad(loss, [x] + list(model.parameters()), allow_unused=True, materialize_grads=True)
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-    # x alone requiring grad (frozen parameters)
-    model.requires_grad_(False)
-    out = call(model, x)
-    assert out.requires_grad
-    (gx,) = torch.autograd.grad(out.sum(), x)
-    assert torch.equal(gx, torch.zeros_like(x))
-    # nothing requires grad / no-grad mode: no graph
+def test_mixed_partial_small_next_to_diagonal(device):
+    """u = tanh(a x0) + tanh(b x1) + eps * x0 x1-ish coupling: H01 is tiny next to H00, H11; the
+    bilinear form keeps its relative accuracy (polarisation would lose it)."""
+    lin = nn.Linear(2, 3, bias=False)
     with torch.no_grad():
-        assert not call(model.requires_grad_(True), x).requires_grad
-    assert not call(model.requires_grad_(False), x.detach()).requires_grad
+        lin.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 3.0], [1e-4, 1e-4]]))
+    out = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        out.weight.copy_(torch.tensor([[1.0, 1.0, 1.0]]))
+    model = nn.Sequential(lin, nn.Tanh(), out).double().to(device)
+    x = torch.tensor([[0.3, -0.2]], dtype=torch.float64, device=device)
+    H = _ref(model, x)[2]
+    got = thd.mlp_mixed_partials(model, x, [(0, 1)])
+    assert abs(H[0, 0, 0, 1].item()) < 1e-6 * abs(H[0, 0, 0, 0].item())
+    assert _rel(got[0, 0, 0], H[0, 0, 0, 1]) <= 1e-10
 
 
-PWL_MODELS = {
-    "ReLU": lambda: nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)),
-    "LeakyReLU(0.1)": lambda: nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(0.1), nn.Linear(5, 2)),
-    "thd.nn.ReLU + LeakyReLU + Identity": lambda: nn.Sequential(
-        nn.Linear(3, 5), thd.nn.ReLU(), nn.Linear(5, 4), thd.nn.LeakyReLU(0.2), thd.nn.Identity(), nn.Linear(4, 2)
-    ),
-}
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_unbiased_and_reproducible(device, distribution):
+    model = _mlp([nn.Tanh(), nn.SiLU()], 6, 10, 1, seed=10).to(device)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device)
+    exact = _ref(model, x)[2].diagonal(dim1=-2, dim2=-1).sum(-1)
+    gen = torch.Generator(device=device).manual_seed(11)
+    runs = torch.stack(
+        [thd.mlp_laplacian_hutchinson(model, x, num_samples=4, distribution=distribution, generator=gen) for _ in range(300)]
+    )
+    mean, se = runs.mean(0), runs.std(0) / runs.shape[0] ** 0.5
+    # unbiased: the mean of 300 independent estimates is within 5 standard errors of the truth
+    assert ((mean - exact).abs() <= 5 * se + 1e-12).all(), ((mean - exact) / se)
+    assert (runs.std(0) > 0).all()  # it is an estimate, not the exact value in disguise
+    a = thd.mlp_laplacian_hutchinson(model, x, 5, distribution, torch.Generator(device=device).manual_seed(3))
+    b = thd.mlp_laplacian_hutchinson(model, x, 5, distribution, torch.Generator(device=device).manual_seed(3))
+    assert torch.equal(a, b)
+    sub = thd.mlp_laplacian_hutchinson(model, x, 8, distribution, gen, dims=[0, 1])
+    assert sub.shape == (3, 1)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="num_samples"):
+            thd.mlp_laplacian_hutchinson(model, x, num_samples=bad)
+    with pytest.raises(ValueError, match="distribution"):
+        thd.mlp_laplacian_hutchinson(model, x, distribution="uniform")
 
 
-@pytest.mark.parametrize("model_name", list(PWL_MODELS))
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_piecewise_linear_network_zeros_and_warning(device, model_name, fn):
-    torch.manual_seed(1)
-    model = PWL_MODELS[model_name]().double().to(device)
-    x = _x(4, 3, device)
-    call, shape = FUNCS[fn]
-    for grad_mode in (True, False):
-        with torch.set_grad_enabled(grad_mode):
-            with pytest.warns(UserWarning, match="piecewise linear") as rec:
-                out = call(model, x)
-        assert out.shape == shape(4, 2, 3) and out.dtype == torch.float64
-        assert torch.equal(out, torch.zeros_like(out))
-        assert len([w for w in rec if "piecewise linear" in str(w.message)]) == 1
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_piecewise_linear_warning_points_at_caller(device, fn):
-    """The warning is raised with stacklevel=3 so that it names the user's line (as every
-    library warning should, and as the default filter needs to show it once per call site);
-    it must do so for every public function, not only for those that call the check directly."""
-    torch.manual_seed(1)
-    model = PWL_MODELS["ReLU"]().double().to(device)
-    call, _ = FUNCS[fn]
-    with pytest.warns(UserWarning, match="piecewise linear") as rec:
-        call(model, _x(2, 3, device))
-    files = [w.filename for w in rec if "piecewise linear" in str(w.message)]
-    assert files == [__file__], files
-
-
-def test_piecewise_linear_value_and_gradient_still_right(device):
-    torch.manual_seed(1)
-    model = PWL_MODELS["ReLU"]().double().to(device)
-    x = _x(4, 3, device)
-    with pytest.warns(UserWarning, match="piecewise linear"):
-        out = thd.mlp_derivatives(model, x, second="diag")
-    jac = torch.func.vmap(torch.func.jacrev(model))(x).detach()
-    assert jac.abs().max() > 0
-    assert_rel(out.value, model(x).detach(), what="value")
-    assert_rel(out.gradient, jac, what="gradient")
-
-
-def test_relu_plus_tanh_network_no_warning_and_exact(device):
-    torch.manual_seed(2)
-    model = nn.Sequential(
-        nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.LeakyReLU(0.1), nn.Linear(4, 2)
-    ).double().to(device)
-    x = _x(5, 3, device)
-    H = torch_hessian(model, x).detach()
-    hd = H.diagonal(dim1=-2, dim2=-1)
-    assert hd.abs().max() > 1e-3
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        outs = {name: call(model, x) for name, (call, _) in FUNCS.items() if name != "mlp_laplacian_hutchinson"}
-    assert not [str(w.message) for w in rec if "piecewise linear" in str(w.message)]
-    assert_rel(outs["mlp_hessian_diag"], hd, what="relu+tanh hessian diag")
-    assert_rel(outs["mlp_laplacian"], hd.sum(-1), what="relu+tanh laplacian")
-    assert_rel(outs["mlp_mixed_partials"], torch.stack([H[..., 0, 1], H[..., 2, 2], H[..., 1, 0]], -1), what="mixed")
-
-
-# ---- errors ----------------------------------------------------------------------------------
-
-
-class _MyAct(nn.Module):
-    def forward(self, z):
-        return torch.tanh(z) * 2
-
-
-class _MLP(nn.Module):
-    """A perfectly ordinary MLP that is not an nn.Sequential."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.act, self.l2 = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.l2(self.act(self.l1(x)))
-
-
-UNSUPPORTED = {
-    "Conv1d": lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Linear(4, 2)),
-    "LayerNorm": lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)),
-    "Mish": lambda: nn.Sequential(nn.Linear(3, 4), nn.Mish(), nn.Linear(4, 2)),
-    "_MyAct": lambda: nn.Sequential(nn.Linear(3, 4), nn.Sequential(_MyAct()), nn.Linear(4, 2)),
-    "Softsign": lambda: nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)),
-}
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_unsupported_modules(device, fn):
-    call, _ = FUNCS[fn]
-    x = _x(2, 3, device)
-    for name, build in UNSUPPORTED.items():
-        model = build().double().to(device)
-        with pytest.raises(NotImplementedError, match=name):
-            call(model, x)
-    # not an nn.Sequential: a custom MLP class, a ModuleList, a plain function
-    with pytest.raises((NotImplementedError, TypeError), match="_MLP"):
-        call(_MLP().double().to(device), x)
-    with pytest.raises((NotImplementedError, TypeError)):
-        call(nn.ModuleList([nn.Linear(3, 2)]).double().to(device), x)
-    with pytest.raises(TypeError):
-        call(lambda t: t.sum(-1, keepdim=True), x)
-    with pytest.raises(NotImplementedError):
-        call(nn.Sequential(nn.Identity()), x)  # nothing the engine can use
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_dropout_training_mode(device, fn):
-    call, shape = FUNCS[fn]
-    x = _x(3, 3, device)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 2)).double().to(device)
-    assert model.training
-    with pytest.raises(NotImplementedError, match=r"eval\(\)"):
-        call(model, x)
-    # p = 0 in training mode is the identity: accepted
-    model0 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.0), nn.Linear(4, 2)).double().to(device)
-    assert call(model0, x).shape == shape(3, 2, 3)
-    model.eval()
-    assert call(model, x).shape == shape(3, 2, 3)
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_bad_x(device, fn):
-    call, _ = FUNCS[fn]
-    model = _mlp([nn.Tanh()], 3, 4, 2).to(device)
-    with pytest.raises(ValueError, match=r"\(2, 4, 3\)"):
-        call(model, torch.zeros(2, 4, 3, dtype=torch.float64, device=device))  # 3-D
-    with pytest.raises(ValueError):
-        call(model, torch.tensor(1.0, dtype=torch.float64, device=device))  # 0-D
-    with pytest.raises(ValueError) as ei:
-        call(model, torch.zeros(2, 5, dtype=torch.float64, device=device))  # 5 features, model wants 3
-    assert "5" in str(ei.value) and "3" in str(ei.value), str(ei.value)
-    with pytest.raises(ValueError) as ei:
-        call(model, torch.zeros(7, dtype=torch.float64, device=device))  # unbatched, 7 features
-    assert "7" in str(ei.value) and "3" in str(ei.value), str(ei.value)
-    for dt in (torch.int64, torch.int32, torch.bool, torch.float16, torch.complex128):
-        with pytest.raises(TypeError):
-            call(model, torch.zeros(2, 3, device=device).to(dt))
-    with pytest.raises(TypeError, match="Tensor"):
-        call(model, [[0.0, 1.0, 2.0]])  # not a tensor
-    with pytest.raises(TypeError, match="float32"):
-        call(model.float(), torch.zeros(2, 3, dtype=torch.float64, device=device))  # float64 x, float32 model
-    with pytest.raises(TypeError, match="float64"):
-        call(model.double(), torch.zeros(2, 3, dtype=torch.float32, device=device))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_x_on_other_device(fn):
-    call, _ = FUNCS[fn]
-    model = _mlp([nn.Tanh()], 3, 4, 2)
-    with pytest.raises(ValueError, match="cuda"):
-        call(model, torch.zeros(2, 3, dtype=torch.float64, device="cuda"))
-
-
-DIMS_FUNCS = {
-    "mlp_laplacian": lambda mdl, x, dims: thd.mlp_laplacian(mdl, x, dims=dims),
-    "mlp_hessian_diag": lambda mdl, x, dims: thd.mlp_hessian_diag(mdl, x, dims=dims),
-    "mlp_derivatives": lambda mdl, x, dims: thd.mlp_derivatives(mdl, x, second="diag", dims=dims),
-    "mlp_laplacian_hutchinson": lambda mdl, x, dims: thd.mlp_laplacian_hutchinson(mdl, x, 2, dims=dims),
-}
-
-
-@pytest.mark.parametrize("fn", list(DIMS_FUNCS))
-def test_bad_dims(device, fn):
-    call = DIMS_FUNCS[fn]
-    model = _mlp([nn.Tanh()], 3, 4, 1).to(device)
-    x = _x(2, 3, device)
-    for bad in ([3], [-4], [0, 7], [0, 0], [1, 2, 1], [0, -3], [2, -1], [], ()):
-        with pytest.raises(ValueError, match="dims"):
-            call(model, x, bad)
-    with pytest.raises(ValueError, match="dims"):
-        call(model, x, torch.tensor([], dtype=torch.int64))
-    with pytest.raises(TypeError, match="dims"):
-        call(model, x, ["a"])
-
-
-def test_bad_second(device):
-    model = _mlp([nn.Tanh()], 3, 4, 1).to(device)
-    for bad in ("foo", "Laplacian", "hessian", None):
-        with pytest.raises(ValueError, match="second"):
-            thd.mlp_derivatives(model, _x(2, 3, device), second=bad)
-
-
-# ---- empty batch -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fn", list(FUNCS))
-def test_empty_batch(device, fn):
-    call, shape = FUNCS[fn]
-    model = _mlp([nn.Tanh(), nn.SiLU()], 3, 4, 2).to(device)
-    x = torch.zeros(0, 3, dtype=torch.float64, device=device)
-    for grad_mode in (True, False):
-        with torch.set_grad_enabled(grad_mode):
-            out = call(model, x)
-        assert out.shape == shape(0, 2, 3), (grad_mode, tuple(out.shape))
-        assert out.dtype == torch.float64 and out.device == x.device
-    der = thd.mlp_derivatives(model, x, second="laplacian")
-    assert der.value.shape == (0, 2) and der.gradient.shape == (0, 2, 3) and der.second.shape == (0, 2)
-    # and a loss over an empty batch backpropagates (zero gradients)
-    loss = call(model, x).sum()
-    if loss.requires_grad:
-        grads = _param_grads(loss, list(model.parameters()))
-        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+def test_hutchinson_exact_with_enough_orthogonal_probes(device):
+    """Rademacher probes whose outer products sum to d*I (a Hadamard basis) give the exact
+    Laplacian: a deterministic check of the scaling. Uses mlp_weighted_laplacian with
+    factor = H_d / sqrt(d) as the same engine call the estimator makes."""
+    model = _mlp([nn.Tanh()], 4, 8, 1, seed=12).to(device)
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    had = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64, device=device)
+    exact = _ref(model, x)[2].diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert _rel(thd.mlp_weighted_laplacian(model, x, factor=had / 2.0), exact) <= REL

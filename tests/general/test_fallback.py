@@ -5,7 +5,7 @@ batch_first=False attention), so ``laplacian`` / ``axis_derivatives`` take the a
 Where torch's own higher derivatives are wrong (F.layer_norm and F.instance_norm: nested reverse
 mode from order 3, nested forward mode from order 2) or missing (the flash-attention kernel's
 backward on the CPU), the fallback runs exact stand-ins (torchhessdiag/fallback_ops.py). Expected
-values: nested autograd (float64) of an elementary twin of the model (tests/test_models_jets.py),
+values: nested autograd (float64) of an elementary twin of the model (tests/_twin_models.py),
 tolerance 1e-10 of the quantity's scale (float64 rounding). Each test fails on the code before
 issue 15 (silently wrong numbers, or torch's raw error).
 """
@@ -21,7 +21,7 @@ import torchhessdiag as thd
 from torchhessdiag import fallback_ops, general
 
 from _general_helpers import assert_close, oracle
-from test_models_jets import MHANet, _build, ln_e
+from _twin_models import MHANet, _build, ln_e
 
 DT = torch.float64
 TOL = 1e-10

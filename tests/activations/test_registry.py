@@ -145,7 +145,7 @@ def test_table_ids_are_the_positions_in_the_compiled_table():
     assert [e.table_id for e in _registry.BUILTINS] == list(range(len(_registry.BUILTINS)))
     assert _registry.TABLE_NAMES == tuple(e.name for e in _registry.BUILTINS)
     assert tuple(thd.backend_info()["activations"]) == _registry.TABLE_NAMES
-    if not ops.COMPILED:  # tests/test_backend.py::test_compiled_extension_is_loaded fails for this
+    if not ops.COMPILED:  # tests/backend/test_backend.py::test_compiled_extension_is_loaded fails for this
         pytest.skip(f"compiled extension not loaded ({ops.LOAD_ERROR})")
     compiled = tuple(ops._C.activations())
     assert compiled == _registry.TABLE_NAMES  # same names, same order

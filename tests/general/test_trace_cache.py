@@ -15,7 +15,7 @@ unchanged (torchhessdiag/graph.py, "the trace cache"). Checked here:
 * clear_trace_cache / trace_cache_info, and that an unsupported model is not re-traced either.
 
 Expected values: a fresh trace (clear_trace_cache, then the call) -- the same code path, which
-tests/test_general_jets.py and test_models_jets.py check against nested autograd -- and, where
+tests/general/test_jets.py and test_taylor_nn.py check against nested autograd -- and, where
 the change must show, inequality with the stale result.
 """
 
