@@ -123,6 +123,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1 / max(1, args.steps)))  # to lr/10
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own points
     t0 = time.perf_counter()
+    stats = None
     for step in range(1, args.steps + 1):
         x_int = torch.rand(args.batch, 2, generator=gen, dtype=torch.float64).to(device)
         x_bnd = boundary_points(args.batch // 2, gen).to(device)
@@ -151,10 +152,18 @@ def main() -> None:
         err = ((u - exact(xt)).norm() / exact(xt).norm()).item()
         print(f"ranks {world}, {args.steps} steps, {elapsed:.1f} s; relative L2 error {err:.2e}")
         print(f"parameters identical on all ranks: {same}")
-    # tear down together: a rank that destroyed its gloo group while rank 0 was still busy
-    # sometimes aborted at exit ("terminate called without an active exception", torch 2.14.1)
+    # Tear down together (a rank that destroyed its gloo group while rank 0 was still busy
+    # sometimes aborted at exit: "terminate called without an active exception", torch 2.14.1),
+    # and in this order: DDP first, then the group, while every tensor a collective saw is still
+    # referenced here. Otherwise the group's destructor (run under the GIL when the last
+    # reference goes, e.g. DDP's at function exit) joins gloo's worker threads while one of them
+    # frees a finished collective whose tensors' Python objects are gone -- which needs the GIL:
+    # a deadlock at exit, seen in ~1 of 8 runs with torch 2.13 (gdb: ~ProcessGroupGloo joining,
+    # the worker in ~AsyncAllgatherWork -> decref_pyobject -> waiting for the GIL).
     dist.barrier()
+    del loss_module
     dist.destroy_process_group()
+    del stats, flat, gathered  # only now (see above)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             out[f"refused_{name}"] = str(e)
 
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    # the teardown order of examples/ddp_poisson.py (see there: DDP before the group, or the
+    # group's destructor can deadlock with a gloo worker thread at exit)
     dist.barrier()
+    del ddp, wrapped
     dist.destroy_process_group()
 
 
