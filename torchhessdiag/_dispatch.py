@@ -143,8 +143,7 @@ def _forward_path(c: _Call) -> _Outcome:
 def _jet_path(c: _Call) -> _Outcome:
     """Taylor jets along the axes over the traced graph, orders up to taylor.MAX_ORDER."""
     # the TF32 policy (torchhessdiag/_precision.py) for this path and the autograd one after it;
-    # stacklevel 6: user -> public function -> _compute -> _run_paths -> here -> warn_if_tf32
-    _precision.warn_if_tf32(c.x2, stacklevel=6)
+    _precision.warn_if_tf32(c.x2)
     if c.order > taylor.MAX_ORDER:
         return f"order {c.order} is above the jets' {taylor.MAX_ORDER}"
     reasons: List[str] = []

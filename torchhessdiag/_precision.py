@@ -24,6 +24,7 @@ the user's own setting is where it shows.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 
@@ -64,19 +65,33 @@ def _is_compiling() -> bool:
     return bool(f and f())
 
 
-def warn_if_tf32(*tensors, stacklevel: int = 4) -> bool:
-    """Warn once per process if a float32 CUDA tensor among ``tensors`` will meet TF32 GEMMs.
+def _meets_tf32(t) -> bool:
+    """A float32 CUDA tensor: the inputs TF32 GEMMs would round."""
+    return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cuda"
+
+
+def _caller_stacklevel() -> int:
+    """stacklevel for a warnings.warn in warn_if_tf32 that points at the first frame outside
+    the torchhessdiag package (the user's call, however deep the library's own chain is)."""
+    frame = sys._getframe(2)  # the caller of warn_if_tf32
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchhessdiag":
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn_if_tf32(*tensors) -> bool:
+    """Warn once per process if a float32 CUDA tensor among ``tensors`` will meet TF32 GEMMs; the
+    warning points at the user's call (the first frame outside the package).
 
     Cheap enough for every call: after the warning (or for float64 / CPU inputs) it is a few
-    attribute reads. ``stacklevel`` 4 points at the user's call when the chain is user ->
-    public function -> internal entry (engine.run, general._compute) -> here. Returns True when
-    it warned now (tests)."""
+    attribute reads; the stack is walked only when it warns (``sys._getframe`` would be a graph
+    break under torch.compile, which never warns). Returns True when it warned now (tests)."""
     global _warned
     if _warned:
         return False
-    if not any(
-        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cuda" for t in tensors
-    ):
+    if not any(_meets_tf32(t) for t in tensors):
         return False
     if _is_compiling() or not tf32_enabled():
         return False
@@ -94,7 +109,7 @@ def warn_if_tf32(*tensors, stacklevel: int = 4) -> bool:
         "torch.set_float32_matmul_precision('highest'), or use float64. This warning is shown "
         "once (category torchhessdiag.TF32Warning).",
         TF32Warning,
-        stacklevel=stacklevel,
+        stacklevel=_caller_stacklevel(),
     )
     return True
 

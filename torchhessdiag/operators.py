@@ -149,8 +149,7 @@ def _run_plan(f, x, plan_fn, where: str, fallback, return_info: bool, allow_zero
     _check_module(f, x2, where)
     explicit = fallback == "autograd"
     if plan.order:
-        # stacklevel 4: user -> public function -> _run_plan -> warn_if_tf32
-        _precision.warn_if_tf32(x2, stacklevel=4)
+        _precision.warn_if_tf32(x2)
     call = _PlanCall(f, tuple(x.shape), x2, unbatched, plan, kind, where, explicit, dry, allow_zeros)
     slow_mode = "autograd" if explicit else mode
     result, info = _run_paths(
@@ -482,7 +481,7 @@ def _divergence(f, x, dims, components, fallback, return_info: bool, where: str,
         return y
 
     reasons: List[str] = []
-    _precision.warn_if_tf32(x2, stacklevel=3)
+    _precision.warn_if_tf32(x2)
     got = _try_jets(f, x2, None, 1, False, None, where, x.shape, reasons, axes=torch.tensor(axes, dtype=torch.long))
     if got is not None:
         out_jet, ctx, program = got

@@ -117,3 +117,36 @@ def test_public_path_warns_once_on_cuda(fresh):
         thd.laplacian(g, x)
     assert len(_tf32_warnings(rec)) == 1
     assert _tf32_warnings(rec)[0].filename == __file__, "points at the caller"
+
+
+def _public_calls():
+    """Every public entry that reads the policy, each on the path it takes here (CPU)."""
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    traced = lambda x: seq(x) * x[:, :1]  # noqa: E731  (the jets, not the engine)
+    field = lambda x: torch.tanh(x) * x.sum(1, keepdim=True)  # noqa: E731  (a vector field)
+    return {
+        "mlp_laplacian (engine)": lambda x: thd.mlp_laplacian(seq, x),
+        "laplacian (engine path)": lambda x: thd.laplacian(seq, x),
+        "laplacian (jet path)": lambda x: thd.laplacian(traced, x),
+        "hessian_diag (jet path)": lambda x: thd.hessian_diag(traced, x),
+        "axis_derivatives (jet path)": lambda x: thd.axis_derivatives(traced, x, order=3),
+        "partials": lambda x: thd.partials(traced, x, [(1, 1)]),
+        "biharmonic": lambda x: thd.biharmonic(traced, x),
+        "divergence": lambda x: thd.divergence(field, x),
+    }
+
+
+@pytest.mark.parametrize("name", list(_public_calls()))
+def test_warning_points_at_the_users_call_on_every_path(fresh, monkeypatch, name):
+    """The TF32 warning names the user's line however deep the library's chain is (engine, jets,
+    operators). CPU stand-in: the policy is made to treat float32 CPU tensors as TF32-bound (the
+    GPU test above checks the real condition)."""
+    monkeypatch.setattr(_precision, "_meets_tf32", lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.float32)
+    monkeypatch.setattr(_precision, "tf32_enabled", lambda: True)
+    call = _public_calls()[name]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        call(torch.randn(5, 2))
+    got = _tf32_warnings(rec)
+    assert len(got) == 1, name
+    assert got[0].filename == __file__, f"{name}: points at {got[0].filename}:{got[0].lineno}"
