@@ -1,6 +1,6 @@
 """The elementary twins of the norm / softmax / attention models (was the top half of
 tests/test_models_jets.py, now tests/general/test_taylor_nn.py; shared with tests/general/test_fallback.py
-and tests/test_operators.py).
+and tests/general/test_operators.py).
 
 Every model here has an *elementary twin*: the same parameters, with layer norm, RMS norm, softmax
 and attention written out in elementary torch ops (mean, sqrt, exp, sum, matmul, ...); call a model

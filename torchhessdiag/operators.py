@@ -51,7 +51,7 @@ A(alpha) = sum_v |w_v| ||v||_1^n is the *amplification* of the identity
 ~10.7 for d^4u/dxdydzdw; 1/d^2 times the amplification of Delta^2 stays below 3 for every d
 (Delta^2 u itself is a sum of d^2 terms of size max |d^beta u|). So in float64 the combination
 costs a few digits at most below the 1e-16 of the jets; in float32 the same few-ulp bound at
-1e-7, which tests/test_operators.py checks against float64.
+1e-7, which tests/general/test_operators.py checks against float64.
 
 Exact fallback
 --------------
