@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import _registry, activations
+from . import _graph_fuse, _registry, activations
 from ._graph_program import Step, Unsupported
 from .activations import ActivationSpec, make_spec, spec_from_module
 
@@ -34,6 +34,7 @@ _FUNCTION_KINDS: Dict[Any, str] = {
     torch.sub: "sub",
     torch.subtract: "sub",
     operator.mul: "mul",
+    _graph_fuse.gate: "gate",
     torch.mul: "mul",
     torch.multiply: "mul",
     operator.truediv: "div",

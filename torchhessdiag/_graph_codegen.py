@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch.fx as fx
 
 from ._graph_classify import classify_all
+from ._graph_fuse import fuse_gates
 from ._graph_program import Program, Step
 from ._graph_trace import _Root, _trace
 
@@ -30,6 +31,7 @@ def build_program(f: Callable) -> Program:
         graph.eliminate_dead_code()
     except Exception:  # noqa: BLE001 - only an optimisation
         pass
+    fuse_gates(graph)  # (1 - z) * P + z * Q as one step (_graph_fuse.py)
     steps, acts = classify_all(graph, root)
     traced = root._modules.get("fn") if isinstance(root, _Root) else None
     if isinstance(root, _Root):

@@ -56,6 +56,9 @@ class Context:
         # to the input jet's rows (V^T, K x d) gathers K weight columns instead of a K x d x out GEMM
         self.axes: Optional[Tensor] = None
         self.input_rows: Optional[Tensor] = None
+        # what rules share within one propagation: the gates' Q - P per (P, Q) pair
+        # (_rules_algebra._rule_gate), kept with P and Q so that their ids stay theirs
+        self.memo: dict = {}
 
     def is_sum(self, k: int) -> bool:
         """Coefficient k is the collapsed (weighted) sum over directions, (N, *S)."""

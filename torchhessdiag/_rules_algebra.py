@@ -247,6 +247,26 @@ def _rule_mul(ctx: Context, p: dict, a, b) -> Any:
     return _scale(ctx, a, b, torch.mul, value)
 
 
+def _rule_gate(ctx: Context, p: dict, z, P, Q) -> Any:
+    """A gate (1 - z) * P + z * Q, fused by the tracer (_graph_fuse.py), as the jet of
+    P + z * (Q - P): one product of jets instead of two, with Q - P computed once per (P, Q) pair
+    and propagation (the modified MLP's U and V meet in every layer). The value differs from the
+    expression as written by rounding only (as the jets' values do anyway: other GEMM blockings)."""
+    if not isinstance(z, Jet):  # a constant gate: the expression as written
+        return _add_sub(ctx, _rule_mul(ctx, p, 1 - z, P), _rule_mul(ctx, p, z, Q), 1.0, None)
+    if not isinstance(P, Jet) and not isinstance(Q, Jet):
+        D = Q - P
+    elif torch.compiler.is_compiling():  # (no id-keyed cache inside a compiled graph)
+        D = _rule_sub(ctx, p, Q, P)
+    else:
+        key = (id(P), id(Q))
+        hit = ctx.memo.get(key)
+        if hit is None:
+            hit = ctx.memo[key] = (P, Q, _rule_sub(ctx, p, Q, P))
+        D = hit[2]
+    return _add_sub(ctx, P, _rule_mul(ctx, p, z, D), 1.0, None)
+
+
 def _rule_div(ctx: Context, p: dict, a, b, rounding_mode=None) -> Any:
     if rounding_mode is not None:
         raise Unsupported(f"node '{ctx.node}': division with rounding_mode={rounding_mode!r}")

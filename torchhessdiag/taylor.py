@@ -67,6 +67,7 @@ RULES: Dict[str, Callable[..., Any]] = {
     "add": _algebra._rule_add,
     "sub": _algebra._rule_sub,
     "mul": _algebra._rule_mul,
+    "gate": _algebra._rule_gate,
     "div": _nn._rule_div,  # _rules_algebra's (by a constant), and by an input-dependent value
     "pow": _nn._rule_pow,  # _rules_algebra's (integer exponents >= 0), and real exponents
     "square": _algebra._rule_square,
