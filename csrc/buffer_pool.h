@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <iterator>
 #include <mutex>
 #include <vector>
 
@@ -42,9 +43,15 @@ class BufferPool {
       std::lock_guard<std::mutex> lock(mu_);
       // (The pool holds storages, not tensors: a tensor seen by Python may stay referenced by
       // its preserved Python object; a storage is free once no tensor uses it.)
-      for (const c10::Storage& st : items_)
-        if (st.use_count() == 1 && static_cast<int64_t>(st.nbytes()) == nbytes)
+      // newest first, and the one handed out moves to the back: a buffer used last is the one
+      // most likely still in cache (the allocator's own reuse is last-freed-first too)
+      for (auto it = items_.rbegin(); it != items_.rend(); ++it)
+        if (it->use_count() == 1 && static_cast<int64_t>(it->nbytes()) == nbytes) {
+          c10::Storage st = *it;
+          items_.erase(std::next(it).base());
+          items_.push_back(st);
           return at::empty({0}, opt).set_(st, 0, shape, c10::contiguous_strides(shape));
+        }
     }
     at::Tensor t = at::empty(shape, opt);
     std::lock_guard<std::mutex> lock(mu_);
