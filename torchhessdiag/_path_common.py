@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from . import engine, graph, ops, taylor
+from ._precision import _stacklevel  # noqa: F401  (re-exported: the paths' warnings use it)
 from .api import _dims_matrix, _ints
 
 Tensor = torch.Tensor
@@ -209,17 +209,6 @@ def _done(result, info: PathInfo, return_info: bool, dry: bool):
 
 
 # ---- warnings and diagnoses ------------------------------------------------------------------
-
-
-def _stacklevel() -> int:
-    """stacklevel for warnings.warn called right here that points at the first frame outside
-    the torchhessdiag package."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchhessdiag":
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 def _warn_piecewise_linear(level: int) -> None:

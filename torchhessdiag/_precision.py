@@ -70,11 +70,12 @@ def _meets_tf32(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cuda"
 
 
-def _caller_stacklevel() -> int:
-    """stacklevel for a warnings.warn in warn_if_tf32 that points at the first frame outside
-    the torchhessdiag package (the user's call, however deep the library's own chain is)."""
-    frame = sys._getframe(2)  # the caller of warn_if_tf32
-    level = 2
+def _stacklevel() -> int:
+    """stacklevel for warnings.warn called right here that points at the first frame outside
+    the torchhessdiag package (the user's call, however deep the library's own chain is). The
+    package's one frame walk: every warning of the library that names the user's line uses it."""
+    frame = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchhessdiag":
         frame = frame.f_back
         level += 1
@@ -109,7 +110,7 @@ def warn_if_tf32(*tensors) -> bool:
         "torch.set_float32_matmul_precision('highest'), or use float64. This warning is shown "
         "once (category torchhessdiag.TF32Warning).",
         TF32Warning,
-        stacklevel=_caller_stacklevel(),
+        stacklevel=_stacklevel(),
     )
     return True
 
