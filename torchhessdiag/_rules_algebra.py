@@ -252,8 +252,12 @@ def _rule_gate(ctx: Context, p: dict, z, P, Q) -> Any:
     P + z * (Q - P): one product of jets instead of two, with Q - P computed once per (P, Q) pair
     and propagation (the modified MLP's U and V meet in every layer). The value differs from the
     expression as written by rounding only (as the jets' values do anyway: other GEMM blockings)."""
-    if not isinstance(z, Jet):  # a constant gate: the expression as written
-        return _add_sub(ctx, _rule_mul(ctx, p, 1 - z, P), _rule_mul(ctx, p, z, Q), 1.0, None)
+    if not isinstance(z, Jet):  # a constant gate: the expression as written (P or Q is a jet)
+
+        def term(c, t):
+            return _rule_mul(ctx, p, t, c) if isinstance(t, Jet) else c * t
+
+        return _add_sub(ctx, term(1 - z, P), term(z, Q), 1.0, None)
     if not isinstance(P, Jet) and not isinstance(Q, Jet):
         D = Q - P
     elif torch.compiler.is_compiling():  # (no id-keyed cache inside a compiled graph)

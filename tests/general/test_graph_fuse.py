@@ -43,8 +43,8 @@ class Gated(nn.Module):
         self.out = nn.Linear(w, 1)
 
     def forward(self, x):
-        z = torch.sigmoid(self.a(x)) if self.const != "z" else torch.sigmoid(self.p)
-        P = torch.tanh(self.b(x)) if self.const != "P" else self.p
+        z = torch.sigmoid(self.a(x)) if "z" not in self.const else torch.sigmoid(self.p)
+        P = torch.tanh(self.b(x)) if "P" not in self.const else self.p
         Q = torch.sin(self.c(x))
         return self.out(self.spell(z, P, Q))
 
@@ -126,6 +126,7 @@ def _models():
         "piratenet": PirateNet(3, 16, 2),
         "const_P": Gated("(1-z)P+zQ", "P"),
         "const_z": Gated("zQ+(1-z)P", "z"),
+        "const_z_and_P": Gated("(1-z)P+zQ", "zP"),
     }
 
 
@@ -198,3 +199,29 @@ def test_compiled_laplacian_of_a_gated_model_is_one_graph():
     for a, b in zip(g, w):
         if a is not None or b is not None:
             assert_close(a, b, 1e-12, "compiled gradients")
+
+
+class _LinearGate(nn.Module):
+    """A constant gate over two linear branches: a linear network, traced with a gate step."""
+
+    def __init__(self):
+        super().__init__()
+        self.z = nn.Parameter(torch.rand(4))
+        self.b, self.c, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out((1 - self.z) * self.b(x) + self.z * self.c(x))
+
+
+def test_linear_gated_net_gives_zeros_of_the_right_shape():
+    f = _LinearGate().double()
+    x = _x(3)
+    assert "gate" in _kinds(f, x)
+    want = oracle(f, x, 3)  # nested autograd: orders >= 2 are zeros
+    for got in (thd.laplacian(f, x), thd.hessian_diag(f, x), thd.axis_derivatives(f, x, 3)):
+        assert got is not None
+    assert_close(thd.axis_derivatives(f, x, 3), want, 1e-12, "axis_derivatives")
+    hd = thd.hessian_diag(f, x)
+    assert hd.shape == want[2].shape and torch.count_nonzero(hd) == 0
+    lap = thd.laplacian(f, x)
+    assert lap.shape == want[2].sum(-1).shape and torch.count_nonzero(lap) == 0
