@@ -168,8 +168,9 @@ def backend_info() -> dict:
 def empty_cache() -> int:
     """Release the CPU buffers kept for reuse between calls: the fused MLP op's rows saved for the
     backward, and the outputs of the activation ops behind the ``torchhessdiag.nn`` drop-ins (their
-    kept derivatives and the products of their backward passes). A buffer is handed out again only
-    once nothing refers to it any more, instead of being allocated -- and page-faulted -- again.
-    Returns the bytes released. Buffers still held by a graph are kept until it is freed. Like
-    ``torch.cuda.empty_cache()``: for memory, never needed for correctness."""
+    kept derivatives and the products of their backward passes). A buffer goes back to the pool
+    when its tensor is freed and is handed out again from there, instead of being allocated -- and
+    page-faulted -- again. Returns the bytes released: the free buffers now, those still held by a
+    tensor or graph when it is freed. Like ``torch.cuda.empty_cache()``: for memory, never needed
+    for correctness."""
     return int(_C.empty_cache()) if COMPILED else 0

@@ -432,6 +432,52 @@ def test_op_outputs_reuse_only_free_buffers():
     assert torchhessdiag.empty_cache() > 0 and torchhessdiag.backend_info()["cache_bytes"] == 0
 
 
+def _storage_refs(t: torch.Tensor) -> int:
+    st = t.untyped_storage()  # (this Python storage holds one reference itself)
+    return torch._C._storage_Use_Count(st._cdata)
+
+
+@COMPILED
+def test_pooled_outputs_are_held_by_their_tensor_alone():
+    """The pool holds no reference to a storage it handed out: a pooled output's storage is
+    referenced as often as a plain tensor's. (The autograd engine sums two gradients of one input in
+    place only when it holds the last reference to the storage; a pool keeping a reference made
+    every such sum allocate a fresh tensor.) After empty_cache a tensor in use keeps its values, and
+    its block is freed, not kept, when it goes."""
+    z = torch.linspace(-3, 3, 5000, dtype=torch.float64)
+    plain = z * 2
+    o1, o2 = _ops.mul_pair(z, z, z, z)
+    d = _ops.act_derivatives(z, "tanh", 0.0, 0.0, [1, 2])
+    for t in (o1, o2, d):
+        assert _storage_refs(t) == _storage_refs(plain) == 2
+    before = o1.clone()
+    torchhessdiag.empty_cache()
+    assert torchhessdiag.backend_info()["cache_bytes"] == 0
+    _ops.mul_pair(-z, z, z, z)  # a new block, not o1's
+    assert torch.equal(o1, before)
+    del o1, o2, d
+    torchhessdiag.empty_cache()
+    assert torchhessdiag.backend_info()["cache_bytes"] == 0
+
+
+@COMPILED
+def test_profiler_sees_pooled_outputs_allocated_and_freed():
+    """profile_memory counts a pooled output as allocated while a tensor holds it and freed when it
+    goes (live tensor bytes, as for torch's own CPU tensors), whether the block is new or reused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    z = torch.linspace(-3, 3, 5000, dtype=torch.float64)
+    nbytes = z.numel() * 8
+    for _ in range(2):  # the second round reuses the first round's blocks
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            o1, o2 = _ops.mul_pair(z, z, z, z)
+            del o1
+        events = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage]
+        assert sum(m for m in events if m > 0) == 2 * nbytes
+        assert sum(m for m in events if m < 0) == -nbytes
+        del o2
+
+
 @COMPILED
 def test_repeated_nested_autograd_is_bitwise_stable_with_pooled_buffers():
     """The same nested-autograd training step, run repeatedly (so the pool hands the previous

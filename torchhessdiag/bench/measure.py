@@ -186,9 +186,9 @@ def cpu_peak_tensor(fn: Callable[[], object], collect: bool = True) -> Dict[str,
 
     if collect:
         gc.collect()
-    # the pooled CPU buffers (torchhessdiag.empty_cache) are released first, so that every buffer
-    # the call uses is allocated -- and counted -- in it: a buffer handed out again by the pool
-    # makes no allocation event, and one returned to it no free event (it stays resident)
+    # (the pooled CPU buffers report to the profiler as torch's allocator does: allocated while a
+    # tensor holds them, freed when it goes; they are released first all the same, so that the
+    # count starts from the same state as a fresh process)
     torchhessdiag.empty_cache()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
