@@ -268,7 +268,37 @@ def _rule_gate(ctx: Context, p: dict, z, P, Q) -> Any:
         if hit is None:
             hit = ctx.memo[key] = (P, Q, _rule_sub(ctx, p, Q, P))
         D = hit[2]
+    fused = _gate_one_pass(ctx, z, P, D)
+    if fused is not None:
+        return fused
     return _add_sub(ctx, P, _rule_mul(ctx, p, z, D), 1.0, None)
+
+
+def _gate_one_pass(ctx: Context, z: Jet, P, D) -> Any:
+    """P + z D of collapsed second-order jets of one shape: z D by the one-pass product op
+    (jet2.mul), then P added into its outputs in place -- they are fresh, held by nothing else (the
+    op's autograd saves its inputs only). Or None where that op declines (see jet2.py), or P or D
+    is not a jet of z's shape. Measured (modified MLP, d = 2, width 128, N = 4096, float32, CPU
+    2 threads, thd.laplacian inference, 4 processes each): 24.6-31.3 ms instead of 35.7-38.7 ms
+    with P + (z D) out of place, whose fresh (N, K, width) sums were page-faulted on every call
+    (in a process that also runs nested autograd, whose heap keeps those pages: 21.4-22.6 vs
+    24.1-25.3 ms)."""
+    if not (ctx.collapsed and ctx.order == 2 and isinstance(P, Jet) and isinstance(D, Jet)):
+        return None
+    shape = tuple(z.value.shape)
+    if tuple(P.value.shape) != shape or tuple(D.value.shape) != shape:
+        return None
+    out = jet2.mul(z.value, *z.coefs, D.value, *D.coefs, ctx.weights)
+    if out is None:
+        return None
+    y0, y1, s = out
+    y0.add_(P.value)
+    p1, ps = P.coefs
+    if p1 is not None:
+        y1.add_(p1)  # (a shared (K, *S) row broadcasts over the points)
+    if ps is not None:
+        s.add_(ps)
+    return Jet(y0, [y1, s])
 
 
 def _rule_div(ctx: Context, p: dict, a, b, rounding_mode=None) -> Any:

@@ -174,6 +174,34 @@ def test_difference_computed_once_per_pair(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.skipif(not thd.ops.COMPILED, reason="the one-pass product op (jet2.mul) has CPU kernels only")
+def test_laplacian_gates_take_the_one_pass_product(monkeypatch):
+    """On the CPU a collapsed second-order gate is z (Q - P) by the one-pass product op with P
+    added into its outputs in place: every gate of the modified MLP takes it (a Laplacian and its
+    training gradient), P and the shared Q - P are left as they were, and the results are exact
+    (the tests above check every order and path)."""
+    f = ModifiedMLP(2, 8, 4).double()
+    x = _x(2)
+    taken, seen = [], []
+    real = _rules_algebra._gate_one_pass
+
+    def spy(ctx, z, P, D):
+        before = [t.clone() for t in (P.value, *P.coefs, D.value, *D.coefs) if t is not None]
+        out = real(ctx, z, P, D)
+        after = [t for t in (P.value, *P.coefs, D.value, *D.coefs) if t is not None]
+        seen.append(all(torch.equal(a, b) for a, b in zip(before, after)))
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_rules_algebra, "_gate_one_pass", spy)
+    want = oracle(f, x, 2)[2].sum(-1)
+    with torch.no_grad():
+        assert_close(thd.laplacian(f, x), want, 1e-10, "laplacian")
+    lap = thd.laplacian(f, x)
+    assert lap.requires_grad
+    assert taken == [True] * 8 and all(seen)
+
+
 def test_gate_target_is_classified():
     """The traced gate maps to the rule (and only the fused form does: operator.add stays add)."""
     from torchhessdiag._graph_classify import _FUNCTION_KINDS
