@@ -252,7 +252,10 @@ def _rule_gate(ctx: Context, p: dict, z, P, Q) -> Any:
     P + z * (Q - P): one product of jets instead of two, with Q - P computed once per (P, Q) pair
     and propagation (the modified MLP's U and V meet in every layer). The value differs from the
     expression as written by rounding only (as the jets' values do anyway: other GEMM blockings)."""
-    if not isinstance(z, Jet):  # a constant gate: the expression as written (P or Q is a jet)
+    if not isinstance(z, Jet):  # a constant gate (P or Q is a jet)
+        lerped = _constant_gate_lerp(ctx, z, P, Q)
+        if lerped is not None:
+            return lerped
 
         def term(c, t):
             return _rule_mul(ctx, p, t, c) if isinstance(t, Jet) else c * t
@@ -272,6 +275,34 @@ def _rule_gate(ctx: Context, p: dict, z, P, Q) -> Any:
     if fused is not None:
         return fused
     return _add_sub(ctx, P, _rule_mul(ctx, p, z, D), 1.0, None)
+
+
+def _constant_gate_lerp(ctx: Context, z, P, Q) -> Any:
+    """(1 - z) P + z Q for a gate z that does not depend on the input (PirateNet's learned
+    residual weight alpha): torch.lerp(P_k, Q_k, z) per coefficient, one pass each instead of two
+    scalings and a sum; differentiable in z, P and Q. Or None unless P and Q are jets of one
+    shape and z is a number or a tensor without a batch dim (it broadcasts over every row)."""
+    if not (isinstance(P, Jet) and isinstance(Q, Jet)) or P.value.shape != Q.value.shape:
+        return None
+    vdim = P.value.dim()
+    if isinstance(z, Tensor):
+        if z.dim() >= vdim or z.dtype != P.value.dtype or z.device != P.value.device:
+            return None
+    elif isinstance(z, bool) or not isinstance(z, (int, float)):
+        return None
+    else:
+        z = float(z)
+    coefs = []
+    for pk, qk in zip(P.coefs, Q.coefs):
+        if pk is None and qk is None:
+            coefs.append(None)
+        elif pk is None:
+            coefs.append(qk * z)
+        elif qk is None:
+            coefs.append(pk * (1 - z))
+        else:
+            coefs.append(torch.lerp(pk, qk, z))  # (a shared (K, *S) row broadcasts as in a sum)
+    return Jet(torch.lerp(P.value, Q.value, z), coefs)
 
 
 def _gate_one_pass(ctx: Context, z: Jet, P, D) -> Any:

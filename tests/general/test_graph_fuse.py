@@ -202,6 +202,41 @@ def test_laplacian_gates_take_the_one_pass_product(monkeypatch):
     assert taken == [True] * 8 and all(seen)
 
 
+@pytest.mark.parametrize("name", ["piratenet", "const_z"])
+def test_constant_gates_take_one_lerp_per_coefficient(name, monkeypatch):
+    """A gate that does not depend on the input (PirateNet's learned alpha, a parameter gate)
+    mixing two jets is torch.lerp per coefficient: every such gate of the model takes that path,
+    for the Laplacian and for orders 1-4, and the results are exact (the tests above check every
+    order and the training gradients; swapping lerp's ends or perturbing its weight fails them)."""
+    f = _models()[name].double()
+    x = _x(3)
+    taken = []
+    real = _rules_algebra._constant_gate_lerp
+    monkeypatch.setattr(_rules_algebra, "_constant_gate_lerp",
+                        lambda *a: taken.append(1) or real(*a))
+    want = oracle(f, x, 4)
+    assert_close(thd.laplacian(f, x), want[2].sum(-1), 1e-10, "laplacian")
+    n_lap = len(taken)
+    assert_close(thd.axis_derivatives(f, x, 4), want, 1e-10, "axis_derivatives")
+    assert n_lap == {"piratenet": 2, "const_z": 1}[name] and len(taken) == 2 * n_lap
+
+
+def test_constant_gate_lerp_declines_what_it_cannot_take():
+    """None (the expression as written) for a gate with a batch dim, another dtype, or a constant
+    branch."""
+    from torchhessdiag._jet import Context, Jet
+
+    ctx = Context(N=4, K=2, order=2, collapsed=True)
+    P = Jet(torch.randn(4, 3), [torch.randn(4, 2, 3), torch.randn(4, 3)])
+    Q = Jet(torch.randn(4, 3), [torch.randn(4, 2, 3), torch.randn(4, 3)])
+    lerp = _rules_algebra._constant_gate_lerp
+    assert lerp(ctx, torch.rand(4, 3), P, Q) is None  # per point
+    assert lerp(ctx, torch.rand(3, dtype=torch.float64), P, Q) is None  # dtype
+    assert lerp(ctx, torch.rand(3), P, torch.randn(4, 3)) is None  # a constant branch
+    out = lerp(ctx, 0.25, P, Q)
+    torch.testing.assert_close(out.coefs[0], 0.75 * P.coefs[0] + 0.25 * Q.coefs[0])
+
+
 def test_gate_target_is_classified():
     """The traced gate maps to the rule (and only the fused form does: operator.add stays add)."""
     from torchhessdiag._graph_classify import _FUNCTION_KINDS
