@@ -68,10 +68,10 @@ class BufferPool {
   int64_t clear() {
     std::lock_guard<std::mutex> lock(mu_);
     int64_t released = 0;
-    for (void* p : free_) {
-      released += blocks_[p].nbytes;
-      blocks_.erase(p);
-      c10::free_cpu(p);
+    for (const FreeBlock& f : free_) {
+      released += f.nbytes;
+      blocks_.erase(f.p);
+      c10::free_cpu(f.p);
     }
     free_.clear();
     for (auto& kv : blocks_)
@@ -93,25 +93,29 @@ class BufferPool {
     int64_t nbytes = 0;
     uint64_t generation = 0;
   };
+  struct FreeBlock {  // (its size beside it: the scan for a size reads no map)
+    void* p;
+    int64_t nbytes;
+  };
 
   // A free block of this size (most recently returned first), else a new one while the caps
   // allow (evicting the oldest free blocks to make room), else nullptr.
   void* take(int64_t nbytes) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = free_.rbegin(); it != free_.rend(); ++it)
-      if (blocks_[*it].nbytes == nbytes) {
-        void* p = *it;
+      if (it->nbytes == nbytes) {
+        void* p = it->p;
         free_.erase(std::next(it).base());
         in_use_bytes_ += nbytes;
         return p;
       }
     size_t i = 0;
     while ((owned_items_ >= kMaxItems || owned_bytes_ + nbytes > kMaxBytes) && i < free_.size()) {
-      void* old = free_[i++];
-      owned_bytes_ -= blocks_[old].nbytes;
+      const FreeBlock old = free_[i++];
+      owned_bytes_ -= old.nbytes;
       --owned_items_;
-      blocks_.erase(old);
-      c10::free_cpu(old);
+      blocks_.erase(old.p);
+      c10::free_cpu(old.p);
     }
     free_.erase(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(i));
     if (owned_items_ >= kMaxItems || owned_bytes_ + nbytes > kMaxBytes) return nullptr;
@@ -132,7 +136,7 @@ class BufferPool {
     const int64_t nbytes = it->second.nbytes;
     pool.in_use_bytes_ -= nbytes;
     if (it->second.generation == pool.generation_) {
-      pool.free_.push_back(p);
+      pool.free_.push_back(FreeBlock{p, nbytes});
     } else {
       pool.blocks_.erase(it);
       c10::free_cpu(p);
@@ -160,7 +164,7 @@ class BufferPool {
   static constexpr int64_t kMaxBytes = int64_t(4) << 30;
   std::mutex mu_;
   std::unordered_map<void*, Block> blocks_;  // every block the pool allocated and not yet freed
-  std::vector<void*> free_;                  // the free ones, oldest first
+  std::vector<FreeBlock> free_;              // the free ones, oldest first
   int64_t owned_bytes_ = 0;                  // blocks of the current generation, in use or free
   size_t owned_items_ = 0;
   int64_t in_use_bytes_ = 0;  // blocks held by tensors (any generation)
